@@ -1,0 +1,496 @@
+//! The image-folder format: `ROOT/{train,val,test}/{class}/*.png|jpg|jpeg` and optional marks
+//! `ROOT/marks/{class}/{same file stem}.png` (red channel > 127 = red mark, green channel > 127
+//! = green mark; red wins where both are set). Grayscale and RGB of any size; images of
+//! different sizes need a resize. Every refusal names the file at fault.
+
+use crate::data::{Dataset, Mask, GREEN, RED};
+use crate::error::{CoreError, Result};
+use image::imageops::FilterType;
+use image::{DynamicImage, GenericImageView, Rgb, RgbImage};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+pub const SPLITS: [&str; 3] = ["train", "val", "test"];
+
+#[derive(Debug, Clone, Default)]
+pub struct FolderOptions {
+    /// Resize every image (and its mark, nearest-neighbour) to width x height.
+    pub resize: Option<(u32, u32)>,
+    /// Force grayscale (`Some(true)`) or RGB (`Some(false)`); by default grayscale only when
+    /// every training image is.
+    pub grayscale: Option<bool>,
+}
+
+/// The splits found under a root; `val` and `test` may be absent.
+#[derive(Debug, Clone)]
+pub struct ImageFolder {
+    pub root: PathBuf,
+    pub train: Dataset,
+    pub val: Option<Dataset>,
+    pub test: Option<Dataset>,
+}
+
+fn is_image(path: &Path) -> bool {
+    matches!(
+        path.extension().and_then(|e| e.to_str()).map(|e| e.to_ascii_lowercase()),
+        Some(ref e) if e == "png" || e == "jpg" || e == "jpeg"
+    )
+}
+
+fn sorted_entries(dir: &Path) -> Result<Vec<PathBuf>> {
+    let rd = std::fs::read_dir(dir).map_err(|e| CoreError::io(dir, e))?;
+    let mut v = Vec::new();
+    for entry in rd {
+        let entry = entry.map_err(|e| CoreError::io(dir, e))?;
+        v.push(entry.path());
+    }
+    v.sort();
+    Ok(v)
+}
+
+fn open_image(path: &Path) -> Result<DynamicImage> {
+    let bytes = std::fs::read(path).map_err(|e| CoreError::io(path, e))?;
+    image::load_from_memory(&bytes).map_err(|e| CoreError::Image {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })
+}
+
+fn stem(path: &Path) -> String {
+    path.file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+/// Reads a mark PNG into a mask; `want` is the size of the image it belongs to.
+pub fn read_mask(path: &Path, want: (u32, u32)) -> Result<Mask> {
+    let img = open_image(path)?.to_rgb8();
+    let (w, h) = img.dimensions();
+    if (w, h) != want {
+        return Err(CoreError::MaskSize {
+            path: path.to_path_buf(),
+            want_w: want.0,
+            want_h: want.1,
+            got_w: w,
+            got_h: h,
+        });
+    }
+    let values = img
+        .pixels()
+        .map(|p| {
+            if p[0] > 127 {
+                RED
+            } else if p[1] > 127 {
+                GREEN
+            } else {
+                0
+            }
+        })
+        .collect();
+    Ok(Mask {
+        width: w as usize,
+        height: h as usize,
+        values,
+    })
+}
+
+/// Writes a mask as a mark PNG (red = (255, 0, 0), green = (0, 255, 0), else black).
+pub fn write_mask(path: &Path, mask: &Mask) -> Result<()> {
+    let img = RgbImage::from_fn(mask.width as u32, mask.height as u32, |x, y| {
+        match mask.values[y as usize * mask.width + x as usize] {
+            RED => Rgb([255, 0, 0]),
+            GREEN => Rgb([0, 255, 0]),
+            _ => Rgb([0, 0, 0]),
+        }
+    });
+    save(path, &DynamicImage::ImageRgb8(img))
+}
+
+fn save(path: &Path, img: &DynamicImage) -> Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| CoreError::io(dir, e))?;
+    }
+    img.save(path).map_err(|e| CoreError::Image {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })
+}
+
+fn resize_mask(mask: &Mask, w: u32, h: u32) -> Mask {
+    let mut out = Mask::empty(w as usize, h as usize);
+    for y in 0..h as usize {
+        for x in 0..w as usize {
+            let sx = (x * mask.width) / w as usize;
+            let sy = (y * mask.height) / h as usize;
+            out.values[y * w as usize + x] = mask.values[sy * mask.width + sx];
+        }
+    }
+    out
+}
+
+/// Pixels of an image as (C, H, W) in [0, 1].
+pub fn image_to_chw(img: &DynamicImage, grayscale: bool) -> Vec<f32> {
+    if grayscale {
+        img.to_luma8()
+            .pixels()
+            .map(|p| p[0] as f32 / 255.0)
+            .collect()
+    } else {
+        let rgb = img.to_rgb8();
+        let (w, h) = rgb.dimensions();
+        let hw = (w * h) as usize;
+        let mut out = vec![0f32; 3 * hw];
+        for (i, p) in rgb.pixels().enumerate() {
+            for c in 0..3 {
+                out[c * hw + i] = p[c] as f32 / 255.0;
+            }
+        }
+        out
+    }
+}
+
+/// One image of a dataset as an 8-bit image (gray or RGB).
+pub fn chw_to_image(pixels: &[f32], channels: usize, width: usize, height: usize) -> DynamicImage {
+    let q = |v: f32| (v.clamp(0.0, 1.0) * 255.0).round() as u8;
+    let hw = width * height;
+    if channels == 1 {
+        DynamicImage::ImageLuma8(image::GrayImage::from_fn(
+            width as u32,
+            height as u32,
+            |x, y| image::Luma([q(pixels[y as usize * width + x as usize])]),
+        ))
+    } else {
+        DynamicImage::ImageRgb8(RgbImage::from_fn(width as u32, height as u32, |x, y| {
+            let i = y as usize * width + x as usize;
+            Rgb([q(pixels[i]), q(pixels[hw + i]), q(pixels[2 * hw + i])])
+        }))
+    }
+}
+
+struct Found {
+    path: PathBuf,
+    class: usize,
+    image: DynamicImage,
+}
+
+fn scan_split(dir: &Path, classes: &[String], train: bool) -> Result<Vec<Found>> {
+    let mut out = Vec::new();
+    for class_dir in sorted_entries(dir)? {
+        if !class_dir.is_dir() {
+            continue;
+        }
+        let name = class_dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let class =
+            classes
+                .iter()
+                .position(|c| *c == name)
+                .ok_or_else(|| CoreError::UnknownClass {
+                    path: class_dir.clone(),
+                    class: name.clone(),
+                    known: classes.join(", "),
+                })?;
+        let files: Vec<PathBuf> = sorted_entries(&class_dir)?
+            .into_iter()
+            .filter(|p| p.is_file() && is_image(p))
+            .collect();
+        if files.is_empty() && train {
+            return Err(CoreError::EmptyClass { path: class_dir });
+        }
+        for path in files {
+            let image = open_image(&path)?;
+            out.push(Found { path, class, image });
+        }
+    }
+    Ok(out)
+}
+
+/// Loads `root` in the image-folder format, with marks where `root/marks` has them.
+pub fn load_image_folder(root: &Path, opts: &FolderOptions) -> Result<ImageFolder> {
+    let train_dir = root.join("train");
+    if !train_dir.is_dir() {
+        return Err(CoreError::Dataset {
+            path: root.to_path_buf(),
+            message: "no train/ folder (expected ROOT/{train,val,test}/{class}/*.png)".into(),
+        });
+    }
+    let classes: Vec<String> = sorted_entries(&train_dir)?
+        .into_iter()
+        .filter(|p| p.is_dir())
+        .filter_map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .collect();
+    if classes.len() < 2 {
+        return Err(CoreError::Dataset {
+            path: train_dir,
+            message: format!(
+                "{} class folder(s); a classifier needs at least 2",
+                classes.len()
+            ),
+        });
+    }
+    let mut found: Vec<(usize, Vec<Found>)> = Vec::new();
+    for (k, split) in SPLITS.iter().enumerate() {
+        let dir = root.join(split);
+        if dir.is_dir() {
+            found.push((k, scan_split(&dir, &classes, k == 0)?));
+        }
+    }
+    let grayscale = opts.grayscale.unwrap_or_else(|| {
+        found[0].1.iter().all(|f| {
+            matches!(
+                f.image.color(),
+                image::ColorType::L8 | image::ColorType::L16 | image::ColorType::La8
+            )
+        })
+    });
+    let (width, height) = match opts.resize {
+        Some(s) => s,
+        None => found[0].1[0].image.dimensions(),
+    };
+    // Marks: marks/{class}/{stem}.png, every class folder must be a known class.
+    let mut marks: HashMap<(usize, String), PathBuf> = HashMap::new();
+    let marks_dir = root.join("marks");
+    if marks_dir.is_dir() {
+        for class_dir in sorted_entries(&marks_dir)? {
+            if !class_dir.is_dir() {
+                continue;
+            }
+            let name = class_dir
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let class =
+                classes
+                    .iter()
+                    .position(|c| *c == name)
+                    .ok_or_else(|| CoreError::UnknownClass {
+                        path: class_dir.clone(),
+                        class: name.clone(),
+                        known: classes.join(", "),
+                    })?;
+            for p in sorted_entries(&class_dir)? {
+                if p.is_file() && is_image(&p) {
+                    marks.insert((class, stem(&p)), p);
+                }
+            }
+        }
+    }
+    let channels = if grayscale { 1 } else { 3 };
+    let mut splits: Vec<Option<Dataset>> = vec![None, None, None];
+    for (k, files) in found {
+        let mut ds = Dataset::new(classes.clone(), channels, height as usize, width as usize);
+        for f in files {
+            let (w, h) = f.image.dimensions();
+            let img = if (w, h) != (width, height) {
+                if opts.resize.is_none() {
+                    return Err(CoreError::Dataset {
+                        path: f.path,
+                        message: format!(
+                            "image is {w}x{h} but the dataset is {width}x{height}; pass a resize"
+                        ),
+                    });
+                }
+                f.image.resize_exact(width, height, FilterType::Triangle)
+            } else {
+                f.image
+            };
+            let name = stem(&f.path);
+            let mark = match marks.remove(&(f.class, name.clone())) {
+                Some(mp) => {
+                    let m = read_mask(&mp, (w, h))?;
+                    Some(if (w, h) != (width, height) {
+                        resize_mask(&m, width, height)
+                    } else {
+                        m
+                    })
+                }
+                None => None,
+            };
+            ds.push(&image_to_chw(&img, grayscale), f.class as i64, mark, name);
+        }
+        splits[k] = Some(ds);
+    }
+    if let Some(((_, _), path)) = marks.into_iter().next() {
+        return Err(CoreError::Dataset {
+            path,
+            message: "mark has no image of the same class and file stem".into(),
+        });
+    }
+    let mut it = splits.into_iter();
+    let train = it.next().flatten().ok_or_else(|| CoreError::Dataset {
+        path: root.to_path_buf(),
+        message: "train/ holds no image".into(),
+    })?;
+    Ok(ImageFolder {
+        root: root.to_path_buf(),
+        train,
+        val: it.next().flatten(),
+        test: it.next().flatten(),
+    })
+}
+
+/// Writes `ds` as `root/{split}/{class}/{name}.png`, and its marks (if `with_marks`) as
+/// `root/marks/{class}/{name}.png`.
+pub fn write_split(root: &Path, split: &str, ds: &Dataset, with_marks: bool) -> Result<()> {
+    for i in 0..ds.len() {
+        let class = &ds.classes[ds.labels[i] as usize];
+        let img = chw_to_image(ds.image(i), ds.channels, ds.width, ds.height);
+        save(
+            &root
+                .join(split)
+                .join(class)
+                .join(format!("{}.png", ds.names[i])),
+            &img,
+        )?;
+        if let (true, Some(m)) = (with_marks, &ds.marks[i]) {
+            write_mask(
+                &root
+                    .join("marks")
+                    .join(class)
+                    .join(format!("{}.png", ds.names[i])),
+                m,
+            )?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use image::{GrayImage, Luma};
+
+    fn gray(path: &Path, w: u32, h: u32, v: u8) {
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        GrayImage::from_pixel(w, h, Luma([v])).save(path).unwrap();
+    }
+
+    fn two_class_root() -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        let r = dir.path();
+        gray(&r.join("train/cat/a.png"), 6, 4, 10);
+        gray(&r.join("train/cat/b.png"), 6, 4, 20);
+        gray(&r.join("train/dog/c.png"), 6, 4, 200);
+        gray(&r.join("test/dog/d.png"), 6, 4, 250);
+        let mut m = Mask::empty(6, 4);
+        m.values[0] = RED;
+        m.values[23] = GREEN;
+        write_mask(&r.join("marks/cat/b.png"), &m).unwrap();
+        dir
+    }
+
+    #[test]
+    fn loads_grayscale_with_marks() {
+        let dir = two_class_root();
+        let f = load_image_folder(dir.path(), &FolderOptions::default()).unwrap();
+        assert_eq!(f.train.classes, vec!["cat", "dog"]);
+        assert_eq!((f.train.channels, f.train.width, f.train.height), (1, 6, 4));
+        assert_eq!(f.train.labels, vec![0, 0, 1]);
+        assert!(f.train.marks[0].is_none());
+        let m = f.train.marks[1].as_ref().unwrap();
+        assert_eq!(
+            (m.values[0], m.values[23], m.red_count(), m.green_count()),
+            (1, -1, 1, 1)
+        );
+        assert!(f.val.is_none());
+        assert_eq!(f.test.as_ref().unwrap().labels, vec![1]);
+        assert!((f.test.unwrap().image(0)[0] - 250.0 / 255.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn rgb_and_resize_resize_marks_too() {
+        let dir = two_class_root();
+        let r = dir.path();
+        RgbImage::from_pixel(12, 8, Rgb([255, 0, 0]))
+            .save(r.join("train/dog/e.png"))
+            .unwrap();
+        let opts = FolderOptions {
+            resize: Some((3, 2)),
+            grayscale: None,
+        };
+        let f = load_image_folder(r, &opts).unwrap();
+        assert_eq!((f.train.channels, f.train.width, f.train.height), (3, 3, 2));
+        let e = f.train.names.iter().position(|n| n == "e").unwrap();
+        let px = f.train.image(e);
+        assert_eq!((px[0], px[6], px[12]), (1.0, 0.0, 0.0));
+        let m = f.train.marks[1].as_ref().unwrap();
+        assert_eq!((m.width, m.height, m.values[0]), (3, 2, RED));
+    }
+
+    #[test]
+    fn each_bad_dataset_is_a_clear_error_naming_the_file() {
+        // Corrupt image.
+        let dir = two_class_root();
+        std::fs::write(dir.path().join("train/dog/bad.png"), b"not a png").unwrap();
+        let e = load_image_folder(dir.path(), &FolderOptions::default()).unwrap_err();
+        assert!(
+            matches!(e, CoreError::Image { .. }) && e.to_string().contains("bad.png"),
+            "{e}"
+        );
+
+        // Mask of the wrong size.
+        let dir = two_class_root();
+        write_mask(&dir.path().join("marks/cat/a.png"), &Mask::empty(5, 4)).unwrap();
+        let e = load_image_folder(dir.path(), &FolderOptions::default()).unwrap_err();
+        assert!(matches!(e, CoreError::MaskSize { .. }), "{e}");
+        assert!(
+            e.to_string().contains("marks/cat/a.png") && e.to_string().contains("5x4"),
+            "{e}"
+        );
+
+        // Empty class folder.
+        let dir = two_class_root();
+        std::fs::create_dir_all(dir.path().join("train/emu")).unwrap();
+        let e = load_image_folder(dir.path(), &FolderOptions::default()).unwrap_err();
+        assert!(
+            matches!(e, CoreError::EmptyClass { .. }) && e.to_string().contains("emu"),
+            "{e}"
+        );
+
+        // Unknown class in marks.
+        let dir = two_class_root();
+        write_mask(&dir.path().join("marks/cow/a.png"), &Mask::empty(6, 4)).unwrap();
+        let e = load_image_folder(dir.path(), &FolderOptions::default()).unwrap_err();
+        assert!(
+            matches!(e, CoreError::UnknownClass { .. }) && e.to_string().contains("cow"),
+            "{e}"
+        );
+
+        // Unknown class in a test split, a mark without image, sizes that differ.
+        let dir = two_class_root();
+        gray(&dir.path().join("test/owl/x.png"), 6, 4, 1);
+        let e = load_image_folder(dir.path(), &FolderOptions::default()).unwrap_err();
+        assert!(e.to_string().contains("owl"), "{e}");
+        let dir = two_class_root();
+        write_mask(&dir.path().join("marks/dog/zz.png"), &Mask::empty(6, 4)).unwrap();
+        let e = load_image_folder(dir.path(), &FolderOptions::default()).unwrap_err();
+        assert!(e.to_string().contains("zz.png"), "{e}");
+        let dir = two_class_root();
+        gray(&dir.path().join("train/dog/big.png"), 7, 4, 1);
+        let e = load_image_folder(dir.path(), &FolderOptions::default()).unwrap_err();
+        assert!(
+            e.to_string().contains("big.png") && e.to_string().contains("resize"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn write_then_load_round_trips() {
+        let mut ds = Dataset::new(vec!["a".into(), "b".into()], 1, 5, 3);
+        let img: Vec<f32> = (0..15).map(|i| i as f32 / 15.0).collect();
+        let mut m = Mask::empty(3, 5);
+        m.values[4] = RED;
+        ds.push(&img, 1, Some(m.clone()), "x1".into());
+        ds.push(&img, 0, None, "x2".into());
+        let dir = tempfile::tempdir().unwrap();
+        write_split(dir.path(), "train", &ds, true).unwrap();
+        let f = load_image_folder(dir.path(), &FolderOptions::default()).unwrap();
+        let k = f.train.names.iter().position(|n| n == "x1").unwrap();
+        assert_eq!(f.train.marks[k].as_ref(), Some(&m));
+        for (a, b) in f.train.image(k).iter().zip(&img) {
+            assert!((a - b).abs() <= 0.5 / 255.0 + 1e-6);
+        }
+    }
+}

