@@ -1,1 +1,77 @@
-fn main() {}
+//! `mp`: the Machine Punishment command line. Thin: parse → set up → call the library.
+
+mod bench_efficacy;
+mod bench_speed;
+mod commands;
+mod common;
+mod plot;
+mod report;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "mp",
+    version,
+    about = "Machine Punishment: correct why an image classifier decides"
+)]
+struct Cli {
+    /// libtorch intra-op threads (0 = libtorch's default)
+    #[arg(long, global = true, env = "MP_THREADS", default_value_t = 0)]
+    threads: i32,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Build datasets
+    #[command(subcommand)]
+    Data(commands::DataCmd),
+    /// Train a model (plain cross-entropy or guided by marks)
+    Train(commands::TrainArgs),
+    /// Evaluate a model on a split
+    Eval(commands::EvalArgs),
+    /// Write a saliency map of one image as PNG
+    Saliency(commands::SaliencyArgs),
+    /// Refine a model on one image and its mark; write before/after PNG and figures
+    Refine(commands::RefineArgs),
+    /// Benchmarks that write into BENCHMARKS.md
+    #[command(subcommand)]
+    Bench(BenchCmd),
+}
+
+#[derive(Subcommand)]
+enum BenchCmd {
+    /// Decoy-test accuracy against the number of marked images, per loss, with and without propagation
+    Efficacy(bench_efficacy::EfficacyArgs),
+    /// This engine against a PyTorch reference script, timed in the same run
+    Speed(bench_speed::SpeedArgs),
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    if cli.threads > 0 {
+        tch::set_num_threads(cli.threads);
+    }
+    let result = match cli.command {
+        Command::Data(c) => commands::data(c),
+        Command::Train(a) => commands::train(a),
+        Command::Eval(a) => commands::eval(a),
+        Command::Saliency(a) => commands::saliency(a),
+        Command::Refine(a) => commands::refine(a),
+        Command::Bench(BenchCmd::Efficacy(a)) => bench_efficacy::run(a),
+        Command::Bench(BenchCmd::Speed(a)) => bench_speed::run(a),
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}

@@ -228,7 +228,7 @@ impl ModuleT for ResNet18 {
 
 #[derive(Debug)]
 enum Net {
-    Small(SmallCnn),
+    Small(Box<SmallCnn>),
     Res(Box<ResNet18>),
 }
 
@@ -252,7 +252,7 @@ impl Model {
         let vs = nn::VarStore::new(device);
         let root = vs.root();
         let net = match spec.arch {
-            Arch::SmallCnn => Net::Small(SmallCnn::new(&root, &spec)),
+            Arch::SmallCnn => Net::Small(Box::new(SmallCnn::new(&root, &spec))),
             Arch::Resnet18 => Net::Res(Box::new(ResNet18::new(&root, &spec))),
         };
         Ok(Model { spec, vs, net })

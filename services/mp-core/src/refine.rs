@@ -44,9 +44,9 @@ impl Default for RefineConfig {
             loss: SaliencyLoss::Rrr,
             alpha: 0.2,
             beta: 1.0,
-            normalise: true,
-            optimizer: OptimizerKind::Adam,
-            lr: 1e-3,
+            normalise: false,
+            optimizer: OptimizerKind::Sgd,
+            lr: 1e-2,
             clip_grad_norm: 1.0,
             max_iterations: 50,
             time_budget_ms: Some(5_000),
@@ -448,6 +448,8 @@ mod tests {
             &data,
             &RefineConfig {
                 halve_saliency: true,
+                alpha: 0.0,
+                optimizer: OptimizerKind::Adam,
                 lr: 1e-2,
                 max_iterations: 200,
                 ..base.clone()

@@ -17,10 +17,11 @@ pub enum Target {
 }
 
 /// How a displayed saliency map is computed.
-#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case", tag = "method")]
 pub enum Method {
     /// ∂CE/∂x (the thesis's map; the default).
+    #[default]
     Gradient,
     /// ∂ log p_y / ∂x.
     LogProb,
@@ -28,12 +29,6 @@ pub enum Method {
     SmoothGrad { samples: usize, sigma: f64 },
     /// (x − 0) ⊙ mean over a straight path from a black image of ∂ log p_y / ∂x.
     IntegratedGradients { steps: usize },
-}
-
-impl Default for Method {
-    fn default() -> Self {
-        Method::Gradient
-    }
 }
 
 impl std::str::FromStr for Method {

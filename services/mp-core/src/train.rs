@@ -221,7 +221,7 @@ pub fn train(
                         let (gx, gy) = ds.batch(&pick, device);
                         let gm = ds.mark_batch(&pick, device);
                         let out = guided_forward(model, g.loss, &gx, &gy, &gm, true)?;
-                        total = total + &out.saliency * g.lambda;
+                        total += &out.saliency * g.lambda;
                     }
                     total
                 }

