@@ -1,0 +1,161 @@
+//! Lua scripts: each runs atomically inside Redis, which is what makes a lease exclusive and a
+//! submit all-or-nothing. All use Redis's own clock (`TIME`). Keys are built from the prefix
+//! passed as ARGV[1] (single-node Redis; not cluster-safe by design).
+//!
+//! Every script returns a table whose first element is a status word:
+//! `ok`, `dup` (idempotent repeat), `empty`, or an error word
+//! (`not_found`, `not_owner`, `expired`, `submitted`, `skipped`).
+
+/// Shared prelude: `now_ms()` and `reclaim(prefix, now)`, which returns every expired lease
+/// to the queue at its last priority and marks the lease `expired`.
+const PRELUDE: &str = r#"
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+local function reclaim(p, now)
+  local expired = redis.call('ZRANGEBYSCORE', p .. ':leases', '-inf', now)
+  for _, img in ipairs(expired) do
+    local lid = redis.call('HGET', p .. ':image_lease', img)
+    redis.call('ZREM', p .. ':leases', img)
+    redis.call('HDEL', p .. ':image_lease', img)
+    if lid then
+      redis.call('HSET', p .. ':lease:' .. lid, 'state', 'expired')
+      redis.call('EXPIRE', p .. ':lease:' .. lid, 86400)
+      redis.call('INCR', p .. ':seq')
+    end
+    local prio = redis.call('HGET', p .. ':prio', img) or '0'
+    redis.call('ZADD', p .. ':queue', prio, img)
+  end
+  return #expired
+end
+-- Checks that lease `lid` is active, owned by `expert` and not past its deadline.
+-- Returns (lease table, nil) or (nil, error word).
+local function active_lease(p, lid, expert, now)
+  local key = p .. ':lease:' .. lid
+  local h = redis.call('HGETALL', key)
+  if #h == 0 then return nil, 'not_found' end
+  local l = {}
+  for i = 1, #h, 2 do l[h[i]] = h[i + 1] end
+  if l['expert'] ~= expert then return nil, 'not_owner' end
+  if l['state'] ~= 'active' then return nil, l['state'] end
+  if tonumber(l['deadline']) <= now then
+    reclaim(p, now)
+    return nil, 'expired'
+  end
+  l['key'] = key
+  return l, nil
+end
+local function release(p, l, state)
+  redis.call('ZREM', p .. ':leases', l['image'])
+  redis.call('HDEL', p .. ':image_lease', l['image'])
+  redis.call('HSET', l['key'], 'state', state)
+  redis.call('EXPIRE', l['key'], 86400)
+  return redis.call('INCR', p .. ':seq')
+end
+"#;
+
+/// ARGV: prefix, lease_id, expert, ttl_ms, model_version.
+/// Returns {'ok', image, priority, deadline, seq} or {'empty'}.
+pub const LEASE: &str = r#"
+local p, lid, expert, ttl = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
+local now = now_ms()
+reclaim(p, now)
+local popped = redis.call('ZPOPMIN', p .. ':queue')
+if #popped == 0 then return {'empty'} end
+local img, prio = popped[1], popped[2]
+local deadline = now + ttl
+local seq = redis.call('INCR', p .. ':seq')
+redis.call('ZADD', p .. ':leases', deadline, img)
+redis.call('HSET', p .. ':image_lease', img, lid)
+redis.call('HSET', p .. ':lease:' .. lid, 'image', img, 'expert', expert, 'deadline', deadline,
+  'seq', seq, 'state', 'active', 'model_version', ARGV[5], 'priority', prio)
+return {'ok', img, prio, tostring(deadline), seq}
+"#;
+
+/// ARGV: prefix, lease_id, expert, ttl_ms. Returns {'ok', deadline} or {error}.
+pub const HEARTBEAT: &str = r#"
+local p, lid, expert, ttl = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
+local now = now_ms()
+local l, err = active_lease(p, lid, expert, now)
+if not l then return {err} end
+local deadline = now + ttl
+redis.call('HSET', l['key'], 'deadline', deadline)
+redis.call('ZADD', p .. ':leases', deadline, l['image'])
+return {'ok', tostring(deadline)}
+"#;
+
+/// ARGV: prefix, lease_id, expert. Returns {'ok', release_seq} or {error}.
+/// The image goes behind every image now queued.
+pub const SKIP: &str = r#"
+local p, lid, expert = ARGV[1], ARGV[2], ARGV[3]
+local now = now_ms()
+local l, err = active_lease(p, lid, expert, now)
+if not l then return {err} end
+local seq = release(p, l, 'skipped')
+local last = redis.call('ZRANGE', p .. ':queue', -1, -1, 'WITHSCORES')
+local score = tonumber(l['priority'] or '0')
+if #last == 2 then score = math.max(score, tonumber(last[2]) + 1) end
+redis.call('ZADD', p .. ':queue', score, l['image'])
+return {'ok', seq}
+"#;
+
+/// ARGV: prefix, lease_id, expert, idempotency_key, mark_id, proposal_id, width, height,
+/// mask bytes (one signed byte per pixel), idempotency TTL seconds.
+/// Stores the mark, releases the lease, creates the queued proposal and its refine job.
+/// Returns {'ok'|'dup', mark_id, proposal_id, release_seq, image} or {error}.
+pub const SUBMIT: &str = r#"
+local p, lid, expert, key = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local idem = p .. ':idem:' .. expert .. ':' .. key
+local prev = redis.call('HGETALL', idem)
+if #prev > 0 then
+  local r = {}
+  for i = 1, #prev, 2 do r[prev[i]] = prev[i + 1] end
+  return {'dup', r['mark'], r['proposal'], tonumber(r['seq']), r['image']}
+end
+local now = now_ms()
+local l, err = active_lease(p, lid, expert, now)
+if not l then return {err} end
+local mark, prop = ARGV[5], ARGV[6]
+local version = l['model_version']
+redis.call('HSET', p .. ':mark:' .. mark, 'image', l['image'], 'expert', expert, 'time_ms', now,
+  'model_version', version, 'width', ARGV[7], 'height', ARGV[8], 'mask', ARGV[9],
+  'idempotency_key', key, 'lease', lid, 'proposal', prop)
+redis.call('RPUSH', p .. ':marks', mark)
+redis.call('RPUSH', p .. ':marks:image:' .. l['image'], mark)
+redis.call('HINCRBY', p .. ':marks_per_expert', expert, 1)
+local seq = release(p, l, 'submitted')
+redis.call('HSET', p .. ':proposal:' .. prop, 'status', 'queued', 'mark', mark, 'image', l['image'],
+  'expert', expert, 'base_version', version, 'created_ms', now, 'updated_ms', now)
+redis.call('XADD', p .. ':jobs:refine', '*', 'kind', 'refine', 'proposal', prop, 'mark', mark,
+  'image', l['image'], 'expert', expert, 'base_version', version, 'enqueued_ms', now)
+redis.call('HSET', idem, 'mark', mark, 'proposal', prop, 'seq', seq, 'image', l['image'])
+redis.call('EXPIRE', idem, tonumber(ARGV[10]))
+return {'ok', mark, prop, seq, l['image']}
+"#;
+
+/// ARGV: prefix. Returns {'ok', reclaimed}.
+pub const RECLAIM: &str = r#"
+return {'ok', reclaim(ARGV[1], now_ms())}
+"#;
+
+/// ARGV: prefix, then image, priority pairs. Queues images that are neither leased nor
+/// marked; updates the priority of those already queued. Returns {'ok', queued}.
+pub const ENQUEUE: &str = r#"
+local p = ARGV[1]
+local n = 0
+for i = 2, #ARGV, 2 do
+  local img, prio = ARGV[i], ARGV[i + 1]
+  redis.call('HSET', p .. ':prio', img, prio)
+  if redis.call('ZSCORE', p .. ':leases', img) == false
+     and redis.call('EXISTS', p .. ':marks:image:' .. img) == 0 then
+    redis.call('ZADD', p .. ':queue', prio, img)
+    n = n + 1
+  end
+end
+return {'ok', n}
+"#;
+
+pub fn script(body: &str) -> redis::Script {
+    redis::Script::new(&format!("{PRELUDE}\n{body}"))
+}

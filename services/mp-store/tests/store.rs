@@ -1,0 +1,201 @@
+//! The data model against a real redis-server on a free port.
+
+use mp_store::server::RedisServer;
+use mp_store::{ModelVersionRecord, ProjectInfo, Role, Store, StoreError};
+
+async fn setup() -> (tempfile::TempDir, RedisServer, Store, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let server = RedisServer::start_free(dir.path()).unwrap();
+    let store = Store::connect(&server.url(), "t").await.unwrap();
+    store
+        .set_project(&ProjectInfo {
+            name: "p".into(),
+            classes: vec!["a".into(), "b".into()],
+            width: 2,
+            height: 2,
+            channels: 1,
+        })
+        .await
+        .unwrap();
+    store
+        .put_images(
+            &(0..5)
+                .map(|i| mp_store::ImageRecord {
+                    id: format!("a/{i}"),
+                    name: format!("{i}"),
+                    label: 0,
+                    width: 2,
+                    height: 2,
+                    channels: 1,
+                    pixels: vec![i as u8; 4],
+                })
+                .collect::<Vec<_>>(),
+        )
+        .await
+        .unwrap();
+    store
+        .publish_version(&ModelVersionRecord {
+            version: 1,
+            parent: 0,
+            created_ms: 0,
+            reason: "init".into(),
+            val_accuracy: 0.5,
+            val_loss: 1.0,
+            test_accuracy: 0.5,
+            file: "v1.safetensors".into(),
+        })
+        .await
+        .unwrap();
+    store.ensure_job_groups().await.unwrap();
+    let (id, _) = store.create_expert("ann", Role::Expert).await.unwrap();
+    (dir, server, store, id)
+}
+
+#[tokio::test]
+async fn lease_order_heartbeat_skip_submit_and_idempotency() {
+    let (_d, _s, store, ann) = setup().await;
+    let (bob, bob_token) = store.create_expert("bob", Role::Expert).await.unwrap();
+    assert_eq!(store.authenticate(&bob_token).await.unwrap().id, bob);
+    assert!(matches!(
+        store.authenticate("mp_wrong").await,
+        Err(StoreError::Unauthenticated(_))
+    ));
+    store
+        .enqueue(&[
+            ("a/0".into(), 0.5),
+            ("a/1".into(), -0.9),
+            ("a/2".into(), 0.1),
+        ])
+        .await
+        .unwrap();
+    // Lowest priority first, never twice.
+    let l1 = store.lease(&ann, 30_000).await.unwrap().unwrap();
+    assert_eq!((l1.image_id.as_str(), l1.model_version), ("a/1", 1));
+    let l2 = store.lease(&bob, 30_000).await.unwrap().unwrap();
+    assert_eq!(l2.image_id, "a/2");
+    assert!(l2.seq > l1.seq);
+    // Only the owner may act on a lease.
+    assert!(matches!(
+        store.heartbeat(&l1.lease_id, &bob, 1000).await,
+        Err(StoreError::PermissionDenied(_))
+    ));
+    assert!(matches!(
+        store.skip(&l1.lease_id, &bob).await,
+        Err(StoreError::PermissionDenied(_))
+    ));
+    assert!(matches!(
+        store.heartbeat("nope", &ann, 1000).await,
+        Err(StoreError::NotFound(_))
+    ));
+    let d = store.heartbeat(&l1.lease_id, &ann, 60_000).await.unwrap();
+    assert!(d > l1.deadline_ms);
+    // Skip puts the image behind the others.
+    store.skip(&l2.lease_id, &bob).await.unwrap();
+    assert!(matches!(
+        store.skip(&l2.lease_id, &bob).await,
+        Err(StoreError::FailedPrecondition(_))
+    ));
+    let l3 = store.lease(&bob, 30_000).await.unwrap().unwrap();
+    assert_eq!(l3.image_id, "a/0");
+    let l4 = store.lease(&bob, 30_000).await.unwrap().unwrap();
+    assert_eq!(l4.image_id, "a/2");
+    assert!(store.lease(&bob, 30_000).await.unwrap().is_none());
+    // Submit stores once per key, enqueues one refine job, creates the proposal.
+    let r = store
+        .submit(&l1.lease_id, &ann, "k1", 2, 2, &[1, 0, -1, 0])
+        .await
+        .unwrap();
+    assert!(!r.duplicate);
+    let again = store
+        .submit(&l1.lease_id, &ann, "k1", 2, 2, &[1, 0, -1, 0])
+        .await
+        .unwrap();
+    assert!(again.duplicate && again.mark_id == r.mark_id && again.proposal_id == r.proposal_id);
+    assert!(matches!(
+        store.submit(&l1.lease_id, &ann, "k2", 2, 2, &[0; 4]).await,
+        Err(StoreError::FailedPrecondition(_))
+    ));
+    assert_eq!(store.mark_ids().await.unwrap(), vec![r.mark_id.clone()]);
+    let m = store.mark(&r.mark_id).await.unwrap();
+    assert_eq!(
+        (m.image_id.as_str(), m.values.clone(), m.model_version),
+        ("a/1", vec![1, 0, -1, 0], 1)
+    );
+    let p = store.proposal(&r.proposal_id).await.unwrap();
+    assert_eq!(
+        (p.status.as_str(), p.base_version, p.mark_id.as_str()),
+        ("queued", 1, r.mark_id.as_str())
+    );
+    let counts = store.counts().await.unwrap();
+    assert_eq!(
+        (
+            counts.marks_total,
+            counts.refine_pending,
+            counts.leases_out,
+            counts.queue_depth
+        ),
+        (1, 1, 2, 0)
+    );
+    // A marked image is not queued again.
+    assert_eq!(
+        store
+            .enqueue(&[("a/1".into(), -1.0), ("a/3".into(), 0.0)])
+            .await
+            .unwrap(),
+        1
+    );
+}
+
+#[tokio::test]
+async fn an_abandoned_lease_comes_back_after_its_deadline() {
+    let (_d, _s, store, ann) = setup().await;
+    store.enqueue(&[("a/0".into(), 0.0)]).await.unwrap();
+    let l = store.lease(&ann, 150).await.unwrap().unwrap();
+    assert!(store.lease(&ann, 150).await.unwrap().is_none());
+    tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    assert!(matches!(
+        store.heartbeat(&l.lease_id, &ann, 1000).await,
+        Err(StoreError::FailedPrecondition(_))
+    ));
+    let back = store.lease(&ann, 1000).await.unwrap().unwrap();
+    assert_eq!(back.image_id, "a/0");
+    assert!(matches!(
+        store.submit(&l.lease_id, &ann, "x", 2, 2, &[0; 4]).await,
+        Err(StoreError::FailedPrecondition(_))
+    ));
+    // The reaper path too.
+    let _ = store.skip(&back.lease_id, &ann).await.unwrap();
+    let l = store.lease(&ann, 100).await.unwrap().unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    assert_eq!(store.reclaim().await.unwrap(), 1);
+    assert_eq!(store.counts().await.unwrap().queue_depth, 1);
+    assert!(store.lease_info(&l.lease_id).await.unwrap().state == "expired");
+}
+
+#[tokio::test]
+async fn acknowledged_submits_survive_kill_9_of_redis() {
+    let (_d, mut server, store, ann) = setup().await;
+    store
+        .enqueue(&[("a/0".into(), 0.0), ("a/1".into(), 0.1)])
+        .await
+        .unwrap();
+    let l = store.lease(&ann, 60_000).await.unwrap().unwrap();
+    let r = store
+        .submit(&l.lease_id, &ann, "durable", 2, 2, &[1, 1, 0, 0])
+        .await
+        .unwrap();
+    server.kill9();
+    assert!(matches!(store.counts().await, Err(StoreError::Redis(_))));
+    server.restart().unwrap();
+    let store = Store::connect(&server.url(), "t").await.unwrap();
+    assert_eq!(
+        store.mark(&r.mark_id).await.unwrap().values,
+        vec![1, 1, 0, 0]
+    );
+    assert_eq!(store.mark_ids().await.unwrap().len(), 1);
+    let dup = store
+        .submit(&l.lease_id, &ann, "durable", 2, 2, &[1, 1, 0, 0])
+        .await
+        .unwrap();
+    assert!(dup.duplicate && dup.mark_id == r.mark_id);
+}
