@@ -1,9 +1,11 @@
 //! `mp`: the Machine Punishment command line. Thin: parse → set up → call the library.
 
 mod bench_efficacy;
+mod bench_queue;
 mod bench_speed;
 mod commands;
 mod common;
+mod platform;
 mod plot;
 mod report;
 
@@ -39,6 +41,16 @@ enum Command {
     /// Benchmarks that write into BENCHMARKS.md
     #[command(subcommand)]
     Bench(BenchCmd),
+    /// Serve the gRPC gateway (config file, MP_* env, flags)
+    Gateway(platform::GatewayArgs),
+    /// Projects in Redis
+    #[command(subcommand)]
+    Project(platform::ProjectCmd),
+    /// Simulated experts that use the public API like a person
+    ExpertSim(platform::SimArgs),
+    /// Administration through the API
+    #[command(subcommand)]
+    Admin(platform::AdminCmd),
 }
 
 #[derive(Subcommand)]
@@ -47,13 +59,15 @@ enum BenchCmd {
     Efficacy(bench_efficacy::EfficacyArgs),
     /// This engine against a PyTorch reference script, timed in the same run
     Speed(bench_speed::SpeedArgs),
+    /// Lease -> submit round trip and leases per second with concurrent simulated experts
+    Queue(bench_queue::QueueArgs),
 }
 
 fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,mp_gateway=info")),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -69,6 +83,11 @@ fn main() {
         Command::Refine(a) => commands::refine(a),
         Command::Bench(BenchCmd::Efficacy(a)) => bench_efficacy::run(a),
         Command::Bench(BenchCmd::Speed(a)) => bench_speed::run(a),
+        Command::Bench(BenchCmd::Queue(a)) => bench_queue::run(a),
+        Command::Gateway(a) => platform::gateway(a),
+        Command::Project(platform::ProjectCmd::Init(a)) => platform::project_init(a),
+        Command::ExpertSim(a) => platform::expert_sim(a),
+        Command::Admin(c) => platform::admin(c),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

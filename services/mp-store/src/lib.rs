@@ -108,7 +108,12 @@ pub struct LeaseGrant {
 pub struct LeaseInfo {
     pub image_id: String,
     pub expert_id: String,
+    /// active, submitted, skipped or expired.
     pub state: String,
+    /// Position of the lease and of its release in the server's order of lease events
+    /// (`release_seq` is 0 while active).
+    pub seq: u64,
+    pub release_seq: u64,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -347,6 +352,21 @@ impl Store {
         })
     }
 
+    /// (width, height) of an image without reading its pixels.
+    pub async fn image_size(&self, id: &str) -> Result<(u32, u32)> {
+        let mut c = self.conn.clone();
+        let (w, h): (Option<u32>, Option<u32>) = redis::cmd("HMGET")
+            .arg(self.k(&format!("img:{id}")))
+            .arg("width")
+            .arg("height")
+            .query_async(&mut c)
+            .await?;
+        match (w, h) {
+            (Some(w), Some(h)) => Ok((w, h)),
+            _ => Err(StoreError::NotFound(format!("image {id:?} does not exist"))),
+        }
+    }
+
     pub async fn image_ids(&self) -> Result<Vec<String>> {
         let mut c = self.conn.clone();
         let mut v: Vec<String> = c.smembers(self.k("images")).await?;
@@ -454,6 +474,8 @@ impl Store {
             image_id: text(&h, "image"),
             expert_id: text(&h, "expert"),
             state: text(&h, "state"),
+            seq: field(&h, "seq").unwrap_or(0),
+            release_seq: field(&h, "release_seq").unwrap_or(0),
         })
     }
 

@@ -20,9 +20,9 @@ local function reclaim(p, now)
     redis.call('ZREM', p .. ':leases', img)
     redis.call('HDEL', p .. ':image_lease', img)
     if lid then
-      redis.call('HSET', p .. ':lease:' .. lid, 'state', 'expired')
+      local seq = redis.call('INCR', p .. ':seq')
+      redis.call('HSET', p .. ':lease:' .. lid, 'state', 'expired', 'release_seq', seq)
       redis.call('EXPIRE', p .. ':lease:' .. lid, 86400)
-      redis.call('INCR', p .. ':seq')
     end
     local prio = redis.call('HGET', p .. ':prio', img) or '0'
     redis.call('ZADD', p .. ':queue', prio, img)
@@ -49,9 +49,10 @@ end
 local function release(p, l, state)
   redis.call('ZREM', p .. ':leases', l['image'])
   redis.call('HDEL', p .. ':image_lease', l['image'])
-  redis.call('HSET', l['key'], 'state', state)
+  local seq = redis.call('INCR', p .. ':seq')
+  redis.call('HSET', l['key'], 'state', state, 'release_seq', seq)
   redis.call('EXPIRE', l['key'], 86400)
-  return redis.call('INCR', p .. ':seq')
+  return seq
 end
 "#;
 
@@ -86,9 +87,12 @@ return {'ok', tostring(deadline)}
 "#;
 
 /// ARGV: prefix, lease_id, expert. Returns {'ok', release_seq} or {error}.
-/// The image goes behind every image now queued.
+/// The image goes behind every image now queued. Repeating a skip (a retry after a lost
+/// reply) answers the first skip's result.
 pub const SKIP: &str = r#"
 local p, lid, expert = ARGV[1], ARGV[2], ARGV[3]
+local prev = redis.call('HMGET', p .. ':lease:' .. lid, 'expert', 'state', 'release_seq')
+if prev[1] == expert and prev[2] == 'skipped' then return {'ok', tonumber(prev[3])} end
 local now = now_ms()
 local l, err = active_lease(p, lid, expert, now)
 if not l then return {err} end

@@ -90,9 +90,11 @@ async fn lease_order_heartbeat_skip_submit_and_idempotency() {
     let d = store.heartbeat(&l1.lease_id, &ann, 60_000).await.unwrap();
     assert!(d > l1.deadline_ms);
     // Skip puts the image behind the others.
-    store.skip(&l2.lease_id, &bob).await.unwrap();
+    let seq = store.skip(&l2.lease_id, &bob).await.unwrap();
+    // A retried skip answers the first result and moves nothing.
+    assert_eq!(store.skip(&l2.lease_id, &bob).await.unwrap(), seq);
     assert!(matches!(
-        store.skip(&l2.lease_id, &bob).await,
+        store.heartbeat(&l2.lease_id, &bob, 1000).await,
         Err(StoreError::FailedPrecondition(_))
     ));
     let l3 = store.lease(&bob, 30_000).await.unwrap().unwrap();

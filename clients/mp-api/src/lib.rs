@@ -1,0 +1,112 @@
+//! # Layout
+//! - [`Client`]: authenticated stubs of every `mp.v1` service over one channel.
+//! - [`sim`]: simulated experts that use the API exactly as a person's client does.
+//!
+//! No tensors and no Redis here: this crate only speaks the public API.
+
+pub mod sim;
+
+use mp_proto::v1 as pb;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Request, Status};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("bad address {0:?}")]
+    Address(String),
+    #[error("token is not valid header text")]
+    Token,
+    #[error("connecting to {addr}: {source}")]
+    Connect {
+        addr: String,
+        #[source]
+        source: tonic::transport::Error,
+    },
+}
+
+/// Adds `authorization: Bearer <token>` to every request.
+#[derive(Clone)]
+pub struct Auth(MetadataValue<Ascii>);
+
+impl tonic::service::Interceptor for Auth {
+    fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
+        req.metadata_mut().insert("authorization", self.0.clone());
+        Ok(req)
+    }
+}
+
+pub type Svc = InterceptedService<Channel, Auth>;
+
+/// Stubs of every service, sharing one HTTP/2 channel. Cheap to clone.
+#[derive(Clone)]
+pub struct Client {
+    pub queue: pb::queue_service_client::QueueServiceClient<Svc>,
+    pub images: pb::image_service_client::ImageServiceClient<Svc>,
+    pub proposals: pb::proposal_service_client::ProposalServiceClient<Svc>,
+    pub models: pb::model_service_client::ModelServiceClient<Svc>,
+    pub stats: pb::stats_service_client::StatsServiceClient<Svc>,
+    pub admin: pb::admin_service_client::AdminServiceClient<Svc>,
+}
+
+impl Client {
+    /// A client for `addr` (http://host:port). The channel connects lazily and reconnects
+    /// by itself, so a client outlives a restart of the gateway.
+    pub fn new(addr: &str, token: &str) -> Result<Client, ClientError> {
+        let ep = Endpoint::from_shared(addr.to_string())
+            .map_err(|_| ClientError::Address(addr.into()))?
+            .connect_timeout(std::time::Duration::from_secs(2))
+            .timeout(std::time::Duration::from_secs(30))
+            .tcp_nodelay(true);
+        let channel = ep.connect_lazy();
+        Self::with_channel(channel, token)
+    }
+
+    /// Connects now, failing fast when nothing listens.
+    pub async fn connect(addr: &str, token: &str) -> Result<Client, ClientError> {
+        let ep = Endpoint::from_shared(addr.to_string())
+            .map_err(|_| ClientError::Address(addr.into()))?
+            .connect_timeout(std::time::Duration::from_secs(2))
+            .tcp_nodelay(true);
+        let channel = ep.connect().await.map_err(|source| ClientError::Connect {
+            addr: addr.into(),
+            source,
+        })?;
+        Self::with_channel(channel, token)
+    }
+
+    pub fn with_channel(channel: Channel, token: &str) -> Result<Client, ClientError> {
+        let value: MetadataValue<Ascii> = format!("Bearer {token}")
+            .parse()
+            .map_err(|_| ClientError::Token)?;
+        let auth = Auth(value);
+        let svc = || InterceptedService::new(channel.clone(), auth.clone());
+        Ok(Client {
+            queue: pb::queue_service_client::QueueServiceClient::new(svc()),
+            images: pb::image_service_client::ImageServiceClient::new(svc()),
+            proposals: pb::proposal_service_client::ProposalServiceClient::new(svc()),
+            models: pb::model_service_client::ModelServiceClient::new(svc()),
+            stats: pb::stats_service_client::StatsServiceClient::new(svc()),
+            admin: pb::admin_service_client::AdminServiceClient::new(svc()),
+        })
+    }
+}
+
+/// Statuses worth retrying: the server or the network is away for a moment.
+pub fn transient(s: &Status) -> bool {
+    matches!(
+        s.code(),
+        tonic::Code::Unavailable
+            | tonic::Code::DeadlineExceeded
+            | tonic::Code::Unknown
+            | tonic::Code::Cancelled
+    )
+}
+
+/// A fresh random key (for idempotency keys).
+pub fn random_key() -> String {
+    let mut b = [0u8; 16];
+    getrandom::fill(&mut b).expect("operating system random source");
+    hex::encode(b)
+}

@@ -1,0 +1,371 @@
+//! Simulated experts: N concurrent clients that lease, answer with ground-truth marks
+//! (an image folder's mark PNGs, or a synthetic block), heartbeat, sometimes skip or abandon
+//! a lease — through the public API only, exactly as the annotation client does.
+
+use crate::{random_key, transient, Client};
+use mp_proto::rle;
+use mp_proto::v1 as pb;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tonic::Status;
+
+/// Where the simulated experts' marks come from.
+#[derive(Debug, Clone)]
+pub enum MarkSource {
+    /// `ROOT/marks/{image_id}.png` (image ids are `class/stem`): red channel > 127 = red,
+    /// green channel > 127 = green.
+    Folder(PathBuf),
+    /// A red block over the top-left quarter.
+    Synthetic,
+}
+
+#[derive(Debug, Clone)]
+pub struct SimConfig {
+    pub experts: usize,
+    /// Stop once this many leases were granted in total.
+    pub leases: usize,
+    pub marks: MarkSource,
+    /// Share of each ground-truth mark's pixels kept (1 = the whole mark).
+    pub partial: f64,
+    /// Probability that a pixel's mark is replaced by the opposite colour.
+    pub noise: f64,
+    pub skip_rate: f64,
+    pub abandon_rate: f64,
+    /// Send one heartbeat before answering.
+    pub heartbeat: bool,
+    /// Time spent "looking" at each image.
+    pub think: Duration,
+    /// Stop when the queue is empty instead of waiting for it to refill.
+    pub stop_when_empty: bool,
+    /// Give up on an operation that keeps failing transiently after this long.
+    pub retry_for: Duration,
+    pub seed: u64,
+}
+
+impl Default for SimConfig {
+    fn default() -> Self {
+        SimConfig {
+            experts: 4,
+            leases: 100,
+            marks: MarkSource::Synthetic,
+            partial: 1.0,
+            noise: 0.0,
+            skip_rate: 0.0,
+            abandon_rate: 0.0,
+            heartbeat: true,
+            think: Duration::ZERO,
+            stop_when_empty: true,
+            retry_for: Duration::from_secs(60),
+            seed: 0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Submitted,
+    Skipped,
+    Abandoned,
+    Failed,
+}
+
+#[derive(Debug, Clone)]
+pub struct LeaseEvent {
+    pub expert: usize,
+    pub image_id: String,
+    pub lease_id: String,
+    pub lease_seq: u64,
+    /// Known for submits and skips; abandoned leases are released by expiry on the server.
+    pub release_seq: Option<u64>,
+    pub outcome: Outcome,
+    /// Lease request to submit reply.
+    pub round_trip: Duration,
+    pub mark_id: Option<String>,
+    pub proposal_id: Option<String>,
+    pub idempotency_key: Option<String>,
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Default)]
+pub struct SimReport {
+    pub events: Vec<LeaseEvent>,
+    pub elapsed: Duration,
+    /// Statuses other than the expected ones, with the operation.
+    pub errors: Vec<String>,
+    /// Transient failures that were retried.
+    pub retries: usize,
+}
+
+impl SimReport {
+    pub fn count(&self, o: Outcome) -> usize {
+        self.events.iter().filter(|e| e.outcome == o).count()
+    }
+}
+
+/// Splitmix64 for the experts' choices.
+struct Dice(u64);
+
+impl Dice {
+    fn next(&mut self) -> f64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+/// Reads a mark PNG into values (+1 red, -1 green, 0).
+pub fn read_mark_png(path: &std::path::Path) -> Result<(u32, u32, Vec<i8>), String> {
+    let img = image::open(path)
+        .map_err(|e| format!("{}: {e}", path.display()))?
+        .to_rgb8();
+    let (w, h) = img.dimensions();
+    let v = img
+        .pixels()
+        .map(|p| {
+            if p[0] > 127 {
+                1
+            } else if p[1] > 127 {
+                -1
+            } else {
+                0
+            }
+        })
+        .collect();
+    Ok((w, h, v))
+}
+
+fn synthetic(w: u32, h: u32) -> Vec<i8> {
+    let mut v = vec![0i8; (w * h) as usize];
+    for y in 0..(h / 2).max(1) {
+        for x in 0..(w / 2).max(1) {
+            v[(y * w + x) as usize] = 1;
+        }
+    }
+    v
+}
+
+fn degrade(values: &mut [i8], partial: f64, noise: f64, dice: &mut Dice) {
+    for v in values.iter_mut() {
+        if *v != 0 && partial < 1.0 && dice.next() >= partial {
+            *v = 0;
+        }
+        if *v != 0 && noise > 0.0 && dice.next() < noise {
+            *v = -*v;
+        }
+    }
+    if values.iter().all(|&v| v == 0) && !values.is_empty() {
+        values[0] = 1; // never send an empty mark
+    }
+}
+
+/// Calls `f` until it succeeds, fails permanently, or `retry_for` runs out.
+async fn retry<T, F, Fut>(retry_for: Duration, retries: &AtomicUsize, mut f: F) -> Result<T, Status>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, Status>>,
+{
+    let start = Instant::now();
+    let mut wait = Duration::from_millis(20);
+    loop {
+        match f().await {
+            Ok(v) => return Ok(v),
+            Err(s) if transient(&s) && start.elapsed() < retry_for => {
+                retries.fetch_add(1, Ordering::Relaxed);
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_millis(500));
+            }
+            Err(s) => return Err(s),
+        }
+    }
+}
+
+/// Runs `cfg.experts` experts, each with its own client (token), until `cfg.leases` leases
+/// were granted in total.
+pub async fn run(clients: Vec<Client>, cfg: SimConfig) -> SimReport {
+    let granted = Arc::new(AtomicUsize::new(0));
+    let retries = Arc::new(AtomicUsize::new(0));
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for (k, client) in clients.into_iter().enumerate() {
+        let cfg = cfg.clone();
+        let granted = granted.clone();
+        let retries = retries.clone();
+        tasks.push(tokio::spawn(async move {
+            expert(k, client, cfg, granted, retries).await
+        }));
+    }
+    let mut report = SimReport::default();
+    for t in tasks {
+        if let Ok((events, errors)) = t.await {
+            report.events.extend(events);
+            report.errors.extend(errors);
+        }
+    }
+    report.elapsed = start.elapsed();
+    report.retries = retries.load(Ordering::Relaxed);
+    report
+}
+
+async fn expert(
+    k: usize,
+    mut c: Client,
+    cfg: SimConfig,
+    granted: Arc<AtomicUsize>,
+    retries: Arc<AtomicUsize>,
+) -> (Vec<LeaseEvent>, Vec<String>) {
+    let mut dice = Dice(cfg.seed ^ (k as u64).wrapping_mul(0x2545_F491_4F6C_DD1D));
+    let mut events = Vec::new();
+    let mut errors = Vec::new();
+    while granted.load(Ordering::SeqCst) < cfg.leases {
+        let t0 = Instant::now();
+        let reply = retry(cfg.retry_for, &retries, || {
+            let mut q = c.queue.clone();
+            async move { q.lease(pb::LeaseRequest {}).await.map(|r| r.into_inner()) }
+        })
+        .await;
+        let lease = match reply {
+            Ok(pb::LeaseReply { lease: Some(l), .. }) => l,
+            Ok(r) => {
+                if cfg.stop_when_empty {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(
+                    r.retry_after_ms.clamp(10, 1000) as u64
+                ))
+                .await;
+                continue;
+            }
+            Err(s) => {
+                errors.push(format!("lease: {s}"));
+                break;
+            }
+        };
+        if granted.fetch_add(1, Ordering::SeqCst) >= cfg.leases {
+            // Over the total: give it back.
+            let _ = c
+                .queue
+                .skip(pb::SkipRequest {
+                    lease_id: lease.lease_id.clone(),
+                })
+                .await;
+            break;
+        }
+        let mut ev = LeaseEvent {
+            expert: k,
+            image_id: lease.image_id.clone(),
+            lease_id: lease.lease_id.clone(),
+            lease_seq: lease.lease_seq,
+            release_seq: None,
+            outcome: Outcome::Abandoned,
+            round_trip: Duration::ZERO,
+            mark_id: None,
+            proposal_id: None,
+            idempotency_key: None,
+            error: None,
+        };
+        if !cfg.think.is_zero() {
+            tokio::time::sleep(cfg.think).await;
+        }
+        let roll = dice.next();
+        if roll < cfg.abandon_rate {
+            events.push(ev);
+            continue;
+        }
+        if cfg.heartbeat {
+            let id = lease.lease_id.clone();
+            if let Err(s) = retry(cfg.retry_for, &retries, || {
+                let mut q = c.queue.clone();
+                let id = id.clone();
+                async move { q.heartbeat(pb::HeartbeatRequest { lease_id: id }).await }
+            })
+            .await
+            {
+                ev.outcome = Outcome::Failed;
+                ev.error = Some(format!("heartbeat: {s}"));
+                errors.push(format!("heartbeat: {s}"));
+                events.push(ev);
+                continue;
+            }
+        }
+        if roll < cfg.abandon_rate + cfg.skip_rate {
+            let id = lease.lease_id.clone();
+            match retry(cfg.retry_for, &retries, || {
+                let mut q = c.queue.clone();
+                let id = id.clone();
+                async move { q.skip(pb::SkipRequest { lease_id: id }).await }
+            })
+            .await
+            {
+                Ok(r) => {
+                    ev.outcome = Outcome::Skipped;
+                    ev.release_seq = Some(r.into_inner().release_seq);
+                }
+                Err(s) => {
+                    ev.outcome = Outcome::Failed;
+                    ev.error = Some(format!("skip: {s}"));
+                    errors.push(format!("skip: {s}"));
+                }
+            }
+            events.push(ev);
+            continue;
+        }
+        let (w, h) = (lease.width, lease.height);
+        let mut values = match &cfg.marks {
+            MarkSource::Synthetic => synthetic(w, h),
+            MarkSource::Folder(root) => {
+                match read_mark_png(&root.join("marks").join(format!("{}.png", lease.image_id))) {
+                    Ok((mw, mh, v)) if (mw, mh) == (w, h) => v,
+                    Ok((mw, mh, _)) => {
+                        errors.push(format!(
+                            "mark for {} is {mw}x{mh}, image {w}x{h}",
+                            lease.image_id
+                        ));
+                        synthetic(w, h)
+                    }
+                    Err(e) => {
+                        errors.push(e);
+                        synthetic(w, h)
+                    }
+                }
+            }
+        };
+        degrade(&mut values, cfg.partial, cfg.noise, &mut dice);
+        let mask = rle::encode(w, h, &values);
+        let key = random_key();
+        let id = lease.lease_id.clone();
+        let r = retry(cfg.retry_for, &retries, || {
+            let mut q = c.queue.clone();
+            let req = pb::SubmitRequest {
+                lease_id: id.clone(),
+                mask: Some(mask.clone()),
+                idempotency_key: key.clone(),
+            };
+            async move { q.submit(req).await }
+        })
+        .await;
+        ev.idempotency_key = Some(key);
+        match r {
+            Ok(r) => {
+                let r = r.into_inner();
+                ev.outcome = Outcome::Submitted;
+                ev.release_seq = Some(r.release_seq);
+                ev.mark_id = Some(r.mark_id);
+                ev.proposal_id = Some(r.proposal_id);
+                ev.round_trip = t0.elapsed();
+            }
+            Err(s) => {
+                ev.outcome = Outcome::Failed;
+                ev.error = Some(format!("submit: {s}"));
+                errors.push(format!("submit: {s}"));
+            }
+        }
+        events.push(ev);
+        // keep the borrow checker honest about `c` living across awaits
+        let _ = &mut c;
+    }
+    (events, errors)
+}

@@ -1,0 +1,475 @@
+//! Platform subcommands: gateway, project init, expert-sim, admin, bench queue.
+
+use crate::common::{bar, parse_size};
+use anyhow::{bail, Context, Result};
+use clap::{Args, Subcommand};
+use mp_api::sim::{self, MarkSource, Outcome, SimConfig};
+use mp_api::Client;
+use mp_core::align::{priority, AlignConfig};
+use mp_core::data::folder::{load_image_folder, FolderOptions};
+use mp_core::data::Dataset;
+use mp_core::model::{Arch, Model, ModelSpec};
+use mp_core::train::{evaluate, predict, train, TrainConfig};
+use mp_gateway::GatewayConfig;
+use mp_store::{ImageRecord, ModelVersionRecord, ProjectInfo, Role, Store};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use tch::Device;
+
+pub fn runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
+}
+
+#[derive(Args)]
+pub struct GatewayArgs {
+    /// TOML config file (keys as in GatewayConfig; MP_* variables override it)
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    #[arg(long)]
+    pub listen: Option<String>,
+    #[arg(long)]
+    pub redis_url: Option<String>,
+    #[arg(long)]
+    pub checkpoints: Option<PathBuf>,
+    #[arg(long)]
+    pub metrics_listen: Option<String>,
+    #[arg(long)]
+    pub lease_ttl_ms: Option<u64>,
+}
+
+impl GatewayArgs {
+    pub fn config(&self) -> Result<GatewayConfig> {
+        let mut c = GatewayConfig::load(self.config.as_deref())?;
+        if let Some(v) = &self.listen {
+            c.listen = v.clone();
+        }
+        if let Some(v) = &self.redis_url {
+            c.redis_url = v.clone();
+        }
+        if let Some(v) = &self.checkpoints {
+            c.checkpoints = v.clone();
+        }
+        if let Some(v) = &self.metrics_listen {
+            c.metrics_listen = v.clone();
+        }
+        if let Some(v) = self.lease_ttl_ms {
+            c.lease_ttl_ms = v;
+        }
+        Ok(c)
+    }
+}
+
+pub fn gateway(a: GatewayArgs) -> Result<()> {
+    let cfg = a.config()?;
+    runtime()?.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(&cfg.listen)
+            .await
+            .with_context(|| format!("binding {}", cfg.listen))?;
+        let shutdown = async {
+            let _ = tokio::signal::ctrl_c().await;
+        };
+        mp_gateway::run(listener, cfg, shutdown).await?;
+        Ok(())
+    })
+}
+
+#[derive(Subcommand)]
+pub enum ProjectCmd {
+    /// Load an image folder into Redis, train (or take) the base model, fill the review queue, create an admin
+    Init(InitArgs),
+}
+
+#[derive(Args)]
+pub struct InitArgs {
+    /// Image folder (ROOT/{train,val,test}/{class}/*.png)
+    #[arg(long)]
+    pub data: PathBuf,
+    #[arg(long, default_value = "redis://127.0.0.1:6379")]
+    pub redis_url: String,
+    #[arg(long, default_value = "mp")]
+    pub prefix: String,
+    /// Shared checkpoint directory
+    #[arg(long, default_value = "checkpoints")]
+    pub checkpoints: PathBuf,
+    /// Base model to start from (else one is trained)
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    #[arg(long, default_value_t = 4)]
+    pub epochs: usize,
+    #[arg(long, default_value = "small-cnn")]
+    pub arch: String,
+    #[arg(long, value_parser = parse_size)]
+    pub resize: Option<(u32, u32)>,
+    #[arg(long, default_value = "admin")]
+    pub admin_name: String,
+}
+
+/// An image of a dataset as stored: id `class/name`, 8-bit interleaved pixels.
+pub fn image_record(ds: &Dataset, i: usize) -> ImageRecord {
+    let (w, h, c) = (ds.width, ds.height, ds.channels);
+    let img = ds.image(i);
+    let mut pixels = vec![0u8; w * h * c];
+    for p in 0..w * h {
+        for k in 0..c {
+            pixels[p * c + k] = (img[k * w * h + p].clamp(0.0, 1.0) * 255.0).round() as u8;
+        }
+    }
+    let class = &ds.classes[ds.labels[i] as usize];
+    ImageRecord {
+        id: format!("{class}/{}", ds.names[i]),
+        name: ds.names[i].clone(),
+        label: ds.labels[i] as u32,
+        width: w as u32,
+        height: h as u32,
+        channels: c as u32,
+        pixels,
+    }
+}
+
+/// Initial priorities: the uncertainty margin of every image (no mark exists yet).
+pub fn margin_priorities(model: &Model, ds: &Dataset) -> Result<Vec<f64>> {
+    let mut out = Vec::with_capacity(ds.len());
+    let idx: Vec<usize> = (0..ds.len()).collect();
+    for chunk in idx.chunks(512) {
+        let (x, _) = ds.batch(chunk, model.device());
+        let probs = predict(model, &x);
+        for (k, &i) in chunk.iter().enumerate() {
+            let p = Vec::<f32>::try_from(&probs.get(k as i64))?;
+            out.push(
+                priority(
+                    &[],
+                    &p,
+                    ds.labels[i] as usize,
+                    None,
+                    None,
+                    &AlignConfig::default(),
+                )
+                .score,
+            );
+        }
+    }
+    Ok(out)
+}
+
+pub fn project_init(a: InitArgs) -> Result<()> {
+    let f = load_image_folder(
+        &a.data,
+        &FolderOptions {
+            resize: a.resize,
+            grayscale: None,
+        },
+    )?;
+    let val = f
+        .val
+        .clone()
+        .or(f.test.clone())
+        .context("the image folder needs val/ or test/")?;
+    let test = f.test.clone().unwrap_or_else(|| val.clone());
+    let train_ds = f.train.without_marks();
+    std::fs::create_dir_all(&a.checkpoints)
+        .with_context(|| format!("creating {}", a.checkpoints.display()))?;
+    let mut model = match &a.model {
+        Some(p) => Model::load(p, Device::cuda_if_available())?,
+        None => {
+            tch::manual_seed(0);
+            let spec = ModelSpec {
+                arch: a.arch.parse::<Arch>()?,
+                classes: train_ds.classes.clone(),
+                channels: train_ds.channels,
+                height: train_ds.height,
+                width: train_ds.width,
+                version: 1,
+            };
+            let mut m = Model::new(spec, Device::cuda_if_available())?;
+            let cfg = TrainConfig {
+                epochs: a.epochs,
+                ..Default::default()
+            };
+            let pb = bar(
+                (a.epochs * train_ds.len().div_ceil(cfg.batch_size)) as u64,
+                "base model",
+            );
+            train(&mut m, &train_ds, &[], &cfg, &mut |_, _, _, _| pb.inc(1))?;
+            pb.finish_and_clear();
+            m
+        }
+    };
+    model.spec.version = 1;
+    let v = evaluate(&model, &val, 512)?;
+    let t = evaluate(&model, &test, 512)?;
+    let file = "v1.safetensors".to_string();
+    model.save(&a.checkpoints.join(&file))?;
+    let prios = margin_priorities(&model, &train_ds)?;
+    let records: Vec<ImageRecord> = (0..train_ds.len())
+        .map(|i| image_record(&train_ds, i))
+        .collect();
+    let items: Vec<(String, f64)> = records.iter().map(|r| r.id.clone()).zip(prios).collect();
+    let token = runtime()?.block_on(async {
+        let store = Store::connect(&a.redis_url, &a.prefix)
+            .await
+            .with_context(|| format!("connecting to {}", a.redis_url))?;
+        store
+            .set_project(&ProjectInfo {
+                name: a.data.display().to_string(),
+                classes: train_ds.classes.clone(),
+                width: train_ds.width as u32,
+                height: train_ds.height as u32,
+                channels: train_ds.channels as u32,
+            })
+            .await?;
+        store.put_images(&records).await?;
+        store
+            .publish_version(&ModelVersionRecord {
+                version: 1,
+                parent: 0,
+                created_ms: mp_store::now_ms(),
+                reason: "base model".into(),
+                val_accuracy: v.accuracy,
+                val_loss: v.loss,
+                test_accuracy: t.accuracy,
+                file,
+            })
+            .await?;
+        store.ensure_job_groups().await?;
+        let queued = store.enqueue(&items).await?;
+        let (_, token) = store.create_expert(&a.admin_name, Role::Admin).await?;
+        println!(
+            "project {}: {} images queued, model v1 val acc {:.2} % test acc {:.2} %",
+            a.data.display(),
+            queued,
+            100.0 * v.accuracy,
+            100.0 * t.accuracy
+        );
+        anyhow::Ok(token)
+    })?;
+    println!("admin token: {token}");
+    Ok(())
+}
+
+#[derive(Args, Clone)]
+pub struct SimArgs {
+    /// Gateway address
+    #[arg(long, default_value = "http://127.0.0.1:50051")]
+    pub addr: String,
+    /// Admin token (the simulated experts get their own tokens from it)
+    #[arg(long, env = "MP_TOKEN")]
+    pub token: String,
+    #[arg(long, default_value_t = 4)]
+    pub experts: usize,
+    /// Total leases to take
+    #[arg(long, default_value_t = 100)]
+    pub leases: usize,
+    /// Image folder whose marks/ the experts answer with (else a synthetic red block)
+    #[arg(long)]
+    pub marks: Option<PathBuf>,
+    /// Share of each mark's pixels kept
+    #[arg(long, default_value_t = 1.0)]
+    pub partial: f64,
+    /// Probability of flipping a marked pixel's colour
+    #[arg(long, default_value_t = 0.0)]
+    pub noise: f64,
+    #[arg(long, default_value_t = 0.0)]
+    pub skip_rate: f64,
+    #[arg(long, default_value_t = 0.0)]
+    pub abandon_rate: f64,
+    /// Milliseconds each expert looks at an image
+    #[arg(long, default_value_t = 0)]
+    pub think_ms: u64,
+    /// Wait for the queue to refill instead of stopping when it is empty
+    #[arg(long)]
+    pub wait: bool,
+}
+
+/// One client per simulated expert, each with a token created through the admin API.
+pub async fn sim_clients(
+    addr: &str,
+    admin_token: &str,
+    n: usize,
+    tag: &str,
+) -> Result<Vec<Client>> {
+    let admin = Client::connect(addr, admin_token).await?;
+    let mut out = Vec::with_capacity(n);
+    for k in 0..n {
+        let r = admin
+            .admin
+            .clone()
+            .create_expert(mp_proto::v1::CreateExpertRequest {
+                name: format!("{tag}-{k}"),
+                role: "expert".into(),
+            })
+            .await
+            .map_err(|s| anyhow::anyhow!("creating expert: {}", s.message()))?
+            .into_inner();
+        out.push(Client::new(addr, &r.token)?);
+    }
+    Ok(out)
+}
+
+pub fn expert_sim(a: SimArgs) -> Result<()> {
+    runtime()?.block_on(async {
+        let clients = sim_clients(&a.addr, &a.token, a.experts, "sim").await?;
+        let cfg = SimConfig {
+            experts: a.experts,
+            leases: a.leases,
+            marks: a.marks.clone().map(MarkSource::Folder).unwrap_or(MarkSource::Synthetic),
+            partial: a.partial,
+            noise: a.noise,
+            skip_rate: a.skip_rate,
+            abandon_rate: a.abandon_rate,
+            think: Duration::from_millis(a.think_ms),
+            stop_when_empty: !a.wait,
+            ..Default::default()
+        };
+        let r = sim::run(clients, cfg).await;
+        println!(
+            "{} experts, {} leases in {:.1} s: {} submitted, {} skipped, {} abandoned, {} failed, {} retries",
+            a.experts,
+            r.events.len(),
+            r.elapsed.as_secs_f64(),
+            r.count(Outcome::Submitted),
+            r.count(Outcome::Skipped),
+            r.count(Outcome::Abandoned),
+            r.count(Outcome::Failed),
+            r.retries
+        );
+        for e in r.errors.iter().take(5) {
+            println!("  error: {e}");
+        }
+        if r.count(Outcome::Failed) > 0 {
+            bail!("{} operations failed", r.count(Outcome::Failed));
+        }
+        Ok(())
+    })
+}
+
+#[derive(Subcommand)]
+pub enum AdminCmd {
+    /// Create an expert (or admin) and print its token
+    CreateExpert {
+        #[arg(long, default_value = "http://127.0.0.1:50051")]
+        addr: String,
+        #[arg(long, env = "MP_TOKEN")]
+        token: String,
+        #[arg(long)]
+        name: String,
+        #[arg(long, default_value = "expert")]
+        role: String,
+    },
+}
+
+pub fn admin(cmd: AdminCmd) -> Result<()> {
+    let AdminCmd::CreateExpert {
+        addr,
+        token,
+        name,
+        role,
+    } = cmd;
+    runtime()?.block_on(async {
+        let c = Client::connect(&addr, &token).await?;
+        let r = c
+            .admin
+            .clone()
+            .create_expert(mp_proto::v1::CreateExpertRequest { name, role })
+            .await
+            .map_err(|s| anyhow::anyhow!("{:?}: {}", s.code(), s.message()))?
+            .into_inner();
+        println!("expert {} token {}", r.expert_id, r.token);
+        Ok(())
+    })
+}
+
+/// A synthetic project for queue tests and benchmarks: `n` images of 8x8, no model file.
+pub async fn synthetic_project(store: &Store, n: usize) -> Result<String> {
+    store
+        .set_project(&ProjectInfo {
+            name: "synthetic".into(),
+            classes: vec!["a".into(), "b".into()],
+            width: 8,
+            height: 8,
+            channels: 1,
+        })
+        .await?;
+    let records: Vec<ImageRecord> = (0..n)
+        .map(|i| ImageRecord {
+            id: format!("a/{i:06}"),
+            name: format!("{i:06}"),
+            label: (i % 2) as u32,
+            width: 8,
+            height: 8,
+            channels: 1,
+            pixels: vec![(i % 251) as u8; 64],
+        })
+        .collect();
+    store.put_images(&records).await?;
+    store
+        .publish_version(&ModelVersionRecord {
+            version: 1,
+            parent: 0,
+            created_ms: mp_store::now_ms(),
+            reason: "synthetic".into(),
+            val_accuracy: 0.0,
+            val_loss: 0.0,
+            test_accuracy: 0.0,
+            file: "missing.safetensors".into(),
+        })
+        .await?;
+    store.ensure_job_groups().await?;
+    let items: Vec<(String, f64)> = records
+        .iter()
+        .enumerate()
+        .map(|(i, r)| (r.id.clone(), (i % 997) as f64 / 997.0))
+        .collect();
+    store.enqueue(&items).await?;
+    let (_, token) = store.create_expert("admin", Role::Admin).await?;
+    Ok(token)
+}
+
+/// A redis-server and an in-process gateway on free ports, for benchmarks.
+pub struct LocalPlatform {
+    _redis: mp_store::server::RedisServer,
+    pub addr: String,
+    pub store: Store,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl LocalPlatform {
+    pub async fn start(dir: &Path, lease_ttl_ms: u64) -> Result<LocalPlatform> {
+        let redis = mp_store::server::RedisServer::start_free(dir)?;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = format!("http://{}", listener.local_addr()?);
+        let cfg = GatewayConfig {
+            redis_url: redis.url(),
+            metrics_listen: String::new(),
+            checkpoints: dir.join("checkpoints"),
+            lease_ttl_ms,
+            ..Default::default()
+        };
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            let _ = mp_gateway::run(listener, cfg, async {
+                let _ = rx.await;
+            })
+            .await;
+        });
+        let store = Store::connect(&redis.url(), "mp").await?;
+        Ok(LocalPlatform {
+            _redis: redis,
+            addr,
+            store,
+            stop: Some(tx),
+            task: Some(task),
+        })
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.task.take() {
+            let _ = t.await;
+        }
+    }
+}

@@ -1,0 +1,752 @@
+//! The platform against a real redis-server: bad input gets its status, 32 experts never
+//! share an image, and `kill -9` of the gateway or of Redis loses no acknowledged mark.
+
+use mp_api::sim::{self, LeaseEvent, Outcome, SimConfig};
+use mp_api::Client;
+use mp_proto::rle;
+use mp_proto::v1 as pb;
+use mp_store::server::{free_port, RedisServer};
+use mp_store::{ImageRecord, ModelVersionRecord, ProjectInfo, Role, Store};
+use std::collections::HashMap;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use tonic::Code;
+
+const SIDE: u32 = 8;
+
+/// A project of `n` 8x8 images with a real (tiny) model checkpoint as version 1.
+async fn project(store: &Store, n: usize, checkpoints: &Path) -> String {
+    store
+        .set_project(&ProjectInfo {
+            name: "t".into(),
+            classes: vec!["a".into(), "b".into()],
+            width: SIDE,
+            height: SIDE,
+            channels: 1,
+        })
+        .await
+        .unwrap();
+    let records: Vec<ImageRecord> = (0..n)
+        .map(|i| ImageRecord {
+            id: format!("a/{i:05}"),
+            name: format!("{i:05}"),
+            label: (i % 2) as u32,
+            width: SIDE,
+            height: SIDE,
+            channels: 1,
+            pixels: (0..64).map(|p| ((p * 7 + i) % 256) as u8).collect(),
+        })
+        .collect();
+    store.put_images(&records).await.unwrap();
+    std::fs::create_dir_all(checkpoints).unwrap();
+    let spec = mp_core::model::ModelSpec {
+        arch: mp_core::model::Arch::SmallCnn,
+        classes: vec!["a".into(), "b".into()],
+        channels: 1,
+        height: SIDE as usize,
+        width: SIDE as usize,
+        version: 1,
+    };
+    mp_core::model::Model::new(spec, tch::Device::Cpu)
+        .unwrap()
+        .save(&checkpoints.join("v1.safetensors"))
+        .unwrap();
+    store
+        .publish_version(&ModelVersionRecord {
+            version: 1,
+            parent: 0,
+            created_ms: 0,
+            reason: "base".into(),
+            val_accuracy: 0.5,
+            val_loss: 0.7,
+            test_accuracy: 0.5,
+            file: "v1.safetensors".into(),
+        })
+        .await
+        .unwrap();
+    store.ensure_job_groups().await.unwrap();
+    let items: Vec<(String, f64)> = records
+        .iter()
+        .enumerate()
+        .map(|(i, r)| (r.id.clone(), (i % 101) as f64 / 101.0))
+        .collect();
+    store.enqueue(&items).await.unwrap();
+    store.create_expert("admin", Role::Admin).await.unwrap().1
+}
+
+struct Gw {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<()>,
+    addr: String,
+}
+
+async fn gateway(redis_url: &str, checkpoints: &Path, lease_ttl_ms: u64, max_bytes: usize) -> Gw {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = format!("http://{}", listener.local_addr().unwrap());
+    let cfg = mp_gateway::GatewayConfig {
+        redis_url: redis_url.into(),
+        metrics_listen: String::new(),
+        checkpoints: checkpoints.into(),
+        lease_ttl_ms,
+        max_message_bytes: max_bytes,
+        reaper_interval_ms: 100,
+        ..Default::default()
+    };
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        mp_gateway::run(listener, cfg, async {
+            let _ = rx.await;
+        })
+        .await
+        .unwrap();
+    });
+    Gw {
+        stop: Some(tx),
+        task,
+        addr,
+    }
+}
+
+impl Gw {
+    async fn stop(mut self) {
+        let _ = self.stop.take().unwrap().send(());
+        let _ = self.task.await;
+    }
+}
+
+async fn experts(addr: &str, admin: &str, n: usize) -> Vec<Client> {
+    let a = Client::connect(addr, admin).await.unwrap();
+    let mut out = Vec::new();
+    for k in 0..n {
+        let r = a
+            .admin
+            .clone()
+            .create_expert(pb::CreateExpertRequest {
+                name: format!("e{k}"),
+                role: "expert".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        out.push(Client::new(addr, &r.token).unwrap());
+    }
+    out
+}
+
+fn code<T: std::fmt::Debug>(r: Result<tonic::Response<T>, tonic::Status>) -> (Code, String) {
+    let s = r.expect_err("expected an error status");
+    (s.code(), s.message().to_string())
+}
+
+async fn serving(addr: &str) -> i32 {
+    let ch = tonic::transport::Endpoint::from_shared(addr.to_string())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut h = tonic_health::pb::health_client::HealthClient::new(ch);
+    h.check(tonic_health::pb::HealthCheckRequest {
+        service: "mp.v1.QueueService".into(),
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .status
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_bad_request_gets_a_clear_status_and_health_follows_redis() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port().unwrap();
+    let url = format!("redis://127.0.0.1:{port}");
+    let ck = dir.path().join("ck");
+    // Gateway first: NotServing until Redis answers.
+    let gw = gateway(&url, &ck, 300, 64 * 1024).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        serving(&gw.addr).await,
+        tonic_health::ServingStatus::NotServing as i32
+    );
+    let mut redis = RedisServer::start(&dir.path().join("redis"), port).unwrap();
+    let store = Store::connect(&url, "mp").await.unwrap();
+    let admin = project(&store, 20, &ck).await;
+    let start = Instant::now();
+    while serving(&gw.addr).await != tonic_health::ServingStatus::Serving as i32 {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "health never became Serving"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let clients = experts(&gw.addr, &admin, 2).await;
+    let (mut ann, mut bob) = (clients[0].clone(), clients[1].clone());
+
+    // Tokens.
+    let nobody = Client::new(&gw.addr, "mp_wrong").unwrap();
+    assert_eq!(
+        code(nobody.queue.clone().lease(pb::LeaseRequest {}).await).0,
+        Code::Unauthenticated
+    );
+    let ch = tonic::transport::Endpoint::from_shared(gw.addr.clone())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut bare = pb::queue_service_client::QueueServiceClient::new(ch);
+    let (c, m) = code(bare.lease(pb::LeaseRequest {}).await);
+    assert!(
+        c == Code::Unauthenticated && m.contains("authorization"),
+        "{m}"
+    );
+    assert_eq!(
+        code(
+            ann.admin
+                .create_expert(pb::CreateExpertRequest {
+                    name: "x".into(),
+                    role: "admin".into()
+                })
+                .await
+        )
+        .0,
+        Code::PermissionDenied
+    );
+    let admin_c = Client::new(&gw.addr, &admin).unwrap();
+    assert_eq!(
+        code(
+            admin_c
+                .admin
+                .clone()
+                .create_expert(pb::CreateExpertRequest {
+                    name: "x".into(),
+                    role: "boss".into()
+                })
+                .await
+        )
+        .0,
+        Code::InvalidArgument
+    );
+
+    // Leases and masks.
+    let l = ann
+        .queue
+        .lease(pb::LeaseRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .lease
+        .unwrap();
+    assert_eq!((l.width, l.height, l.model_version), (SIDE, SIDE, 1));
+    let good = rle::encode(SIDE, SIDE, &[&[1i8; 8][..], &[0i8; 56][..]].concat());
+    let submit = |lease: &str, mask: Option<pb::RleMask>, key: &str| pb::SubmitRequest {
+        lease_id: lease.into(),
+        mask,
+        idempotency_key: key.into(),
+    };
+    let (c, m) = code(
+        bob.queue
+            .submit(submit(&l.lease_id, Some(good.clone()), "k"))
+            .await,
+    );
+    assert!(
+        c == Code::PermissionDenied && m.contains("another expert"),
+        "{m}"
+    );
+    assert_eq!(
+        code(
+            bob.queue
+                .heartbeat(pb::HeartbeatRequest {
+                    lease_id: l.lease_id.clone()
+                })
+                .await
+        )
+        .0,
+        Code::PermissionDenied
+    );
+    assert_eq!(
+        code(
+            bob.queue
+                .skip(pb::SkipRequest {
+                    lease_id: l.lease_id.clone()
+                })
+                .await
+        )
+        .0,
+        Code::PermissionDenied
+    );
+    let (c, m) = code(
+        ann.queue
+            .submit(submit("no-such-lease", Some(good.clone()), "k"))
+            .await,
+    );
+    assert!(c == Code::NotFound && m.contains("no-such-lease"), "{m}");
+    assert_eq!(
+        code(ann.queue.submit(submit("", Some(good.clone()), "k")).await).0,
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(ann.queue.submit(submit(&l.lease_id, None, "k")).await).0,
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(
+            ann.queue
+                .submit(submit(&l.lease_id, Some(good.clone()), ""))
+                .await
+        )
+        .0,
+        Code::InvalidArgument
+    );
+    let wrong_size = rle::encode(5, 5, &[1i8; 25]);
+    let (c, m) = code(
+        ann.queue
+            .submit(submit(&l.lease_id, Some(wrong_size), "k"))
+            .await,
+    );
+    assert!(
+        c == Code::InvalidArgument && m.contains("5x5") && m.contains("8x8"),
+        "{m}"
+    );
+    let mut bad_value = good.clone();
+    bad_value.values[0] = 3;
+    let (c, m) = code(
+        ann.queue
+            .submit(submit(&l.lease_id, Some(bad_value), "k"))
+            .await,
+    );
+    assert!(c == Code::InvalidArgument && m.contains("value 3"), "{m}");
+    let mut short = good.clone();
+    short.lengths[1] -= 1;
+    let (c, m) = code(
+        ann.queue
+            .submit(submit(&l.lease_id, Some(short), "k"))
+            .await,
+    );
+    assert!(c == Code::InvalidArgument && m.contains("cover"), "{m}");
+    let mut ragged = good.clone();
+    ragged.values.push(0);
+    assert_eq!(
+        code(
+            ann.queue
+                .submit(submit(&l.lease_id, Some(ragged), "k"))
+                .await
+        )
+        .0,
+        Code::InvalidArgument
+    );
+    let empty = rle::encode(SIDE, SIDE, &[0i8; 64]);
+    let (c, m) = code(
+        ann.queue
+            .submit(submit(&l.lease_id, Some(empty), "k"))
+            .await,
+    );
+    assert!(c == Code::InvalidArgument && m.contains("skip"), "{m}");
+    // Oversized payload: refused by the server's size limit, nothing stored.
+    let huge = pb::RleMask {
+        width: SIDE,
+        height: SIDE,
+        values: vec![0; 40_000],
+        lengths: vec![1; 40_000],
+    };
+    let (c, _) = code(ann.queue.submit(submit(&l.lease_id, Some(huge), "k")).await);
+    assert!(
+        matches!(
+            c,
+            Code::ResourceExhausted | Code::OutOfRange | Code::InvalidArgument
+        ),
+        "{c:?}"
+    );
+    assert_eq!(store.mark_ids().await.unwrap().len(), 0);
+
+    // A good submit, then a resubmit with the same key: same ids, nothing stored twice.
+    let ok = ann
+        .queue
+        .submit(submit(&l.lease_id, Some(good.clone()), "key-1"))
+        .await
+        .unwrap()
+        .into_inner();
+    let again = ann
+        .queue
+        .submit(submit(&l.lease_id, Some(good.clone()), "key-1"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        !ok.duplicate
+            && again.duplicate
+            && again.mark_id == ok.mark_id
+            && again.proposal_id == ok.proposal_id
+    );
+    assert_eq!(store.mark_ids().await.unwrap(), vec![ok.mark_id.clone()]);
+    let (c, m) = code(
+        ann.queue
+            .submit(submit(&l.lease_id, Some(good.clone()), "key-2"))
+            .await,
+    );
+    assert!(
+        c == Code::FailedPrecondition && m.contains("already submitted"),
+        "{m}"
+    );
+
+    // Proposals: unknown → NotFound; not ready → FailedPrecondition; another's → PermissionDenied.
+    assert_eq!(
+        code(
+            ann.proposals
+                .get_proposal(pb::GetProposalRequest {
+                    proposal_id: "nope".into()
+                })
+                .await
+        )
+        .0,
+        Code::NotFound
+    );
+    let p = ann
+        .proposals
+        .get_proposal(pb::GetProposalRequest {
+            proposal_id: ok.proposal_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(p.status, pb::ProposalStatus::Queued as i32);
+    let commit = pb::DecideRequest {
+        proposal_id: ok.proposal_id.clone(),
+        decision: pb::decide_request::Decision::Commit as i32,
+    };
+    assert_eq!(
+        code(bob.proposals.decide(commit.clone()).await).0,
+        Code::PermissionDenied
+    );
+    assert_eq!(
+        code(ann.proposals.decide(commit.clone()).await).0,
+        Code::FailedPrecondition
+    );
+    assert_eq!(
+        code(
+            ann.proposals
+                .decide(pb::DecideRequest {
+                    decision: 9,
+                    ..commit.clone()
+                })
+                .await
+        )
+        .0,
+        Code::InvalidArgument
+    );
+
+    // Images: unknown id, unknown version; a known one carries prediction and saliency.
+    let (c, m) = code(
+        ann.images
+            .get_image(pb::GetImageRequest {
+                image_id: "a/zzz".into(),
+                model_version: 0,
+            })
+            .await,
+    );
+    assert!(c == Code::NotFound && m.contains("a/zzz"), "{m}");
+    assert_eq!(
+        code(
+            ann.images
+                .get_image(pb::GetImageRequest {
+                    image_id: l.image_id.clone(),
+                    model_version: 42
+                })
+                .await
+        )
+        .0,
+        Code::NotFound
+    );
+    let v = ann
+        .images
+        .get_image(pb::GetImageRequest {
+            image_id: l.image_id.clone(),
+            model_version: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (
+            v.saliency.len(),
+            v.probabilities.len(),
+            v.pixels.len(),
+            v.model_version
+        ),
+        (64, 2, 64, 1)
+    );
+    assert!(
+        v.saliency.iter().all(|s| (0.0..=1.0).contains(s)) && v.saliency.iter().any(|&s| s > 0.0)
+    );
+
+    // An expired lease: heartbeat and submit say so; the image comes back.
+    let l2 = bob
+        .queue
+        .lease(pb::LeaseRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .lease
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let (c, m) = code(
+        bob.queue
+            .heartbeat(pb::HeartbeatRequest {
+                lease_id: l2.lease_id.clone(),
+            })
+            .await,
+    );
+    assert!(
+        c == Code::FailedPrecondition && m.contains("expired"),
+        "{m}"
+    );
+    assert_eq!(
+        code(
+            bob.queue
+                .submit(submit(&l2.lease_id, Some(good.clone()), "k3"))
+                .await
+        )
+        .0,
+        Code::FailedPrecondition
+    );
+    let stats = admin_c
+        .stats
+        .clone()
+        .get_stats(pb::StatsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (stats.leases_out, stats.marks_total, stats.queue_depth),
+        (0, 1, 19)
+    );
+    assert!(stats.experts_online >= 2);
+
+    // Redis gone: Unavailable and NotServing, never a crash; back again: Serving.
+    redis.kill9();
+    let (c, _) = code(ann.queue.lease(pb::LeaseRequest {}).await);
+    assert_eq!(c, Code::Unavailable);
+    let start = Instant::now();
+    while serving(&gw.addr).await != tonic_health::ServingStatus::NotServing as i32 {
+        assert!(start.elapsed() < Duration::from_secs(10));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    redis.restart().unwrap();
+    let start = Instant::now();
+    while serving(&gw.addr).await != tonic_health::ServingStatus::Serving as i32 {
+        assert!(start.elapsed() < Duration::from_secs(15));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let store = Store::connect(&url, "mp").await.unwrap();
+    assert_eq!(store.mark_ids().await.unwrap(), vec![ok.mark_id]);
+    gw.stop().await;
+}
+
+/// Server-side order of lease events: the intervals [lease_seq, release_seq] of one image
+/// must never overlap.
+async fn assert_exclusive(store: &Store, events: &[LeaseEvent]) -> usize {
+    let mut by_image: HashMap<&str, Vec<(u64, u64)>> = HashMap::new();
+    for e in events {
+        let info = store.lease_info(&e.lease_id).await.unwrap();
+        assert_eq!(info.seq, e.lease_seq);
+        let end = if info.release_seq == 0 {
+            u64::MAX
+        } else {
+            info.release_seq
+        };
+        if let Some(r) = e.release_seq {
+            assert_eq!(r, info.release_seq);
+        }
+        by_image
+            .entry(e.image_id.as_str())
+            .or_default()
+            .push((info.seq, end));
+    }
+    let mut reused = 0;
+    for (img, mut v) in by_image {
+        v.sort();
+        reused += v.len() - 1;
+        for w in v.windows(2) {
+            assert!(
+                w[1].0 > w[0].1,
+                "image {img} held twice: {:?} and {:?}",
+                w[0],
+                w[1]
+            );
+        }
+    }
+    reused
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thirty_two_experts_ten_thousand_leases_never_share_an_image() {
+    let dir = tempfile::tempdir().unwrap();
+    let redis = RedisServer::start_free(&dir.path().join("redis")).unwrap();
+    let store = Store::connect(&redis.url(), "mp").await.unwrap();
+    let ck = dir.path().join("ck");
+    let admin = project(&store, 5000, &ck).await;
+    let gw = gateway(&redis.url(), &ck, 1500, 1 << 20).await;
+    let clients = experts(&gw.addr, &admin, 32).await;
+    let cfg = SimConfig {
+        experts: 32,
+        leases: 10_000,
+        skip_rate: 0.6,
+        abandon_rate: 0.02,
+        heartbeat: true,
+        stop_when_empty: false,
+        ..Default::default()
+    };
+    let r = sim::run(clients, cfg).await;
+    assert_eq!(r.events.len(), 10_000, "errors: {:?}", r.errors.first());
+    assert_eq!(r.count(Outcome::Failed), 0, "{:?}", r.errors.first());
+    assert!(r.count(Outcome::Abandoned) > 50 && r.count(Outcome::Skipped) > 4000);
+    let reused = assert_exclusive(&store, &r.events).await;
+    assert!(
+        reused > 1000,
+        "images should come back and be leased again: {reused}"
+    );
+    // Every acknowledged submit is stored exactly once.
+    let marks = store.mark_ids().await.unwrap();
+    assert_eq!(marks.len(), r.count(Outcome::Submitted));
+    gw.stop().await;
+}
+
+fn spawn_gateway(port: u16, redis_url: &str, ck: &Path, log: &Path) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_mp"))
+        .args([
+            "gateway",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--redis-url",
+            redis_url,
+            "--metrics-listen",
+            "",
+            "--lease-ttl-ms",
+            "3000",
+        ])
+        .arg("--checkpoints")
+        .arg(ck)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log).unwrap())
+        .spawn()
+        .unwrap()
+}
+
+async fn wait_listening(port: u16) {
+    let start = Instant::now();
+    while tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .is_err()
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "gateway did not start"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// After the run: every acknowledged submit is stored under its idempotency key, and no key
+/// was stored twice.
+async fn assert_no_mark_lost_or_doubled(store: &Store, events: &[LeaseEvent]) {
+    let mut stored: HashMap<String, Vec<String>> = HashMap::new();
+    for id in store.mark_ids().await.unwrap() {
+        let m = store.mark(&id).await.unwrap();
+        stored
+            .entry(format!("{}:{}", m.expert_id, m.idempotency_key))
+            .or_default()
+            .push(id);
+    }
+    for (k, ids) in &stored {
+        assert_eq!(ids.len(), 1, "key {k} stored {} times", ids.len());
+    }
+    let acked: Vec<&LeaseEvent> = events
+        .iter()
+        .filter(|e| e.outcome == Outcome::Submitted)
+        .collect();
+    assert!(!acked.is_empty());
+    let ids: std::collections::HashSet<&String> = stored.values().flatten().collect();
+    for e in acked {
+        assert!(
+            ids.contains(e.mark_id.as_ref().unwrap()),
+            "acknowledged mark {:?} lost",
+            e.mark_id
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_of_the_gateway_mid_run_loses_no_acknowledged_mark() {
+    let dir = tempfile::tempdir().unwrap();
+    let redis = RedisServer::start_free(&dir.path().join("redis")).unwrap();
+    let store = Store::connect(&redis.url(), "mp").await.unwrap();
+    let ck = dir.path().join("ck");
+    let admin = project(&store, 3000, &ck).await;
+    let port = free_port().unwrap();
+    let mut child = spawn_gateway(port, &redis.url(), &ck, &dir.path().join("gw1.log"));
+    wait_listening(port).await;
+    let addr = format!("http://127.0.0.1:{port}");
+    let clients = experts(&addr, &admin, 8).await;
+    let cfg = SimConfig {
+        experts: 8,
+        leases: 2500,
+        skip_rate: 0.2,
+        heartbeat: true,
+        stop_when_empty: false,
+        retry_for: Duration::from_secs(60),
+        ..Default::default()
+    };
+    let run = tokio::spawn(sim::run(clients, cfg));
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let before = store.mark_ids().await.unwrap().len();
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut child = spawn_gateway(port, &redis.url(), &ck, &dir.path().join("gw2.log"));
+    let r = run.await.unwrap();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(before > 0, "the kill should land mid-run");
+    assert!(r.retries > 0, "clients should have seen the outage");
+    assert_eq!(r.count(Outcome::Failed), 0, "{:?}", r.errors.first());
+    assert_no_mark_lost_or_doubled(&store, &r.events).await;
+    assert_exclusive(&store, &r.events).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_of_redis_mid_run_loses_no_acknowledged_mark() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut redis = RedisServer::start_free(&dir.path().join("redis")).unwrap();
+    let store = Store::connect(&redis.url(), "mp").await.unwrap();
+    let ck = dir.path().join("ck");
+    let admin = project(&store, 3000, &ck).await;
+    let port = free_port().unwrap();
+    let mut child = spawn_gateway(port, &redis.url(), &ck, &dir.path().join("gw.log"));
+    wait_listening(port).await;
+    let addr = format!("http://127.0.0.1:{port}");
+    let clients = experts(&addr, &admin, 8).await;
+    let cfg = SimConfig {
+        experts: 8,
+        leases: 2500,
+        skip_rate: 0.2,
+        heartbeat: true,
+        stop_when_empty: false,
+        retry_for: Duration::from_secs(60),
+        ..Default::default()
+    };
+    let run = tokio::spawn(sim::run(clients, cfg));
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let before = store.mark_ids().await.unwrap().len();
+    redis.kill9();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    redis.restart().unwrap();
+    let r = run.await.unwrap();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(before > 0, "the kill should land mid-run");
+    assert!(r.retries > 0, "clients should have seen the outage");
+    assert_eq!(r.count(Outcome::Failed), 0, "{:?}", r.errors.first());
+    let store = Store::connect(&redis.url(), "mp").await.unwrap();
+    assert_no_mark_lost_or_doubled(&store, &r.events).await;
+    assert_exclusive(&store, &r.events).await;
+}

@@ -1,0 +1,129 @@
+//! Gateway configuration: a TOML file, then `MP_*` environment variables, then flags.
+
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct GatewayConfig {
+    /// gRPC listen address.
+    pub listen: String,
+    /// Prometheus metrics listen address (HTTP, /metrics); empty = off.
+    pub metrics_listen: String,
+    pub redis_url: String,
+    /// Prefix of every Redis key of this project.
+    pub prefix: String,
+    /// Directory holding the model checkpoints (shared by every node).
+    pub checkpoints: PathBuf,
+    /// How long a lease lasts without a heartbeat.
+    pub lease_ttl_ms: u64,
+    /// Largest accepted request, in bytes.
+    pub max_message_bytes: usize,
+    /// How often expired leases are returned to the queue.
+    pub reaper_interval_ms: u64,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        GatewayConfig {
+            listen: "127.0.0.1:50051".into(),
+            metrics_listen: "127.0.0.1:9464".into(),
+            redis_url: "redis://127.0.0.1:6379".into(),
+            prefix: "mp".into(),
+            checkpoints: PathBuf::from("checkpoints"),
+            lease_ttl_ms: 60_000,
+            max_message_bytes: 4 * 1024 * 1024,
+            reaper_interval_ms: 500,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: {message}")]
+    File { path: PathBuf, message: String },
+    #[error("environment variable {name}: {message}")]
+    Env { name: String, message: String },
+}
+
+impl GatewayConfig {
+    /// Reads `path` if given (unknown keys are an error), then applies `MP_*` overrides.
+    pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
+        let mut cfg = match path {
+            Some(p) => {
+                let text = std::fs::read_to_string(p).map_err(|e| ConfigError::File {
+                    path: p.into(),
+                    message: e.to_string(),
+                })?;
+                toml::from_str(&text).map_err(|e| ConfigError::File {
+                    path: p.into(),
+                    message: e.to_string(),
+                })?
+            }
+            None => GatewayConfig::default(),
+        };
+        cfg.apply_env(|k| std::env::var(k).ok())?;
+        Ok(cfg)
+    }
+
+    pub fn apply_env(&mut self, get: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
+        fn num<T: std::str::FromStr>(name: &str, v: String) -> Result<T, ConfigError> {
+            v.parse().map_err(|_| ConfigError::Env {
+                name: name.into(),
+                message: format!("{v:?} is not a number"),
+            })
+        }
+        if let Some(v) = get("MP_LISTEN") {
+            self.listen = v;
+        }
+        if let Some(v) = get("MP_METRICS_LISTEN") {
+            self.metrics_listen = v;
+        }
+        if let Some(v) = get("MP_REDIS_URL") {
+            self.redis_url = v;
+        }
+        if let Some(v) = get("MP_PREFIX") {
+            self.prefix = v;
+        }
+        if let Some(v) = get("MP_CHECKPOINTS") {
+            self.checkpoints = v.into();
+        }
+        if let Some(v) = get("MP_LEASE_TTL_MS") {
+            self.lease_ttl_ms = num("MP_LEASE_TTL_MS", v)?;
+        }
+        if let Some(v) = get("MP_MAX_MESSAGE_BYTES") {
+            self.max_message_bytes = num("MP_MAX_MESSAGE_BYTES", v)?;
+        }
+        if let Some(v) = get("MP_REAPER_INTERVAL_MS") {
+            self.reaper_interval_ms = num("MP_REAPER_INTERVAL_MS", v)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_then_env_and_unknown_keys_refused() {
+        let dir = std::env::temp_dir().join(format!("mp-gw-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("g.toml");
+        std::fs::write(&p, "listen = \"0.0.0.0:1\"\nlease_ttl_ms = 5\n").unwrap();
+        let mut c = GatewayConfig::load(Some(&p)).unwrap();
+        assert_eq!(
+            (c.listen.as_str(), c.lease_ttl_ms, c.prefix.as_str()),
+            ("0.0.0.0:1", 5, "mp")
+        );
+        c.apply_env(|k| (k == "MP_LEASE_TTL_MS").then(|| "77".to_string()))
+            .unwrap();
+        assert_eq!(c.lease_ttl_ms, 77);
+        assert!(c
+            .apply_env(|k| (k == "MP_LEASE_TTL_MS").then(|| "x".to_string()))
+            .is_err());
+        std::fs::write(&p, "listne = \"typo\"\n").unwrap();
+        let e = GatewayConfig::load(Some(&p)).unwrap_err().to_string();
+        assert!(e.contains("listne"), "{e}");
+    }
+}

@@ -1,0 +1,183 @@
+//! # Layout
+//! The gateway: the one gRPC service clients talk to.
+//! - [`config`]: file → `MP_*` environment → flags.
+//! - [`service`]: the tonic services (queue, images, proposals, models, stats, admin), thin
+//!   shells over `mp-store`, with the one error mapping to `tonic::Status`.
+//! - [`views`]: predictions and saliency for the image view, on a thread that owns models.
+//!
+//! [`run`] takes the listener and a shutdown future, so tests start and stop a gateway.
+//! Health starts NotServing and flips to Serving while Redis answers.
+//! The gateway holds no state of its own beyond caches: everything lives in Redis.
+
+pub mod config;
+pub mod service;
+pub mod views;
+
+pub use config::GatewayConfig;
+pub use service::Gateway;
+
+use mp_proto::v1 as pb;
+use std::future::Future;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tracing::{info, warn};
+
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    #[error("serving: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    #[error("metrics on {addr}: {message}")]
+    Metrics { addr: String, message: String },
+}
+
+const SERVICES: [&str; 6] = [
+    "mp.v1.QueueService",
+    "mp.v1.ImageService",
+    "mp.v1.ProposalService",
+    "mp.v1.ModelService",
+    "mp.v1.StatsService",
+    "mp.v1.AdminService",
+];
+
+fn install_metrics(addr: &str) -> Result<(), GatewayError> {
+    let sock: std::net::SocketAddr = addr.parse().map_err(|e| GatewayError::Metrics {
+        addr: addr.into(),
+        message: format!("{e}"),
+    })?;
+    match metrics_exporter_prometheus::PrometheusBuilder::new()
+        .with_http_listener(sock)
+        .install()
+    {
+        Ok(()) => Ok(()),
+        // A second gateway in one process (tests) shares the first recorder.
+        Err(e) if e.to_string().contains("already") => Ok(()),
+        Err(e) => Err(GatewayError::Metrics {
+            addr: addr.into(),
+            message: e.to_string(),
+        }),
+    }
+}
+
+/// Serves the gateway on `listener` until `shutdown` completes.
+pub async fn run(
+    listener: TcpListener,
+    config: GatewayConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), GatewayError> {
+    if !config.metrics_listen.is_empty() {
+        install_metrics(&config.metrics_listen)?;
+    }
+    let (reporter, health) = tonic_health::server::health_reporter();
+    for s in SERVICES.iter().chain(std::iter::once(&"")) {
+        reporter
+            .set_service_status(*s, tonic_health::ServingStatus::NotServing)
+            .await;
+    }
+    let gw = Gateway::new(config.clone(), views::ViewPool::start(3));
+
+    // Connect (retrying), then keep health in step with Redis and return expired leases.
+    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+    let bg = {
+        let gw = gw.clone();
+        let cfg = config.clone();
+        tokio::spawn(async move {
+            let store = loop {
+                match mp_store::Store::connect(&cfg.redis_url, &cfg.prefix).await {
+                    Ok(s) => break s,
+                    Err(e) => {
+                        warn!(error = %e, url = %cfg.redis_url, "redis not answering; retrying");
+                        tokio::select! {
+                            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                            _ = stop_rx.changed() => return,
+                        }
+                    }
+                }
+            };
+            gw.set_store(store.clone());
+            let mut serving = None;
+            let mut tick =
+                tokio::time::interval(Duration::from_millis(cfg.reaper_interval_ms.max(50)));
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = stop_rx.changed() => return,
+                }
+                let ok = store.ping().await.is_ok();
+                if serving != Some(ok) {
+                    let st = if ok {
+                        tonic_health::ServingStatus::Serving
+                    } else {
+                        tonic_health::ServingStatus::NotServing
+                    };
+                    for s in SERVICES.iter().chain(std::iter::once(&"")) {
+                        reporter.set_service_status(*s, st).await;
+                    }
+                    info!(serving = ok, "health changed");
+                    serving = Some(ok);
+                }
+                if ok {
+                    match store.reclaim().await {
+                        Ok(n) if n > 0 => {
+                            info!(reclaimed = n, "expired leases returned to the queue")
+                        }
+                        Ok(_) => {}
+                        Err(e) => warn!(error = %e, "reaper failed"),
+                    }
+                    metrics::gauge!("mp_up").set(1.0);
+                    if let Ok(c) = store.counts().await {
+                        metrics::gauge!("mp_queue_depth").set(c.queue_depth as f64);
+                        metrics::gauge!("mp_leases_out").set(c.leases_out as f64);
+                        metrics::gauge!("mp_experts_online").set(c.experts_online as f64);
+                        metrics::gauge!("mp_marks_total").set(c.marks_total as f64);
+                        metrics::gauge!("mp_refine_backlog").set(c.refine_pending as f64);
+                    }
+                } else {
+                    metrics::gauge!("mp_up").set(0.0);
+                }
+            }
+        })
+    };
+
+    let n = config.max_message_bytes;
+    let addr = listener
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    info!(%addr, "gateway listening");
+    let result = tonic::transport::Server::builder()
+        .trace_fn(|req| tracing::info_span!("grpc", path = %req.uri().path()))
+        .add_service(health)
+        .add_service(
+            pb::queue_service_server::QueueServiceServer::new(gw.clone())
+                .max_decoding_message_size(n),
+        )
+        .add_service(
+            pb::image_service_server::ImageServiceServer::new(gw.clone())
+                .max_decoding_message_size(n),
+        )
+        .add_service(
+            pb::proposal_service_server::ProposalServiceServer::new(gw.clone())
+                .max_decoding_message_size(n),
+        )
+        .add_service(
+            pb::model_service_server::ModelServiceServer::new(gw.clone())
+                .max_decoding_message_size(n),
+        )
+        .add_service(
+            pb::stats_service_server::StatsServiceServer::new(gw.clone())
+                .max_decoding_message_size(n),
+        )
+        .add_service(
+            pb::admin_service_server::AdminServiceServer::new(gw.clone())
+                .max_decoding_message_size(n),
+        )
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            shutdown,
+        )
+        .await;
+    let _ = stop_tx.send(true);
+    let _ = bg.await;
+    info!("gateway stopped");
+    Ok(result?)
+}

@@ -1,0 +1,658 @@
+//! The tonic services: thin shells that authenticate, validate, call the store and map errors.
+
+use crate::views::{ModelView, ViewPool};
+use crate::GatewayConfig;
+use mp_proto::rle;
+use mp_proto::v1::{self as pb};
+use mp_store::{Expert, ProposalRecord, Role, Store, StoreError};
+use redis::AsyncCommands;
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status};
+use tracing::{info, instrument, warn};
+
+/// The one mapping from store errors to gRPC statuses.
+pub fn status(e: StoreError) -> Status {
+    match e {
+        StoreError::Redis(e) => Status::unavailable(format!("store unavailable: {e}")),
+        StoreError::NotFound(m) => Status::not_found(m),
+        StoreError::InvalidArgument(m) => Status::invalid_argument(m),
+        StoreError::FailedPrecondition(m) => Status::failed_precondition(m),
+        StoreError::PermissionDenied(m) => Status::permission_denied(m),
+        StoreError::Unauthenticated(m) => Status::unauthenticated(m),
+        StoreError::Corrupt(m) => Status::internal(format!("stored data is corrupt: {m}")),
+    }
+}
+
+const AUTH_CACHE_TTL: Duration = Duration::from_secs(10);
+const MAX_ID_LEN: usize = 200;
+
+/// Shared state behind every service.
+#[derive(Clone)]
+pub struct Gateway {
+    store: Arc<tokio::sync::OnceCell<Store>>,
+    pub config: Arc<GatewayConfig>,
+    pub views: ViewPool,
+    auth_cache: Arc<Mutex<HashMap<String, (Expert, Instant)>>>,
+}
+
+fn check_id(what: &str, id: &str) -> Result<(), Status> {
+    if id.is_empty() || id.len() > MAX_ID_LEN {
+        return Err(Status::invalid_argument(format!(
+            "{what} must hold 1 to {MAX_ID_LEN} characters"
+        )));
+    }
+    Ok(())
+}
+
+fn record(method: &'static str, started: Instant, code: tonic::Code) {
+    metrics::counter!("mp_rpc_total", "method" => method, "code" => format!("{code:?}"))
+        .increment(1);
+    metrics::histogram!("mp_rpc_seconds", "method" => method)
+        .record(started.elapsed().as_secs_f64());
+}
+
+fn observed<T>(method: &'static str, started: Instant, r: Result<T, Status>) -> Result<T, Status> {
+    record(
+        method,
+        started,
+        r.as_ref()
+            .map(|_| tonic::Code::Ok)
+            .unwrap_or_else(|s| s.code()),
+    );
+    r
+}
+
+impl Gateway {
+    pub fn new(config: GatewayConfig, views: ViewPool) -> Self {
+        Gateway {
+            store: Arc::new(tokio::sync::OnceCell::new()),
+            config: Arc::new(config),
+            views,
+            auth_cache: Arc::new(Mutex::new(HashMap::new())),
+        }
+    }
+
+    /// The store, once the first connection to Redis succeeded.
+    pub fn store(&self) -> Result<&Store, Status> {
+        self.store
+            .get()
+            .ok_or_else(|| Status::unavailable("store not connected yet"))
+    }
+
+    pub fn set_store(&self, store: Store) {
+        let _ = self.store.set(store);
+    }
+
+    /// The expert behind the request's bearer token.
+    pub async fn expert<T>(&self, req: &Request<T>) -> Result<Expert, Status> {
+        let header = req.metadata().get("authorization").ok_or_else(|| {
+            Status::unauthenticated("missing authorization metadata (Bearer token)")
+        })?;
+        let token = header
+            .to_str()
+            .ok()
+            .and_then(|h| h.strip_prefix("Bearer "))
+            .ok_or_else(|| Status::unauthenticated("authorization must be \"Bearer <token>\""))?
+            .trim();
+        if let Ok(cache) = self.auth_cache.lock() {
+            if let Some((e, at)) = cache.get(token) {
+                if at.elapsed() < AUTH_CACHE_TTL {
+                    return Ok(e.clone());
+                }
+            }
+        }
+        let e = self.store()?.authenticate(token).await.map_err(status)?;
+        let _ = self.store()?.touch_online(&e.id).await;
+        if let Ok(mut cache) = self.auth_cache.lock() {
+            if cache.len() > 10_000 {
+                cache.clear();
+            }
+            cache.insert(token.to_string(), (e.clone(), Instant::now()));
+        }
+        Ok(e)
+    }
+
+    async fn admin<T>(&self, req: &Request<T>) -> Result<Expert, Status> {
+        let e = self.expert(req).await?;
+        if e.role != Role::Admin {
+            return Err(Status::permission_denied("this call needs the admin role"));
+        }
+        Ok(e)
+    }
+
+    async fn model_view(
+        &self,
+        version: u64,
+        image: mp_store::ImageRecord,
+    ) -> Result<ModelView, Status> {
+        let key = format!("{}:view:{version}:{}", self.store()?.prefix(), image.id);
+        let mut c = self.store()?.connection();
+        let cached: Option<Vec<u8>> = c.get(&key).await.map_err(|e| status(e.into()))?;
+        if let Some(v) = cached.as_deref().and_then(ModelView::from_bytes) {
+            return Ok(v);
+        }
+        let rec = self.store()?.version(version).await.map_err(status)?;
+        let file = self.config.checkpoints.join(&rec.file);
+        let view = self
+            .views
+            .view(version, file, image)
+            .await
+            .map_err(Status::internal)?;
+        let _: Result<(), _> = c.set_ex(&key, view.to_bytes(), 24 * 3600).await;
+        Ok(view)
+    }
+}
+
+pub fn proposal_to_pb(p: &ProposalRecord) -> pb::Proposal {
+    use pb::ProposalStatus as S;
+    let status = match p.status.as_str() {
+        "queued" => S::Queued,
+        "running" => S::Running,
+        "ready" => S::Ready,
+        "committing" => S::Committing,
+        "committed" => S::Committed,
+        "rejected" => S::Rejected,
+        "failed" => S::Failed,
+        "rebasing" => S::Rebasing,
+        _ => S::Unspecified,
+    };
+    let mut out = pb::Proposal {
+        proposal_id: p.id.clone(),
+        mark_id: p.mark_id.clone(),
+        image_id: p.image_id.clone(),
+        expert_id: p.expert_id.clone(),
+        status: status as i32,
+        base_version: p.base_version,
+        committed_version: p.committed_version,
+        message: p.message.clone(),
+        ..Default::default()
+    };
+    if let Some(r) = p
+        .result
+        .as_deref()
+        .and_then(|s| serde_json::from_str::<ProposalResult>(s).ok())
+    {
+        out.width = r.width;
+        out.height = r.height;
+        out.saliency_before = r
+            .proposal
+            .saliency_before
+            .into_iter()
+            .next()
+            .unwrap_or_default();
+        out.saliency_after = r
+            .proposal
+            .saliency_after
+            .into_iter()
+            .next()
+            .unwrap_or_default();
+        out.val_loss_before = r.proposal.val_before.loss;
+        out.val_loss_after = r.proposal.val_after.loss;
+        out.val_accuracy_before = r.proposal.val_before.accuracy;
+        out.val_accuracy_after = r.proposal.val_after.accuracy;
+        out.stop_reason = format!("{:?}", r.proposal.stop);
+        out.curve = r
+            .proposal
+            .curve
+            .iter()
+            .map(|c| pb::ImpactPoint {
+                iteration: c.iteration as u32,
+                share_red: c.share_red,
+                share_green: c.share_green,
+                saliency_loss: c.saliency_loss,
+                ce: c.ce,
+                val_loss: c.val_loss,
+            })
+            .collect();
+    }
+    out
+}
+
+/// What a refine worker stores as a proposal's `result`.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct ProposalResult {
+    pub width: u32,
+    pub height: u32,
+    pub proposal: mp_core::refine::Proposal,
+}
+
+fn version_to_pb(v: &mp_store::ModelVersionRecord) -> pb::ModelVersion {
+    pb::ModelVersion {
+        version: v.version,
+        parent: v.parent,
+        created_ms: v.created_ms,
+        reason: v.reason.clone(),
+        val_accuracy: v.val_accuracy,
+        val_loss: v.val_loss,
+        test_accuracy: v.test_accuracy,
+    }
+}
+
+#[tonic::async_trait]
+impl pb::queue_service_server::QueueService for Gateway {
+    #[instrument(skip(self, req), fields(expert))]
+    async fn lease(
+        &self,
+        req: Request<pb::LeaseRequest>,
+    ) -> Result<Response<pb::LeaseReply>, Status> {
+        let t = Instant::now();
+        let r = async {
+            let e = self.expert(&req).await?;
+            tracing::Span::current().record("expert", e.id.as_str());
+            let store = self.store()?;
+            let grant = store
+                .lease(&e.id, self.config.lease_ttl_ms)
+                .await
+                .map_err(status)?;
+            let (width, height) = match &grant {
+                Some(g) => store.image_size(&g.image_id).await.map_err(status)?,
+                None => (0, 0),
+            };
+            Ok(Response::new(match grant {
+                Some(g) => pb::LeaseReply {
+                    lease: Some(pb::Lease {
+                        lease_id: g.lease_id,
+                        image_id: g.image_id,
+                        deadline_ms: g.deadline_ms,
+                        lease_seq: g.seq,
+                        model_version: g.model_version,
+                        priority: g.priority,
+                        width,
+                        height,
+                    }),
+                    retry_after_ms: 0,
+                },
+                None => pb::LeaseReply {
+                    lease: None,
+                    retry_after_ms: 1000,
+                },
+            }))
+        }
+        .await;
+        observed("lease", t, r)
+    }
+
+    #[instrument(skip(self, req), fields(expert))]
+    async fn heartbeat(
+        &self,
+        req: Request<pb::HeartbeatRequest>,
+    ) -> Result<Response<pb::HeartbeatReply>, Status> {
+        let t = Instant::now();
+        let r = async {
+            let e = self.expert(&req).await?;
+            let id = &req.get_ref().lease_id;
+            check_id("lease_id", id)?;
+            let deadline = self
+                .store()?
+                .heartbeat(id, &e.id, self.config.lease_ttl_ms)
+                .await
+                .map_err(status)?;
+            Ok(Response::new(pb::HeartbeatReply {
+                deadline_ms: deadline,
+            }))
+        }
+        .await;
+        observed("heartbeat", t, r)
+    }
+
+    #[instrument(skip(self, req), fields(expert, lease))]
+    async fn submit(
+        &self,
+        req: Request<pb::SubmitRequest>,
+    ) -> Result<Response<pb::SubmitReply>, Status> {
+        let t = Instant::now();
+        let r = async {
+            let e = self.expert(&req).await?;
+            let body = req.get_ref();
+            check_id("lease_id", &body.lease_id)?;
+            tracing::Span::current().record("lease", body.lease_id.as_str());
+            check_id("idempotency_key", &body.idempotency_key)?;
+            let mask = body
+                .mask
+                .as_ref()
+                .ok_or_else(|| Status::invalid_argument("mask is required"))?;
+            let lease = self
+                .store()?
+                .lease_info(&body.lease_id)
+                .await
+                .map_err(status)?;
+            if lease.expert_id != e.id {
+                return Err(Status::permission_denied(format!(
+                    "lease {} belongs to another expert",
+                    body.lease_id
+                )));
+            }
+            let (w, h) = self
+                .store()?
+                .image_size(&lease.image_id)
+                .await
+                .map_err(status)?;
+            if (mask.width, mask.height) != (w, h) {
+                return Err(Status::invalid_argument(format!(
+                    "mask is {}x{} but image {} is {w}x{h}",
+                    mask.width, mask.height, lease.image_id
+                )));
+            }
+            let values = rle::decode(mask).map_err(|e| Status::invalid_argument(e.to_string()))?;
+            if values.iter().all(|&v| v == 0) {
+                return Err(Status::invalid_argument(
+                    "mask marks no pixel; skip the image instead",
+                ));
+            }
+            let r = self
+                .store()?
+                .submit(
+                    &body.lease_id,
+                    &e.id,
+                    &body.idempotency_key,
+                    mask.width,
+                    mask.height,
+                    &values,
+                )
+                .await
+                .map_err(status)?;
+            if !r.duplicate {
+                info!(expert = %e.id, image = %r.image_id, mark = %r.mark_id, "mark stored");
+            }
+            Ok(Response::new(pb::SubmitReply {
+                mark_id: r.mark_id,
+                proposal_id: r.proposal_id,
+                release_seq: r.release_seq,
+                duplicate: r.duplicate,
+            }))
+        }
+        .await;
+        observed("submit", t, r)
+    }
+
+    #[instrument(skip(self, req), fields(expert))]
+    async fn skip(&self, req: Request<pb::SkipRequest>) -> Result<Response<pb::SkipReply>, Status> {
+        let t = Instant::now();
+        let r = async {
+            let e = self.expert(&req).await?;
+            check_id("lease_id", &req.get_ref().lease_id)?;
+            let seq = self
+                .store()?
+                .skip(&req.get_ref().lease_id, &e.id)
+                .await
+                .map_err(status)?;
+            Ok(Response::new(pb::SkipReply { release_seq: seq }))
+        }
+        .await;
+        observed("skip", t, r)
+    }
+}
+
+#[tonic::async_trait]
+impl pb::image_service_server::ImageService for Gateway {
+    #[instrument(skip(self, req))]
+    async fn get_image(
+        &self,
+        req: Request<pb::GetImageRequest>,
+    ) -> Result<Response<pb::ImageView>, Status> {
+        let t = Instant::now();
+        let r = async {
+            self.expert(&req).await?;
+            let body = req.get_ref();
+            check_id("image_id", &body.image_id)?;
+            let image = self.store()?.image(&body.image_id).await.map_err(status)?;
+            let project = self
+                .store()?
+                .project()
+                .await
+                .map_err(status)?
+                .ok_or_else(|| Status::failed_precondition("no project loaded"))?;
+            let version = if body.model_version == 0 {
+                self.store()?.current_version().await.map_err(status)?
+            } else {
+                body.model_version
+            };
+            let view = self.model_view(version, image.clone()).await?;
+            let prediction = view
+                .probabilities
+                .iter()
+                .enumerate()
+                .max_by(|a, b| a.1.total_cmp(b.1))
+                .map(|(i, _)| i as u32)
+                .unwrap_or(0);
+            let name = |i: u32| project.classes.get(i as usize).cloned().unwrap_or_default();
+            Ok(Response::new(pb::ImageView {
+                image_id: image.id.clone(),
+                name: image.name.clone(),
+                width: image.width,
+                height: image.height,
+                channels: image.channels,
+                label: image.label,
+                label_name: name(image.label),
+                prediction,
+                prediction_name: name(prediction),
+                probabilities: view.probabilities,
+                saliency: view.saliency,
+                model_version: version,
+                classes: project.classes.clone(),
+                pixels: image.pixels,
+            }))
+        }
+        .await;
+        observed("get_image", t, r)
+    }
+}
+
+type ProposalStream = Pin<Box<dyn Stream<Item = Result<pb::Proposal, Status>> + Send>>;
+
+fn terminal(s: &str) -> bool {
+    matches!(s, "committed" | "rejected" | "failed")
+}
+
+#[tonic::async_trait]
+impl pb::proposal_service_server::ProposalService for Gateway {
+    async fn get_proposal(
+        &self,
+        req: Request<pb::GetProposalRequest>,
+    ) -> Result<Response<pb::Proposal>, Status> {
+        let t = Instant::now();
+        let r = async {
+            self.expert(&req).await?;
+            check_id("proposal_id", &req.get_ref().proposal_id)?;
+            let p = self
+                .store()?
+                .proposal(&req.get_ref().proposal_id)
+                .await
+                .map_err(status)?;
+            Ok(Response::new(proposal_to_pb(&p)))
+        }
+        .await;
+        observed("get_proposal", t, r)
+    }
+
+    type WatchProposalStream = ProposalStream;
+
+    async fn watch_proposal(
+        &self,
+        req: Request<pb::GetProposalRequest>,
+    ) -> Result<Response<ProposalStream>, Status> {
+        self.expert(&req).await?;
+        let id = req.get_ref().proposal_id.clone();
+        check_id("proposal_id", &id)?;
+        let first = self.store()?.proposal(&id).await.map_err(status)?;
+        let store = self.store()?.clone();
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tokio::spawn(async move {
+            let mut last = (first.status.clone(), first.updated_ms);
+            if tx.send(Ok(proposal_to_pb(&first))).await.is_err() || terminal(&first.status) {
+                return;
+            }
+            let deadline = Instant::now() + Duration::from_secs(30 * 60);
+            while Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                match store.proposal(&id).await {
+                    Ok(p) => {
+                        if (p.status.clone(), p.updated_ms) != last {
+                            last = (p.status.clone(), p.updated_ms);
+                            if tx.send(Ok(proposal_to_pb(&p))).await.is_err() || terminal(&p.status)
+                            {
+                                return;
+                            }
+                        }
+                    }
+                    Err(StoreError::Redis(e)) => {
+                        warn!(proposal = %id, error = %e, "watch: store unavailable, retrying")
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(status(e))).await;
+                        return;
+                    }
+                }
+                if tx.is_closed() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+
+    async fn decide(
+        &self,
+        req: Request<pb::DecideRequest>,
+    ) -> Result<Response<pb::Proposal>, Status> {
+        let t = Instant::now();
+        let r = async {
+            let e = self.expert(&req).await?;
+            let body = req.get_ref();
+            check_id("proposal_id", &body.proposal_id)?;
+            let p = self
+                .store()?
+                .proposal(&body.proposal_id)
+                .await
+                .map_err(status)?;
+            if p.expert_id != e.id && e.role != Role::Admin {
+                return Err(Status::permission_denied(
+                    "only the expert who marked the image (or an admin) decides",
+                ));
+            }
+            let decision = pb::decide_request::Decision::try_from(body.decision).map_err(|_| {
+                Status::invalid_argument(format!("unknown decision {}", body.decision))
+            })?;
+            if p.status != "ready" {
+                return Err(Status::failed_precondition(format!(
+                    "proposal {} is {}, not ready",
+                    p.id, p.status
+                )));
+            }
+            let new_status = match decision {
+                pb::decide_request::Decision::Commit => "committing",
+                pb::decide_request::Decision::Reject => "rejected",
+                pb::decide_request::Decision::Unspecified => {
+                    return Err(Status::invalid_argument(
+                        "decision must be COMMIT or REJECT",
+                    ))
+                }
+            };
+            self.store()?
+                .update_proposal(&p.id, new_status, &[("decided_by", e.id.clone())])
+                .await
+                .map_err(status)?;
+            if new_status == "committing" {
+                let mut c = self.store()?.connection();
+                let _: String = c
+                    .xadd(
+                        format!("{}:jobs:commit", self.store()?.prefix()),
+                        "*",
+                        &[("proposal", p.id.as_str()), ("expert", e.id.as_str())],
+                    )
+                    .await
+                    .map_err(|e| status(e.into()))?;
+            }
+            let p = self.store()?.proposal(&p.id).await.map_err(status)?;
+            Ok(Response::new(proposal_to_pb(&p)))
+        }
+        .await;
+        observed("decide", t, r)
+    }
+}
+
+#[tonic::async_trait]
+impl pb::model_service_server::ModelService for Gateway {
+    async fn current_model(
+        &self,
+        req: Request<pb::CurrentModelRequest>,
+    ) -> Result<Response<pb::ModelVersion>, Status> {
+        self.expert(&req).await?;
+        let v = self.store()?.current_version().await.map_err(status)?;
+        let rec = self.store()?.version(v).await.map_err(status)?;
+        Ok(Response::new(version_to_pb(&rec)))
+    }
+
+    async fn history(
+        &self,
+        req: Request<pb::HistoryRequest>,
+    ) -> Result<Response<pb::HistoryReply>, Status> {
+        self.expert(&req).await?;
+        let v = self.store()?.versions().await.map_err(status)?;
+        Ok(Response::new(pb::HistoryReply {
+            versions: v.iter().map(version_to_pb).collect(),
+        }))
+    }
+}
+
+#[tonic::async_trait]
+impl pb::stats_service_server::StatsService for Gateway {
+    async fn get_stats(
+        &self,
+        req: Request<pb::StatsRequest>,
+    ) -> Result<Response<pb::Stats>, Status> {
+        let e = self.expert(&req).await?;
+        let c = self.store()?.counts().await.map_err(status)?;
+        let per = self.store()?.marks_per_expert().await.map_err(status)?;
+        let versions = self.store()?.versions().await.map_err(status)?;
+        Ok(Response::new(pb::Stats {
+            queue_depth: c.queue_depth,
+            leases_out: c.leases_out,
+            experts_online: c.experts_online,
+            marks_total: c.marks_total,
+            refine_jobs_pending: c.refine_pending,
+            marks_per_expert: per
+                .into_iter()
+                .map(|(id, name, n)| pb::ExpertCount {
+                    expert_id: id,
+                    name,
+                    marks: n,
+                })
+                .collect(),
+            accuracy_history: versions.iter().map(version_to_pb).collect(),
+            whoami: e.id,
+        }))
+    }
+}
+
+#[tonic::async_trait]
+impl pb::admin_service_server::AdminService for Gateway {
+    async fn create_expert(
+        &self,
+        req: Request<pb::CreateExpertRequest>,
+    ) -> Result<Response<pb::CreateExpertReply>, Status> {
+        self.admin(&req).await?;
+        let body = req.get_ref();
+        let role: Role = if body.role.is_empty() {
+            Role::Expert
+        } else {
+            body.role.parse().map_err(status)?
+        };
+        let (id, token) = self
+            .store()?
+            .create_expert(&body.name, role)
+            .await
+            .map_err(status)?;
+        info!(expert = %id, name = %body.name, role = role.as_str(), "expert created");
+        Ok(Response::new(pb::CreateExpertReply {
+            expert_id: id,
+            token,
+        }))
+    }
+}
