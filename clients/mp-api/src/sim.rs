@@ -42,6 +42,12 @@ pub struct SimConfig {
     /// Give up on an operation that keeps failing transiently after this long.
     pub retry_for: Duration,
     pub seed: u64,
+    /// After a submit, wait for the proposal and commit it (or reject it when its
+    /// validation accuracy fell by more than `reject_below` points).
+    pub commit: bool,
+    pub reject_below: f64,
+    /// Longest wait for a proposal.
+    pub proposal_timeout: Duration,
 }
 
 impl Default for SimConfig {
@@ -59,6 +65,9 @@ impl Default for SimConfig {
             stop_when_empty: true,
             retry_for: Duration::from_secs(60),
             seed: 0,
+            commit: false,
+            reject_below: 0.05,
+            proposal_timeout: Duration::from_secs(300),
         }
     }
 }
@@ -86,6 +95,10 @@ pub struct LeaseEvent {
     pub proposal_id: Option<String>,
     pub idempotency_key: Option<String>,
     pub error: Option<String>,
+    /// Final proposal status seen (with `commit`): committed, rejected, ready, failed...
+    pub decision: Option<String>,
+    /// Submit to proposal ready.
+    pub proposal_latency: Option<Duration>,
 }
 
 #[derive(Debug, Default)]
@@ -266,6 +279,8 @@ async fn expert(
             proposal_id: None,
             idempotency_key: None,
             error: None,
+            decision: None,
+            proposal_latency: None,
         };
         if !cfg.think.is_zero() {
             tokio::time::sleep(cfg.think).await;
@@ -354,8 +369,21 @@ async fn expert(
                 ev.outcome = Outcome::Submitted;
                 ev.release_seq = Some(r.release_seq);
                 ev.mark_id = Some(r.mark_id);
-                ev.proposal_id = Some(r.proposal_id);
+                ev.proposal_id = Some(r.proposal_id.clone());
                 ev.round_trip = t0.elapsed();
+                if cfg.commit {
+                    let t1 = Instant::now();
+                    match decide(&c, &r.proposal_id, &cfg).await {
+                        Ok(d) => {
+                            ev.proposal_latency = Some(t1.elapsed());
+                            ev.decision = Some(d);
+                        }
+                        Err(e) => {
+                            ev.decision = Some("error".into());
+                            errors.push(format!("proposal {}: {e}", r.proposal_id));
+                        }
+                    }
+                }
             }
             Err(s) => {
                 ev.outcome = Outcome::Failed;
@@ -368,4 +396,73 @@ async fn expert(
         let _ = &mut c;
     }
     (events, errors)
+}
+
+/// Waits for a proposal to be ready, then commits it (or rejects it when validation
+/// accuracy fell by more than `reject_below`); returns the final status word.
+async fn decide(c: &Client, proposal_id: &str, cfg: &SimConfig) -> Result<String, Status> {
+    use pb::ProposalStatus as S;
+    let start = Instant::now();
+    let mut stream = c
+        .proposals
+        .clone()
+        .watch_proposal(pb::GetProposalRequest {
+            proposal_id: proposal_id.into(),
+        })
+        .await?
+        .into_inner();
+    loop {
+        let next = tokio::time::timeout(
+            cfg.proposal_timeout.saturating_sub(start.elapsed()),
+            stream.message(),
+        )
+        .await;
+        let p = match next {
+            Err(_) => return Err(Status::deadline_exceeded("proposal not ready in time")),
+            Ok(Err(s)) if transient(&s) => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                stream = c
+                    .proposals
+                    .clone()
+                    .watch_proposal(pb::GetProposalRequest {
+                        proposal_id: proposal_id.into(),
+                    })
+                    .await?
+                    .into_inner();
+                continue;
+            }
+            Ok(Err(s)) => return Err(s),
+            Ok(Ok(None)) => return Ok("ended".into()),
+            Ok(Ok(Some(p))) => p,
+        };
+        match S::try_from(p.status).unwrap_or(S::Unspecified) {
+            S::Ready => {
+                let worse = p.val_accuracy_before - p.val_accuracy_after > cfg.reject_below;
+                let decision = if worse {
+                    pb::decide_request::Decision::Reject
+                } else {
+                    pb::decide_request::Decision::Commit
+                };
+                let r = c
+                    .proposals
+                    .clone()
+                    .decide(pb::DecideRequest {
+                        proposal_id: proposal_id.into(),
+                        decision: decision as i32,
+                    })
+                    .await?
+                    .into_inner();
+                if worse {
+                    return Ok("rejected".into());
+                }
+                if S::try_from(r.status).unwrap_or(S::Unspecified) == S::Committed {
+                    return Ok("committed".into());
+                }
+            }
+            S::Committed => return Ok("committed".into()),
+            S::Rejected => return Ok("rejected".into()),
+            S::Failed => return Ok(format!("failed: {}", p.message)),
+            _ => {}
+        }
+    }
 }

@@ -5,6 +5,7 @@ mod bench_queue;
 mod bench_speed;
 mod commands;
 mod common;
+mod nodes;
 mod platform;
 mod plot;
 mod report;
@@ -51,6 +52,12 @@ enum Command {
     /// Administration through the API
     #[command(subcommand)]
     Admin(platform::AdminCmd),
+    /// Run the saliency / refinement worker pool
+    Worker(nodes::WorkerArgs),
+    /// Run the trainer (rounds, commits, guided training, checkpoints)
+    Trainer(nodes::TrainerArgs),
+    /// One machine: redis-server, gateway, trainer and workers on the demo project
+    Up(nodes::UpArgs),
 }
 
 #[derive(Subcommand)]
@@ -70,6 +77,7 @@ fn main() {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,mp_gateway=info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
     if cli.threads > 0 {
@@ -85,7 +93,12 @@ fn main() {
         Command::Bench(BenchCmd::Speed(a)) => bench_speed::run(a),
         Command::Bench(BenchCmd::Queue(a)) => bench_queue::run(a),
         Command::Gateway(a) => platform::gateway(a),
-        Command::Project(platform::ProjectCmd::Init(a)) => platform::project_init(a),
+        Command::Project(platform::ProjectCmd::Init(a)) => {
+            platform::project_init(a).map(|t| println!("admin token: {t}"))
+        }
+        Command::Worker(a) => nodes::worker(a),
+        Command::Trainer(a) => nodes::trainer(a),
+        Command::Up(a) => nodes::up(a),
         Command::ExpertSim(a) => platform::expert_sim(a),
         Command::Admin(c) => platform::admin(c),
     };

@@ -153,7 +153,8 @@ pub fn margin_priorities(model: &Model, ds: &Dataset) -> Result<Vec<f64>> {
     Ok(out)
 }
 
-pub fn project_init(a: InitArgs) -> Result<()> {
+/// Initialises the project; returns the admin token.
+pub fn project_init(a: InitArgs) -> Result<String> {
     let f = load_image_folder(
         &a.data,
         &FolderOptions {
@@ -220,6 +221,16 @@ pub fn project_init(a: InitArgs) -> Result<()> {
             })
             .await?;
         store.put_images(&records).await?;
+        for (split, ds) in [("val", &val), ("test", &test)] {
+            let held: Vec<ImageRecord> = (0..ds.len())
+                .map(|i| {
+                    let mut r = image_record(ds, i);
+                    r.id = format!("{split}:{}", r.id);
+                    r
+                })
+                .collect();
+            store.put_held_out(split, &held).await?;
+        }
         store
             .publish_version(&ModelVersionRecord {
                 version: 1,
@@ -244,8 +255,7 @@ pub fn project_init(a: InitArgs) -> Result<()> {
         );
         anyhow::Ok(token)
     })?;
-    println!("admin token: {token}");
-    Ok(())
+    Ok(token)
 }
 
 #[derive(Args, Clone)]
@@ -280,6 +290,9 @@ pub struct SimArgs {
     /// Wait for the queue to refill instead of stopping when it is empty
     #[arg(long)]
     pub wait: bool,
+    /// Wait for each proposal and commit it (reject it if validation accuracy fell > 5 points)
+    #[arg(long)]
+    pub commit: bool,
 }
 
 /// One client per simulated expert, each with a token created through the admin API.
@@ -320,9 +333,19 @@ pub fn expert_sim(a: SimArgs) -> Result<()> {
             abandon_rate: a.abandon_rate,
             think: Duration::from_millis(a.think_ms),
             stop_when_empty: !a.wait,
+            commit: a.commit,
             ..Default::default()
         };
         let r = sim::run(clients, cfg).await;
+        if a.commit {
+            let mut decisions: std::collections::BTreeMap<String, usize> = Default::default();
+            for e in &r.events {
+                if let Some(d) = &e.decision {
+                    *decisions.entry(d.clone()).or_default() += 1;
+                }
+            }
+            println!("proposals: {decisions:?}");
+        }
         println!(
             "{} experts, {} leases in {:.1} s: {} submitted, {} skipped, {} abandoned, {} failed, {} retries",
             a.experts,

@@ -100,6 +100,15 @@ pub struct Proposal {
     pub elapsed_ms: u64,
 }
 
+/// A proposal as stored for the expert's chooser: the image size and the figures (the
+/// weights travel as a checkpoint file beside it).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct ProposalReport {
+    pub width: u32,
+    pub height: u32,
+    pub proposal: Proposal,
+}
+
 impl Proposal {
     /// Mean red / green share of the first and best curve points.
     pub fn shares(&self) -> ((f64, f64), (f64, f64)) {

@@ -174,7 +174,7 @@ pub fn proposal_to_pb(p: &ProposalRecord) -> pb::Proposal {
     if let Some(r) = p
         .result
         .as_deref()
-        .and_then(|s| serde_json::from_str::<ProposalResult>(s).ok())
+        .and_then(|s| serde_json::from_str::<mp_core::refine::ProposalReport>(s).ok())
     {
         out.width = r.width;
         out.height = r.height;
@@ -210,14 +210,6 @@ pub fn proposal_to_pb(p: &ProposalRecord) -> pb::Proposal {
             .collect();
     }
     out
-}
-
-/// What a refine worker stores as a proposal's `result`.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-pub struct ProposalResult {
-    pub width: u32,
-    pub height: u32,
-    pub proposal: mp_core::refine::Proposal,
 }
 
 fn version_to_pb(v: &mp_store::ModelVersionRecord) -> pb::ModelVersion {
@@ -407,7 +399,7 @@ impl pb::image_service_server::ImageService for Gateway {
                 .map_err(status)?
                 .ok_or_else(|| Status::failed_precondition("no project loaded"))?;
             let version = if body.model_version == 0 {
-                self.store()?.current_version().await.map_err(status)?
+                self.store()?.serving_version().await.map_err(status)?
             } else {
                 body.model_version
             };
@@ -559,15 +551,13 @@ impl pb::proposal_service_server::ProposalService for Gateway {
                 .await
                 .map_err(status)?;
             if new_status == "committing" {
-                let mut c = self.store()?.connection();
-                let _: String = c
-                    .xadd(
-                        format!("{}:jobs:commit", self.store()?.prefix()),
-                        "*",
-                        &[("proposal", p.id.as_str()), ("expert", e.id.as_str())],
+                self.store()?
+                    .add_job(
+                        mp_store::COMMIT_STREAM,
+                        &[("proposal", p.id.clone()), ("expert", e.id.clone())],
                     )
                     .await
-                    .map_err(|e| status(e.into()))?;
+                    .map_err(status)?;
             }
             let p = self.store()?.proposal(&p.id).await.map_err(status)?;
             Ok(Response::new(proposal_to_pb(&p)))
@@ -654,5 +644,26 @@ impl pb::admin_service_server::AdminService for Gateway {
             expert_id: id,
             token,
         }))
+    }
+
+    async fn rollback(
+        &self,
+        req: Request<pb::RollbackRequest>,
+    ) -> Result<Response<pb::ModelVersion>, Status> {
+        let e = self.admin(&req).await?;
+        let v = req.get_ref().version;
+        self.store()?.rollback(v).await.map_err(status)?;
+        info!(expert = %e.id, version = v, "rollback");
+        let rec = self.store()?.version(v).await.map_err(status)?;
+        Ok(Response::new(version_to_pb(&rec)))
+    }
+
+    async fn end_round(
+        &self,
+        req: Request<pb::EndRoundRequest>,
+    ) -> Result<Response<pb::EndRoundReply>, Status> {
+        self.admin(&req).await?;
+        self.store()?.request_round_end().await.map_err(status)?;
+        Ok(Response::new(pb::EndRoundReply {}))
     }
 }

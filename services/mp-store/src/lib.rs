@@ -167,6 +167,33 @@ pub struct ModelVersionRecord {
     pub file: String,
 }
 
+/// One stream entry.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Job {
+    pub id: String,
+    pub fields: HashMap<String, String>,
+}
+
+impl Job {
+    fn from_stream_id(s: redis::streams::StreamId) -> Job {
+        Job {
+            id: s.id,
+            fields: s
+                .map
+                .iter()
+                .map(|(k, v)| (k.clone(), value_string(v)))
+                .collect(),
+        }
+    }
+
+    pub fn get(&self, k: &str) -> Result<&str> {
+        self.fields
+            .get(k)
+            .map(String::as_str)
+            .ok_or_else(|| StoreError::Corrupt(format!("job {} lacks {k}", self.id)))
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Counts {
     pub queue_depth: u64,
@@ -200,6 +227,7 @@ pub const IDEMPOTENCY_TTL_S: u64 = 7 * 24 * 3600;
 pub const ONLINE_WINDOW_MS: u64 = 60_000;
 pub const REFINE_STREAM: &str = "jobs:refine";
 pub const SCORE_STREAM: &str = "jobs:score";
+pub const COMMIT_STREAM: &str = "jobs:commit";
 
 struct Scripts {
     lease: redis::Script,
@@ -310,8 +338,18 @@ impl Store {
         .transpose()
     }
 
-    /// Stores images (overwriting same ids) in pipelined batches.
+    /// Stores training images (the ones that can be queued) in pipelined batches.
     pub async fn put_images(&self, images: &[ImageRecord]) -> Result<()> {
+        self.put_split(images, "images").await
+    }
+
+    /// Stores images of a held-out split (`val`, `test`): never queued, used by workers and
+    /// the trainer for the validation guard and for reporting.
+    pub async fn put_held_out(&self, split: &str, images: &[ImageRecord]) -> Result<()> {
+        self.put_split(images, &format!("split:{split}")).await
+    }
+
+    async fn put_split(&self, images: &[ImageRecord], set: &str) -> Result<()> {
         let mut c = self.conn.clone();
         for chunk in images.chunks(500) {
             let mut pipe = redis::pipe();
@@ -328,7 +366,7 @@ impl Store {
                     ],
                 )
                 .ignore();
-                pipe.sadd(self.k("images"), &im.id).ignore();
+                pipe.sadd(self.k(set), &im.id).ignore();
             }
             let _: () = pipe.query_async(&mut c).await?;
         }
@@ -368,10 +406,47 @@ impl Store {
     }
 
     pub async fn image_ids(&self) -> Result<Vec<String>> {
+        self.members("images").await
+    }
+
+    /// Ids of a held-out split, sorted.
+    pub async fn held_out_ids(&self, split: &str) -> Result<Vec<String>> {
+        self.members(&format!("split:{split}")).await
+    }
+
+    async fn members(&self, set: &str) -> Result<Vec<String>> {
         let mut c = self.conn.clone();
-        let mut v: Vec<String> = c.smembers(self.k("images")).await?;
+        let mut v: Vec<String> = c.smembers(self.k(set)).await?;
         v.sort();
         Ok(v)
+    }
+
+    /// Many images at once (pipelined); unknown ids are an error.
+    pub async fn images(&self, ids: &[String]) -> Result<Vec<ImageRecord>> {
+        let mut out = Vec::with_capacity(ids.len());
+        let mut c = self.conn.clone();
+        for chunk in ids.chunks(500) {
+            let mut pipe = redis::pipe();
+            for id in chunk {
+                pipe.hgetall(self.k(&format!("img:{id}")));
+            }
+            let hs: Vec<HashMap<String, Vec<u8>>> = pipe.query_async(&mut c).await?;
+            for (id, h) in chunk.iter().zip(hs) {
+                if h.is_empty() {
+                    return Err(StoreError::NotFound(format!("image {id:?} does not exist")));
+                }
+                out.push(ImageRecord {
+                    id: id.clone(),
+                    name: text(&h, "name"),
+                    label: field(&h, "label")?,
+                    width: field(&h, "width")?,
+                    height: field(&h, "height")?,
+                    channels: field(&h, "channels")?,
+                    pixels: h.get("pixels").cloned().unwrap_or_default(),
+                });
+            }
+        }
+        Ok(out)
     }
 
     // ------------------------------------------------------------ queue
@@ -395,7 +470,7 @@ impl Store {
     /// Claims the lowest-priority image for `expert` for `ttl_ms`; `None` when the queue is empty.
     pub async fn lease(&self, expert: &str, ttl_ms: u64) -> Result<Option<LeaseGrant>> {
         let mut c = self.conn.clone();
-        let version = self.current_version().await?;
+        let version = self.serving_version().await?;
         let lease_id = new_id();
         let v: Vec<redis::Value> = self
             .scripts
@@ -706,6 +781,46 @@ impl Store {
         Ok(v.unwrap_or(0))
     }
 
+    /// The version frozen for the current round: leases, scores and image views use it.
+    /// Falls back to the current version.
+    pub async fn serving_version(&self) -> Result<u64> {
+        let mut c = self.conn.clone();
+        let v: Option<u64> = c.get(self.k("model:serving")).await?;
+        match v {
+            Some(v) => Ok(v),
+            None => self.current_version().await,
+        }
+    }
+
+    /// Starts a round on `version`.
+    pub async fn set_serving_version(&self, version: u64) -> Result<()> {
+        let mut c = self.conn.clone();
+        let _: () = c.set(self.k("model:serving"), version).await?;
+        Ok(())
+    }
+
+    /// Makes an existing version current and serving (rollback).
+    pub async fn rollback(&self, version: u64) -> Result<()> {
+        self.version(version).await?;
+        let mut c = self.conn.clone();
+        let _: () = redis::pipe()
+            .atomic()
+            .set(self.k("model:current"), version)
+            .ignore()
+            .set(self.k("model:serving"), version)
+            .ignore()
+            .query_async(&mut c)
+            .await?;
+        Ok(())
+    }
+
+    /// Asks the trainer to end the intervention round.
+    pub async fn request_round_end(&self) -> Result<()> {
+        let mut c = self.conn.clone();
+        let _: () = c.set(self.k("round:end"), now_ms()).await?;
+        Ok(())
+    }
+
     /// Records a version and makes it current.
     pub async fn publish_version(&self, rec: &ModelVersionRecord) -> Result<()> {
         let mut c = self.conn.clone();
@@ -743,12 +858,124 @@ impl Store {
         serde_json::from_str(&s).map_err(|e| StoreError::Corrupt(format!("model version: {e}")))
     }
 
+    // ------------------------------------------------------------ guidance
+
+    /// Adds a committed mark to the guidance set (once).
+    pub async fn add_guidance(&self, mark_id: &str) -> Result<bool> {
+        let mut c = self.conn.clone();
+        let added: u64 = c.sadd(self.k("guidance:set"), mark_id).await?;
+        if added == 1 {
+            let _: () = c.rpush(self.k("guidance"), mark_id).await?;
+        }
+        Ok(added == 1)
+    }
+
+    /// Committed marks, in commit order.
+    pub async fn guidance_marks(&self) -> Result<Vec<MarkRecord>> {
+        let mut c = self.conn.clone();
+        let ids: Vec<String> = c.lrange(self.k("guidance"), 0, -1).await?;
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            out.push(self.mark(&id).await?);
+        }
+        Ok(out)
+    }
+
     // ------------------------------------------------------------ jobs and stats
+
+    /// Appends a job to a stream (`jobs:refine`, `jobs:score`, `jobs:commit`).
+    pub async fn add_job(&self, stream: &str, fields: &[(&str, String)]) -> Result<String> {
+        let mut c = self.conn.clone();
+        Ok(c.xadd(self.k(stream), "*", fields).await?)
+    }
+
+    /// New jobs for `consumer` of `group`, waiting up to `block_ms`.
+    pub async fn read_jobs(
+        &self,
+        stream: &str,
+        group: &str,
+        consumer: &str,
+        count: usize,
+        block_ms: usize,
+    ) -> Result<Vec<Job>> {
+        let mut c = self.conn.clone();
+        let opts = redis::streams::StreamReadOptions::default()
+            .group(group, consumer)
+            .count(count)
+            .block(block_ms);
+        let r: Option<redis::streams::StreamReadReply> =
+            c.xread_options(&[self.k(stream)], &[">"], &opts).await?;
+        Ok(r.map(|r| {
+            r.keys
+                .into_iter()
+                .flat_map(|k| k.ids)
+                .map(Job::from_stream_id)
+                .collect()
+        })
+        .unwrap_or_default())
+    }
+
+    /// Takes over jobs delivered to a consumer that has been silent for `min_idle_ms`
+    /// (a worker that died mid-job).
+    pub async fn reclaim_jobs(
+        &self,
+        stream: &str,
+        group: &str,
+        consumer: &str,
+        min_idle_ms: u64,
+        count: usize,
+    ) -> Result<Vec<Job>> {
+        let mut c = self.conn.clone();
+        let r: redis::Value = redis::cmd("XAUTOCLAIM")
+            .arg(self.k(stream))
+            .arg(group)
+            .arg(consumer)
+            .arg(min_idle_ms)
+            .arg("0-0")
+            .arg("COUNT")
+            .arg(count)
+            .query_async(&mut c)
+            .await?;
+        let mut out = Vec::new();
+        if let redis::Value::Array(parts) = r {
+            if let Some(redis::Value::Array(entries)) = parts.get(1) {
+                for e in entries {
+                    if let redis::Value::Array(pair) = e {
+                        if let (Some(id), Some(redis::Value::Array(kv))) =
+                            (pair.first(), pair.get(1))
+                        {
+                            let mut fields = HashMap::new();
+                            for ch in kv.chunks(2) {
+                                if let [k, v] = ch {
+                                    fields.insert(value_string(k), value_string(v));
+                                }
+                            }
+                            out.push(Job {
+                                id: value_string(id),
+                                fields,
+                            });
+                        }
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    pub async fn ack(&self, stream: &str, group: &str, id: &str) -> Result<()> {
+        let mut c = self.conn.clone();
+        let _: u64 = c.xack(self.k(stream), group, &[id]).await?;
+        Ok(())
+    }
 
     /// Creates the job streams and their consumer groups if missing.
     pub async fn ensure_job_groups(&self) -> Result<()> {
         let mut c = self.conn.clone();
-        for (stream, group) in [(REFINE_STREAM, "refine"), (SCORE_STREAM, "score")] {
+        for (stream, group) in [
+            (REFINE_STREAM, "refine"),
+            (SCORE_STREAM, "score"),
+            (COMMIT_STREAM, "commit"),
+        ] {
             let r: redis::RedisResult<()> = redis::cmd("XGROUP")
                 .arg("CREATE")
                 .arg(self.k(stream))

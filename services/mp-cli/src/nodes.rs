@@ -1,0 +1,354 @@
+//! Compute nodes and the one-machine mode: `mp worker`, `mp trainer`, `mp up`.
+
+use crate::platform::{project_init, InitArgs};
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use mp_node::trainer::TrainerConfig;
+use mp_node::worker::WorkerConfig;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+use tch::Device;
+
+fn device(s: &str) -> Result<Device> {
+    Ok(match s {
+        "auto" => Device::cuda_if_available(),
+        "cpu" => Device::Cpu,
+        "cuda" => Device::Cuda(0),
+        o => bail!("--device {o:?}: auto, cpu or cuda"),
+    })
+}
+
+/// Runs `f` inside an actix System on a multi-threaded tokio runtime until Ctrl-C.
+fn actix_main<F, Fut>(f: F) -> Result<()>
+where
+    F: FnOnce(tokio::sync::watch::Receiver<bool>) -> Fut,
+    Fut: std::future::Future<Output = Result<(), mp_node::NodeError>> + 'static,
+{
+    let sys = actix_rt::System::with_tokio_rt(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("tokio runtime")
+    });
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    let fut = f(rx);
+    sys.block_on(async move {
+        actix_rt::spawn(async move {
+            let _ = tokio::signal::ctrl_c().await;
+            let _ = tx.send(true);
+        });
+        fut.await
+    })?;
+    Ok(())
+}
+
+#[derive(Args, Clone)]
+pub struct NodeArgs {
+    #[arg(long, env = "MP_REDIS_URL", default_value = "redis://127.0.0.1:6379")]
+    pub redis_url: String,
+    #[arg(long, env = "MP_PREFIX", default_value = "mp")]
+    pub prefix: String,
+    /// Shared checkpoint directory (a volume in Kubernetes)
+    #[arg(long, env = "MP_CHECKPOINTS", default_value = "checkpoints")]
+    pub checkpoints: PathBuf,
+    /// auto (CUDA when present), cpu or cuda
+    #[arg(long, env = "MP_DEVICE", default_value = "auto")]
+    pub device: String,
+    /// gRPC health endpoint (empty = none)
+    #[arg(long, env = "MP_HEALTH_LISTEN", default_value = "")]
+    pub health_listen: String,
+}
+
+#[derive(Args)]
+pub struct WorkerArgs {
+    #[command(flatten)]
+    pub node: NodeArgs,
+    /// Worker threads, one model each
+    #[arg(long, env = "MP_WORKER_THREADS", default_value_t = 1)]
+    pub worker_threads: usize,
+    /// Take over jobs of a worker silent this long
+    #[arg(long, default_value_t = 30_000)]
+    pub claim_idle_ms: u64,
+    /// Consumer name (default: worker-PID)
+    #[arg(long)]
+    pub name: Option<String>,
+}
+
+pub fn worker(a: WorkerArgs) -> Result<()> {
+    let cfg = WorkerConfig {
+        redis_url: a.node.redis_url.clone(),
+        prefix: a.node.prefix.clone(),
+        checkpoints: a.node.checkpoints.clone(),
+        threads: a.worker_threads,
+        consumer: a
+            .name
+            .clone()
+            .unwrap_or_else(|| format!("worker-{}", std::process::id())),
+        claim_idle_ms: a.claim_idle_ms,
+        device: device(&a.node.device)?,
+        health_listen: a.node.health_listen.clone(),
+        ..Default::default()
+    };
+    actix_main(move |stop| mp_node::worker::run(cfg, stop))
+}
+
+#[derive(Args)]
+pub struct TrainerArgs {
+    #[command(flatten)]
+    pub node: NodeArgs,
+    /// Epochs of each training phase between intervention rounds
+    #[arg(long, default_value_t = 4)]
+    pub epochs_per_round: usize,
+    /// Committed marks that end a round
+    #[arg(long, default_value_t = 10)]
+    pub round_marks: usize,
+    /// Seconds after which a round with at least one commit ends (0 = none)
+    #[arg(long, default_value_t = 0)]
+    pub round_seconds: u64,
+    /// Saliency loss of persistent guidance
+    #[arg(long, default_value = "rrr")]
+    pub loss: String,
+    #[arg(long, default_value_t = 1.0)]
+    pub lambda: f64,
+    /// Do not propagate the prior's red marks to unmarked images
+    #[arg(long)]
+    pub no_propagation: bool,
+}
+
+pub fn trainer(a: TrainerArgs) -> Result<()> {
+    let mut cfg = TrainerConfig {
+        redis_url: a.node.redis_url.clone(),
+        prefix: a.node.prefix.clone(),
+        checkpoints: a.node.checkpoints.clone(),
+        epochs_per_round: a.epochs_per_round,
+        round_marks: a.round_marks,
+        round_seconds: a.round_seconds,
+        device: device(&a.node.device)?,
+        health_listen: a.node.health_listen.clone(),
+        ..Default::default()
+    };
+    cfg.guidance.loss = a.loss.parse()?;
+    cfg.guidance.lambda = a.lambda;
+    cfg.guidance.propagate = !a.no_propagation;
+    actix_main(move |stop| mp_node::trainer::run(cfg, stop))
+}
+
+#[derive(Args)]
+pub struct UpArgs {
+    /// Working directory: redis data, checkpoints, demo data, admin token
+    #[arg(long, env = "MP_UP_DIR", default_value = "mp-data")]
+    pub dir: PathBuf,
+    /// Image folder of the project (default: Decoy-MNIST written into DIR/data)
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    #[arg(long, env = "MP_MNIST_DIR")]
+    pub mnist: Option<PathBuf>,
+    #[arg(long, default_value = "127.0.0.1:50051")]
+    pub listen: String,
+    #[arg(long, default_value_t = 6390)]
+    pub redis_port: u16,
+    #[arg(long, default_value_t = 2)]
+    pub workers: usize,
+    #[arg(long, default_value_t = 10)]
+    pub round_marks: usize,
+    #[arg(long, default_value_t = 4)]
+    pub epochs_per_round: usize,
+    /// Start the services, print the address and token, and stop again (smoke test)
+    #[arg(long)]
+    pub check: bool,
+}
+
+/// Child processes stopped with SIGINT (then SIGKILL) when dropped.
+pub struct Children(pub Vec<(String, Child)>);
+
+impl Children {
+    pub fn spawn(&mut self, name: &str, args: &[String], log: &std::path::Path) -> Result<()> {
+        let exe = std::env::current_exe()?;
+        let out =
+            std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
+        let child = Command::new(exe)
+            .args(args)
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .spawn()
+            .with_context(|| format!("starting {name}"))?;
+        self.0.push((name.to_string(), child));
+        Ok(())
+    }
+
+    /// The first child that exited, if any.
+    pub fn exited(&mut self) -> Option<String> {
+        self.0
+            .iter_mut()
+            .find_map(|(n, c)| matches!(c.try_wait(), Ok(Some(_))).then(|| n.clone()))
+    }
+}
+
+impl Drop for Children {
+    fn drop(&mut self) {
+        for (_, c) in &self.0 {
+            let _ = Command::new("kill")
+                .arg("-INT")
+                .arg(c.id().to_string())
+                .status();
+        }
+        let start = std::time::Instant::now();
+        for (_, c) in &mut self.0 {
+            while start.elapsed() < Duration::from_secs(10) {
+                if let Ok(Some(_)) = c.try_wait() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+pub fn up(a: UpArgs) -> Result<()> {
+    std::fs::create_dir_all(&a.dir)?;
+    let dir = a.dir.canonicalize()?;
+    let mut redis = mp_store::server::RedisServer::start(&dir.join("redis"), a.redis_port)
+        .with_context(|| format!("starting redis-server on port {}", a.redis_port))?;
+    let url = redis.url();
+    let data = match &a.data {
+        Some(d) => d.clone(),
+        None => {
+            let d = dir.join("data");
+            if !d.join(".complete").exists() {
+                println!("writing Decoy-MNIST to {}", d.display());
+                crate::commands::data(crate::commands::DataCmd::DecoyMnist {
+                    out: d.clone(),
+                    mnist: a.mnist.clone(),
+                    seed: 0,
+                    n_train: 7000,
+                    n_val: 1000,
+                    n_test: 2000,
+                })?;
+                std::fs::write(d.join(".complete"), b"")?;
+            }
+            d
+        }
+    };
+    let checkpoints = dir.join("checkpoints");
+    let token_file = dir.join("admin.token");
+    let initialised = crate::platform::runtime()?.block_on(async {
+        let s = mp_store::Store::connect(&url, "mp").await?;
+        anyhow::Ok(s.project().await?.is_some())
+    })?;
+    if !initialised || !token_file.exists() {
+        println!("initialising the project (trains the base model)");
+        let token = project_init(InitArgs {
+            data: data.clone(),
+            redis_url: url.clone(),
+            prefix: "mp".into(),
+            checkpoints: checkpoints.clone(),
+            model: None,
+            epochs: 4,
+            arch: "small-cnn".into(),
+            resize: None,
+            admin_name: "admin".into(),
+        })?;
+        std::fs::write(&token_file, &token)?;
+    }
+    let token = std::fs::read_to_string(&token_file)?.trim().to_string();
+    let ck = checkpoints.display().to_string();
+    let mut kids = Children(Vec::new());
+    let logs = dir.join("logs");
+    std::fs::create_dir_all(&logs)?;
+    let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+    kids.spawn(
+        "gateway",
+        &s(&[
+            "gateway",
+            "--listen",
+            &a.listen,
+            "--redis-url",
+            &url,
+            "--checkpoints",
+            &ck,
+        ]),
+        &logs.join("gateway.log"),
+    )?;
+    kids.spawn(
+        "trainer",
+        &s(&[
+            "trainer",
+            "--redis-url",
+            &url,
+            "--checkpoints",
+            &ck,
+            "--round-marks",
+            &a.round_marks.to_string(),
+            "--epochs-per-round",
+            &a.epochs_per_round.to_string(),
+        ]),
+        &logs.join("trainer.log"),
+    )?;
+    for k in 0..a.workers {
+        kids.spawn(
+            &format!("worker-{k}"),
+            &s(&[
+                "worker",
+                "--redis-url",
+                &url,
+                "--checkpoints",
+                &ck,
+                "--name",
+                &format!("worker-{k}"),
+            ]),
+            &logs.join(format!("worker-{k}.log")),
+        )?;
+    }
+    println!("Machine Punishment is up");
+    println!("  gateway      http://{}", a.listen);
+    println!("  admin token  {token}");
+    println!(
+        "  redis        {url} (data in {})",
+        dir.join("redis").display()
+    );
+    println!("  logs         {}", logs.display());
+    println!("  try:  mp expert-sim --addr http://{} --token {token} --marks {} --experts 4 --leases 10 --commit", a.listen, data.display());
+    println!("Ctrl-C stops everything.");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let _ = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build();
+        if let Ok(rt) = rt {
+            rt.block_on(async {
+                let _ = tokio::signal::ctrl_c().await;
+            });
+        }
+        let _ = tx.send(());
+    });
+    let deadline = a
+        .check
+        .then(|| std::time::Instant::now() + Duration::from_secs(3));
+    loop {
+        if rx.recv_timeout(Duration::from_millis(200)).is_ok() {
+            break;
+        }
+        if let Some(name) = kids.exited() {
+            eprintln!("{name} exited; see {}", logs.display());
+            drop(kids);
+            redis.stop();
+            bail!("{name} exited");
+        }
+        if deadline.is_some_and(|d| std::time::Instant::now() > d) {
+            break;
+        }
+    }
+    println!("stopping");
+    drop(kids);
+    redis.stop();
+    Ok(())
+}

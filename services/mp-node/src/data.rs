@@ -1,0 +1,90 @@
+//! Stored images and marks as `mp-core` datasets and masks.
+
+use crate::{NodeError, Result};
+use mp_core::data::{Dataset, Mask};
+use mp_store::{ImageRecord, MarkRecord, ModelVersionRecord, ProjectInfo, Store};
+use std::path::{Path, PathBuf};
+
+/// Images (8-bit, interleaved) → a dataset whose names are the image ids.
+pub fn dataset_from_records(records: &[ImageRecord], project: &ProjectInfo) -> Result<Dataset> {
+    let (w, h, c) = (
+        project.width as usize,
+        project.height as usize,
+        project.channels as usize,
+    );
+    let mut ds = Dataset::new(project.classes.clone(), c, h, w);
+    let mut buf = vec![0f32; w * h * c];
+    for r in records {
+        if (r.width as usize, r.height as usize, r.channels as usize) != (w, h, c)
+            || r.pixels.len() != w * h * c
+        {
+            return Err(NodeError::Invalid(format!(
+                "image {} does not match the project's {w}x{h}x{c}",
+                r.id
+            )));
+        }
+        if r.label as usize >= project.classes.len() {
+            return Err(NodeError::Invalid(format!(
+                "image {} has label {} outside the classes",
+                r.id, r.label
+            )));
+        }
+        for p in 0..w * h {
+            for k in 0..c {
+                buf[k * w * h + p] = r.pixels[p * c + k] as f32 / 255.0;
+            }
+        }
+        ds.push(&buf, r.label as i64, None, r.id.clone());
+    }
+    Ok(ds)
+}
+
+pub fn mask_of(m: &MarkRecord) -> Result<Mask> {
+    Ok(Mask::from_values(
+        m.width as usize,
+        m.height as usize,
+        m.values.clone(),
+    )?)
+}
+
+/// A split from Redis: `train` (the queueable images), `val` or `test`.
+pub async fn load_split(
+    store: &Store,
+    project: &ProjectInfo,
+    split: &str,
+    limit: Option<usize>,
+) -> Result<Dataset> {
+    let mut ids = match split {
+        "train" => store.image_ids().await?,
+        other => store.held_out_ids(other).await?,
+    };
+    if let Some(n) = limit {
+        ids.truncate(n);
+    }
+    let records = store.images(&ids).await?;
+    dataset_from_records(&records, project)
+}
+
+pub fn checkpoint_path(dir: &Path, rec: &ModelVersionRecord) -> PathBuf {
+    dir.join(&rec.file)
+}
+
+pub fn proposal_file(id: &str) -> String {
+    format!("proposals/{id}.safetensors")
+}
+
+/// Writes bytes atomically (temporary file, then rename).
+pub async fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    if let Some(dir) = path.parent() {
+        tokio::fs::create_dir_all(dir)
+            .await
+            .map_err(|e| NodeError::Io(format!("{}: {e}", dir.display())))?;
+    }
+    let tmp = path.with_extension("tmp");
+    tokio::fs::write(&tmp, bytes)
+        .await
+        .map_err(|e| NodeError::Io(format!("{}: {e}", tmp.display())))?;
+    tokio::fs::rename(&tmp, path)
+        .await
+        .map_err(|e| NodeError::Io(format!("{}: {e}", path.display())))
+}

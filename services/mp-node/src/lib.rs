@@ -1,0 +1,75 @@
+//! # Layout
+//! The compute nodes. Models live only here, each owned by one thread of an actix
+//! `SyncArbiter` (a `tch::Tensor` is `Send`, not `Sync`); the async side of each node reads
+//! jobs from Redis, fetches the data, sends one message per unit of work, writes results.
+//! - [`data`]: stored images and marks → `mp-core` datasets and masks; checkpoint paths.
+//! - [`worker`]: the `Worker` actor (`RefineProposal`, `ScoreImages`) and its dispatcher
+//!   (consumer groups `refine` and `score`, XAUTOCLAIM of jobs of dead workers).
+//! - [`trainer`]: the `TrainerCore` actor owning the current model, and the coordinator:
+//!   rounds, commits with optimistic concurrency (rebase), guided training, versioned
+//!   checkpoints, rollback.
+//!
+//! Deliberately absent: no gRPC API of its own (the gateway is the API; nodes only serve
+//! health), no state outside Redis and the checkpoint directory.
+
+pub mod data;
+pub mod trainer;
+pub mod worker;
+
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error(transparent)]
+    Core(#[from] mp_core::CoreError),
+    #[error(transparent)]
+    Store(#[from] mp_store::StoreError),
+    #[error("{0}")]
+    Io(String),
+    #[error("actor mailbox: {0}")]
+    Mailbox(String),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl From<actix::MailboxError> for NodeError {
+    fn from(e: actix::MailboxError) -> Self {
+        NodeError::Mailbox(e.to_string())
+    }
+}
+
+pub type Result<T, E = NodeError> = std::result::Result<T, E>;
+
+/// Health on `addr` (gRPC health protocol), Serving while `serving` says so.
+pub async fn serve_health(
+    addr: String,
+    serving: tokio::sync::watch::Receiver<bool>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let (reporter, svc) = tonic_health::server::health_reporter();
+    let mut s = serving.clone();
+    tokio::spawn(async move {
+        loop {
+            let st = if *s.borrow() {
+                tonic_health::ServingStatus::Serving
+            } else {
+                tonic_health::ServingStatus::NotServing
+            };
+            reporter.set_service_status("", st).await;
+            if s.changed().await.is_err() {
+                return;
+            }
+        }
+    });
+    let Ok(listener) = tokio::net::TcpListener::bind(&addr).await else {
+        tracing::warn!(%addr, "health port unavailable");
+        return;
+    };
+    let _ = tonic::transport::Server::builder()
+        .add_service(svc)
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            async move {
+                let _ = stop.changed().await;
+            },
+        )
+        .await;
+}

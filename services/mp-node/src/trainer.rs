@@ -1,0 +1,526 @@
+//! The trainer: `TrainerCore` (a sync actor owning the current model) and the coordinator
+//! that runs rounds — intervention rounds in which committed proposals are applied in order
+//! (a proposal whose base version was overtaken is rebased: its refinement re-run on the
+//! current version), and training phases of CE + persistent guidance from every committed
+//! mark, each publishing a versioned checkpoint and refreshing the review queue.
+
+use crate::data::{checkpoint_path, load_split, mask_of, proposal_file, write_atomic};
+use crate::{NodeError, Result};
+use actix::prelude::*;
+use mp_core::data::Dataset;
+use mp_core::model::Model;
+use mp_core::refine::{refine, Proposal, ProposalReport, RefineConfig};
+use mp_core::train::{evaluate, train, Eval, GuidanceConfig, TrainConfig, TrainReport};
+use mp_store::{ModelVersionRecord, ProjectInfo, Store, COMMIT_STREAM, SCORE_STREAM};
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tch::Device;
+use tracing::{info, warn};
+
+pub struct TrainerCore {
+    model: Option<Model>,
+    device: Device,
+}
+
+impl Actor for TrainerCore {
+    type Context = SyncContext<Self>;
+}
+
+impl TrainerCore {
+    fn model(&mut self) -> Result<&mut Model> {
+        self.model
+            .as_mut()
+            .ok_or_else(|| NodeError::Invalid("no model loaded".into()))
+    }
+}
+
+/// Replace the model with a checkpoint file.
+#[derive(Message)]
+#[rtype(result = "Result<(), NodeError>")]
+pub struct LoadModel(pub PathBuf);
+
+/// Replace the model with checkpoint bytes (a committed proposal).
+#[derive(Message)]
+#[rtype(result = "Result<(), NodeError>")]
+pub struct AdoptWeights(pub Vec<u8>);
+
+#[derive(Message)]
+#[rtype(result = "Result<TrainReport, NodeError>")]
+pub struct TrainGuided {
+    pub train: Arc<Dataset>,
+    pub guidance: Vec<usize>,
+    pub cfg: TrainConfig,
+}
+
+#[derive(Message)]
+#[rtype(result = "Result<Eval, NodeError>")]
+pub struct Evaluate(pub Arc<Dataset>);
+
+/// Re-run a refinement on the current model (rebase).
+#[derive(Message)]
+#[rtype(result = "Result<Proposal, NodeError>")]
+pub struct Rebase {
+    pub batch: Dataset,
+    pub val: Arc<Dataset>,
+    pub cfg: RefineConfig,
+}
+
+/// Write the current model as `version` to `path`.
+#[derive(Message)]
+#[rtype(result = "Result<(), NodeError>")]
+pub struct SaveVersion {
+    pub version: u64,
+    pub path: PathBuf,
+}
+
+impl Handler<LoadModel> for TrainerCore {
+    type Result = Result<(), NodeError>;
+    fn handle(&mut self, m: LoadModel, _: &mut SyncContext<Self>) -> Self::Result {
+        self.model = Some(Model::load(&m.0, self.device)?);
+        Ok(())
+    }
+}
+
+impl Handler<AdoptWeights> for TrainerCore {
+    type Result = Result<(), NodeError>;
+    fn handle(&mut self, m: AdoptWeights, _: &mut SyncContext<Self>) -> Self::Result {
+        let new = Model::from_bytes(&m.0, self.device, std::path::Path::new("proposal"))?;
+        self.model()?.copy_weights_from(&new)?;
+        Ok(())
+    }
+}
+
+impl Handler<TrainGuided> for TrainerCore {
+    type Result = Result<TrainReport, NodeError>;
+    fn handle(&mut self, m: TrainGuided, _: &mut SyncContext<Self>) -> Self::Result {
+        let model = self.model()?;
+        Ok(train(
+            model,
+            &m.train,
+            &m.guidance,
+            &m.cfg,
+            &mut |_, _, _, _| {},
+        )?)
+    }
+}
+
+impl Handler<Evaluate> for TrainerCore {
+    type Result = Result<Eval, NodeError>;
+    fn handle(&mut self, m: Evaluate, _: &mut SyncContext<Self>) -> Self::Result {
+        Ok(evaluate(self.model()?, &m.0, 512)?)
+    }
+}
+
+impl Handler<Rebase> for TrainerCore {
+    type Result = Result<Proposal, NodeError>;
+    fn handle(&mut self, m: Rebase, _: &mut SyncContext<Self>) -> Self::Result {
+        Ok(refine(self.model()?, &m.batch, &m.val, &m.cfg)?)
+    }
+}
+
+impl Handler<SaveVersion> for TrainerCore {
+    type Result = Result<(), NodeError>;
+    fn handle(&mut self, m: SaveVersion, _: &mut SyncContext<Self>) -> Self::Result {
+        let model = self.model()?;
+        model.spec.version = m.version;
+        model.save(&m.path)?;
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct TrainerConfig {
+    pub redis_url: String,
+    pub prefix: String,
+    pub checkpoints: PathBuf,
+    /// Epochs of each training phase (thesis 6.5.2: human intervention every N epochs).
+    pub epochs_per_round: usize,
+    /// A round ends once this many marks were committed in it.
+    pub round_marks: usize,
+    /// ... or after this long with at least one commit (0 = no time limit).
+    pub round_seconds: u64,
+    pub train: TrainConfig,
+    pub guidance: GuidanceConfig,
+    pub refine: RefineConfig,
+    pub val_images: usize,
+    pub device: Device,
+    pub health_listen: String,
+    /// Images per score job (workers share the rescoring).
+    pub score_chunk: usize,
+}
+
+impl Default for TrainerConfig {
+    fn default() -> Self {
+        TrainerConfig {
+            redis_url: "redis://127.0.0.1:6379".into(),
+            prefix: "mp".into(),
+            checkpoints: PathBuf::from("checkpoints"),
+            epochs_per_round: 2,
+            round_marks: 10,
+            round_seconds: 0,
+            train: TrainConfig {
+                epochs: 2,
+                ..Default::default()
+            },
+            guidance: GuidanceConfig {
+                loss: mp_core::loss::SaliencyLoss::Rrr,
+                lambda: 1.0,
+                batch_size: 16,
+                propagate: true,
+            },
+            refine: RefineConfig::default(),
+            val_images: 256,
+            device: Device::cuda_if_available(),
+            health_listen: String::new(),
+            score_chunk: 500,
+        }
+    }
+}
+
+struct Coordinator {
+    store: Store,
+    cfg: TrainerConfig,
+    core: Addr<TrainerCore>,
+    project: ProjectInfo,
+    train: Arc<Dataset>,
+    index: HashMap<String, usize>,
+    val: Arc<Dataset>,
+    val_guard: Arc<Dataset>,
+    test: Option<Arc<Dataset>>,
+    version: u64,
+    round_commits: usize,
+    round_started: Instant,
+}
+
+impl Coordinator {
+    async fn evaluate(&self) -> Result<(Eval, Option<Eval>)> {
+        let v = self.core.send(Evaluate(self.val.clone())).await??;
+        let t = match &self.test {
+            Some(t) => Some(self.core.send(Evaluate(t.clone())).await??),
+            None => None,
+        };
+        Ok((v, t))
+    }
+
+    /// Saves the trainer's model as the next version and makes it current.
+    async fn publish(&mut self, reason: String) -> Result<u64> {
+        let latest = self
+            .store
+            .versions()
+            .await?
+            .iter()
+            .map(|r| r.version)
+            .max()
+            .unwrap_or(0);
+        let version = latest.max(self.version) + 1;
+        let file = format!("v{version}.safetensors");
+        self.core
+            .send(SaveVersion {
+                version,
+                path: self.cfg.checkpoints.join(&file),
+            })
+            .await??;
+        let (v, t) = self.evaluate().await?;
+        let rec = ModelVersionRecord {
+            version,
+            parent: self.version,
+            created_ms: mp_store::now_ms(),
+            reason: reason.clone(),
+            val_accuracy: v.accuracy,
+            val_loss: v.loss,
+            test_accuracy: t.map(|t| t.accuracy).unwrap_or(f64::NAN),
+            file,
+        };
+        self.store.publish_version(&rec).await?;
+        self.version = version;
+        info!(version, %reason, val_acc = v.accuracy, test_acc = rec.test_accuracy, "published");
+        Ok(version)
+    }
+
+    async fn apply_commit(&mut self, pid: &str) -> Result<()> {
+        let p = self.store.proposal(pid).await?;
+        if p.status != "committing" {
+            return Ok(());
+        }
+        self.store.add_guidance(&p.mark_id).await?;
+        self.round_commits += 1;
+        if p.base_version == self.version {
+            let path = self.cfg.checkpoints.join(proposal_file(pid));
+            let bytes = tokio::fs::read(&path)
+                .await
+                .map_err(|e| NodeError::Io(format!("{}: {e}", path.display())))?;
+            self.core.send(AdoptWeights(bytes)).await??;
+            let v = self.publish(format!("commit {pid}")).await?;
+            self.store
+                .update_proposal(pid, "committed", &[("committed_version", v.to_string())])
+                .await?;
+            return Ok(());
+        }
+        // Overtaken: re-run the refinement on the current version.
+        self.store
+            .update_proposal(
+                pid,
+                "rebasing",
+                &[(
+                    "message",
+                    format!("rebasing from v{} onto v{}", p.base_version, self.version),
+                )],
+            )
+            .await?;
+        let mark = self.store.mark(&p.mark_id).await?;
+        let image = self.store.image(&p.image_id).await?;
+        let mut batch =
+            crate::data::dataset_from_records(std::slice::from_ref(&image), &self.project)?;
+        batch.marks[0] = Some(mask_of(&mark)?);
+        let proposal = self
+            .core
+            .send(Rebase {
+                batch,
+                val: self.val_guard.clone(),
+                cfg: self.cfg.refine.clone(),
+            })
+            .await??;
+        let improved = proposal.best_iteration > 0
+            && self
+                .cfg
+                .refine
+                .val_guard
+                .is_none_or(|g| proposal.val_after.loss < g * proposal.val_before.loss);
+        let base = self.version;
+        let file = proposal_file(pid);
+        write_atomic(&self.cfg.checkpoints.join(&file), &proposal.weights).await?;
+        let report = serde_json::to_string(&ProposalReport {
+            width: image.width,
+            height: image.height,
+            proposal: proposal.clone(),
+        })
+        .map_err(|e| NodeError::Invalid(e.to_string()))?;
+        if improved {
+            self.core.send(AdoptWeights(proposal.weights)).await??;
+            let v = self
+                .publish(format!("commit {pid} (rebased onto v{base})"))
+                .await?;
+            self.store
+                .update_proposal(
+                    pid,
+                    "committed",
+                    &[
+                        ("committed_version", v.to_string()),
+                        ("base_version", base.to_string()),
+                        ("result", report),
+                        ("message", format!("rebased onto v{base} and applied")),
+                    ],
+                )
+                .await?;
+        } else {
+            self.store
+                .update_proposal(pid, "ready", &[("base_version", base.to_string()), ("result", report), ("message", format!("rebased onto v{base}; it no longer passes the validation guard: review it again"))])
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// A training phase: CE + guidance from every committed mark, then a new round.
+    async fn training_phase(&mut self) -> Result<()> {
+        let marks = self.store.guidance_marks().await?;
+        let mut train = (*self.train).clone();
+        let mut guidance = Vec::new();
+        for m in &marks {
+            if let Some(&i) = self.index.get(&m.image_id) {
+                train.marks[i] = Some(mask_of(m)?);
+                if !guidance.contains(&i) {
+                    guidance.push(i);
+                }
+            }
+        }
+        let mut cfg = self.cfg.train.clone();
+        cfg.epochs = self.cfg.epochs_per_round;
+        cfg.seed = self.version;
+        cfg.guidance = (!guidance.is_empty()).then(|| self.cfg.guidance.clone());
+        info!(
+            marks = guidance.len(),
+            epochs = cfg.epochs,
+            "training phase"
+        );
+        let r = self
+            .core
+            .send(TrainGuided {
+                train: Arc::new(train),
+                guidance: guidance.clone(),
+                cfg,
+            })
+            .await??;
+        let v = self
+            .publish(format!(
+                "guided training, {} marks, {:.0} s",
+                guidance.len(),
+                r.seconds
+            ))
+            .await?;
+        self.start_round(v).await
+    }
+
+    /// Freezes `version` for the round and rescores every image with it.
+    async fn start_round(&mut self, version: u64) -> Result<()> {
+        self.store.set_serving_version(version).await?;
+        let ids = self.store.image_ids().await?;
+        for chunk in ids.chunks(self.cfg.score_chunk.max(1)) {
+            self.store
+                .add_job(
+                    SCORE_STREAM,
+                    &[
+                        ("kind", "score".into()),
+                        ("version", version.to_string()),
+                        ("images", chunk.join(" ")),
+                        ("enqueued_ms", mp_store::now_ms().to_string()),
+                    ],
+                )
+                .await?;
+        }
+        self.round_commits = 0;
+        self.round_started = Instant::now();
+        info!(version, "round started");
+        Ok(())
+    }
+
+    fn round_over(&self) -> bool {
+        self.round_commits >= self.cfg.round_marks.max(1)
+            || (self.cfg.round_seconds > 0
+                && self.round_commits > 0
+                && self.round_started.elapsed() >= Duration::from_secs(self.cfg.round_seconds))
+    }
+}
+
+/// Runs the trainer until `stop` turns true. Call inside an actix `System`.
+pub async fn run(cfg: TrainerConfig, mut stop: tokio::sync::watch::Receiver<bool>) -> Result<()> {
+    let store = loop {
+        match Store::connect(&cfg.redis_url, &cfg.prefix).await {
+            Ok(s) => break s,
+            Err(e) => warn!(error = %e, "redis not answering; retrying"),
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        if *stop.borrow() {
+            return Ok(());
+        }
+    };
+    let project = loop {
+        if let Some(p) = store.project().await? {
+            break p;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    store.ensure_job_groups().await?;
+    let train = load_split(&store, &project, "train", None).await?;
+    let index = train
+        .names
+        .iter()
+        .enumerate()
+        .map(|(i, n)| (n.clone(), i))
+        .collect();
+    let val = load_split(&store, &project, "val", None).await?;
+    let val_guard = Arc::new(val.subset(&(0..val.len().min(cfg.val_images)).collect::<Vec<_>>()));
+    let test = load_split(&store, &project, "test", None).await?;
+    let device = cfg.device;
+    let core = SyncArbiter::start(1, move || TrainerCore {
+        model: None,
+        device,
+    });
+    let version = store.current_version().await?;
+    core.send(LoadModel(checkpoint_path(
+        &cfg.checkpoints,
+        &store.version(version).await?,
+    )))
+    .await??;
+    let (health_tx, health_rx) = tokio::sync::watch::channel(true);
+    if !cfg.health_listen.is_empty() {
+        tokio::spawn(crate::serve_health(
+            cfg.health_listen.clone(),
+            health_rx,
+            stop.clone(),
+        ));
+    }
+    let mut co = Coordinator {
+        store: store.clone(),
+        cfg: cfg.clone(),
+        core,
+        project,
+        train: Arc::new(train),
+        index,
+        val: Arc::new(val),
+        val_guard,
+        test: (!test.is_empty()).then(|| Arc::new(test)),
+        version,
+        round_commits: 0,
+        round_started: Instant::now(),
+    };
+    info!(version, "trainer started");
+    let consumer = format!("trainer-{}", std::process::id());
+    while !*stop.borrow() {
+        // Rollback (or another writer): follow Redis's current version.
+        match store.current_version().await {
+            Ok(cur) if cur != co.version => {
+                info!(
+                    from = co.version,
+                    to = cur,
+                    "current version changed outside the trainer; loading it"
+                );
+                co.core
+                    .send(LoadModel(checkpoint_path(
+                        &cfg.checkpoints,
+                        &store.version(cur).await?,
+                    )))
+                    .await??;
+                co.version = cur;
+            }
+            Ok(_) => {}
+            Err(e) => {
+                let _ = health_tx.send(false);
+                warn!(error = %e, "store unavailable");
+                tokio::select! { _ = tokio::time::sleep(Duration::from_millis(500)) => {}, _ = stop.changed() => {} }
+                continue;
+            }
+        }
+        let _ = health_tx.send(true);
+        let mut jobs = store
+            .reclaim_jobs(COMMIT_STREAM, "commit", &consumer, 60_000, 16)
+            .await
+            .unwrap_or_default();
+        jobs.extend(
+            store
+                .read_jobs(COMMIT_STREAM, "commit", &consumer, 16, 300)
+                .await
+                .unwrap_or_default(),
+        );
+        for job in jobs {
+            let pid = job.get("proposal")?.to_string();
+            match co.apply_commit(&pid).await {
+                Ok(()) => store.ack(COMMIT_STREAM, "commit", &job.id).await?,
+                Err(NodeError::Store(e @ mp_store::StoreError::Redis(_))) => {
+                    warn!(error = %e, "commit deferred")
+                }
+                Err(e) => {
+                    warn!(proposal = %pid, error = %e, "commit failed");
+                    let _ = store
+                        .update_proposal(&pid, "failed", &[("message", e.to_string())])
+                        .await;
+                    store.ack(COMMIT_STREAM, "commit", &job.id).await?;
+                }
+            }
+        }
+        let admin_end: Option<String> = {
+            let mut c = store.connection();
+            redis::cmd("GETDEL")
+                .arg(format!("{}:round:end", store.prefix()))
+                .query_async(&mut c)
+                .await
+                .unwrap_or(None)
+        };
+        if co.round_over() || admin_end.is_some() {
+            co.training_phase().await?;
+        }
+    }
+    info!("trainer stopped");
+    Ok(())
+}

@@ -1,0 +1,434 @@
+//! The saliency / refinement worker pool: `Worker` actors in a `SyncArbiter`, one model cache
+//! per thread, fed by a dispatcher that reads the `refine` and `score` consumer groups.
+
+use crate::data::{
+    checkpoint_path, dataset_from_records, load_split, mask_of, proposal_file, write_atomic,
+};
+use crate::{NodeError, Result};
+use actix::prelude::*;
+use mp_core::align::{priority, AlignConfig, HumanPrior};
+use mp_core::data::Dataset;
+use mp_core::model::Model;
+use mp_core::refine::{refine, Proposal, ProposalReport, RefineConfig};
+use mp_core::saliency::{maps_to_vecs, saliency_maps, Method};
+use mp_store::{Job, ProjectInfo, Store, REFINE_STREAM, SCORE_STREAM};
+use std::collections::{HashMap, VecDeque};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tch::Device;
+use tracing::{info, warn};
+
+/// Run the thesis refinement loop for one marked image on a model version.
+#[derive(Message)]
+#[rtype(result = "Result<Proposal, NodeError>")]
+pub struct RefineProposal {
+    pub version: u64,
+    pub checkpoint: PathBuf,
+    pub batch: Dataset,
+    pub val: Arc<Dataset>,
+    pub cfg: RefineConfig,
+}
+
+/// Priorities of images under a model version (lower = reviewed first).
+#[derive(Message)]
+#[rtype(result = "Result<Vec<f64>, NodeError>")]
+pub struct ScoreImages {
+    pub version: u64,
+    pub checkpoint: PathBuf,
+    pub images: Dataset,
+    pub prior: Option<Arc<HumanPrior>>,
+    /// Share of images given a random priority (exploration).
+    pub exploration: f64,
+    pub seed: u64,
+}
+
+/// One thread's worker: its own libtorch thread setting and model cache.
+pub struct Worker {
+    models: VecDeque<(u64, Model)>,
+    cache: usize,
+    device: Device,
+}
+
+impl Worker {
+    pub fn new(device: Device, cache: usize) -> Self {
+        tch::set_num_threads(1);
+        Worker {
+            models: VecDeque::new(),
+            cache: cache.max(1),
+            device,
+        }
+    }
+
+    fn model(&mut self, version: u64, path: &std::path::Path) -> Result<&Model> {
+        if let Some(i) = self.models.iter().position(|(v, _)| *v == version) {
+            let m = self.models.remove(i).expect("index in range");
+            self.models.push_front(m);
+        } else {
+            let m = Model::load(path, self.device)?;
+            self.models.push_front((version, m));
+            self.models.truncate(self.cache);
+        }
+        Ok(&self.models[0].1)
+    }
+}
+
+impl Actor for Worker {
+    type Context = SyncContext<Self>;
+}
+
+impl Handler<RefineProposal> for Worker {
+    type Result = Result<Proposal, NodeError>;
+
+    fn handle(&mut self, msg: RefineProposal, _: &mut SyncContext<Self>) -> Self::Result {
+        let model = self.model(msg.version, &msg.checkpoint)?;
+        Ok(refine(model, &msg.batch, &msg.val, &msg.cfg)?)
+    }
+}
+
+impl Handler<ScoreImages> for Worker {
+    type Result = Result<Vec<f64>, NodeError>;
+
+    fn handle(&mut self, msg: ScoreImages, _: &mut SyncContext<Self>) -> Self::Result {
+        let model = self.model(msg.version, &msg.checkpoint)?;
+        let ds = &msg.images;
+        let mut rng = mp_core::rng::Rng::new(msg.seed);
+        let cfg = AlignConfig::default();
+        let mut out = Vec::with_capacity(ds.len());
+        let idx: Vec<usize> = (0..ds.len()).collect();
+        for chunk in idx.chunks(64) {
+            let (x, y) = ds.batch(chunk, model.device());
+            let probs = mp_core::train::predict(model, &x);
+            let maps = maps_to_vecs(&saliency_maps(model, &x, &y, Method::Gradient)?)?;
+            for (k, &i) in chunk.iter().enumerate() {
+                let p =
+                    Vec::<f32>::try_from(&probs.get(k as i64)).map_err(mp_core::CoreError::from)?;
+                let score = if rng.next_f64() < msg.exploration {
+                    2.0 * rng.next_f64() - 1.0
+                } else {
+                    priority(
+                        &maps[k],
+                        &p,
+                        ds.labels[i] as usize,
+                        None,
+                        msg.prior.as_deref(),
+                        &cfg,
+                    )
+                    .score
+                };
+                out.push(score);
+            }
+        }
+        Ok(out)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    pub redis_url: String,
+    pub prefix: String,
+    pub checkpoints: PathBuf,
+    /// Worker threads (one model each).
+    pub threads: usize,
+    /// Consumer name in the groups; unique per process.
+    pub consumer: String,
+    /// Jobs silent this long on another consumer are taken over.
+    pub claim_idle_ms: u64,
+    pub refine: RefineConfig,
+    pub exploration: f64,
+    pub val_images: usize,
+    pub device: Device,
+    pub health_listen: String,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        WorkerConfig {
+            redis_url: "redis://127.0.0.1:6379".into(),
+            prefix: "mp".into(),
+            checkpoints: PathBuf::from("checkpoints"),
+            threads: 1,
+            consumer: format!("worker-{}", std::process::id()),
+            claim_idle_ms: 30_000,
+            refine: RefineConfig::default(),
+            exploration: 0.05,
+            val_images: 256,
+            device: Device::cuda_if_available(),
+            health_listen: String::new(),
+        }
+    }
+}
+
+struct Ctx {
+    store: Store,
+    cfg: WorkerConfig,
+    project: ProjectInfo,
+    val: Arc<Dataset>,
+    addr: Addr<Worker>,
+    prior: tokio::sync::Mutex<(usize, Option<Arc<HumanPrior>>)>,
+}
+
+impl Ctx {
+    async fn checkpoint(&self, version: u64) -> Result<PathBuf> {
+        Ok(checkpoint_path(
+            &self.cfg.checkpoints,
+            &self.store.version(version).await?,
+        ))
+    }
+
+    /// The human prior from every stored mark, rebuilt when the number of marks changed.
+    async fn prior(&self) -> Result<Option<Arc<HumanPrior>>> {
+        let ids = self.store.mark_ids().await?;
+        let mut cached = self.prior.lock().await;
+        if cached.0 == ids.len() {
+            return Ok(cached.1.clone());
+        }
+        let mut prior = HumanPrior::new(
+            self.project.classes.len(),
+            self.project.width as usize,
+            self.project.height as usize,
+        );
+        for id in &ids {
+            let m = self.store.mark(id).await?;
+            let label = self.store.image(&m.image_id).await?.label as usize;
+            prior.add(label, &mask_of(&m)?)?;
+        }
+        let p = (!prior.is_empty()).then(|| Arc::new(prior));
+        *cached = (ids.len(), p.clone());
+        Ok(p)
+    }
+
+    async fn refine_job(&self, job: &Job) -> Result<()> {
+        let pid = job.get("proposal")?.to_string();
+        let p = self.store.proposal(&pid).await?;
+        if !matches!(p.status.as_str(), "queued" | "running") {
+            return Ok(()); // done before (a redelivered job)
+        }
+        self.store
+            .update_proposal(&pid, "running", &[("worker", self.cfg.consumer.clone())])
+            .await?;
+        let result = async {
+            let mark = self.store.mark(job.get("mark")?).await?;
+            let image = self.store.image(job.get("image")?).await?;
+            let version: u64 = job
+                .get("base_version")?
+                .parse()
+                .map_err(|_| NodeError::Invalid("base_version".into()))?;
+            let mut batch = dataset_from_records(std::slice::from_ref(&image), &self.project)?;
+            batch.marks[0] = Some(mask_of(&mark)?);
+            let checkpoint = self.checkpoint(version).await?;
+            let proposal = self
+                .addr
+                .send(RefineProposal {
+                    version,
+                    checkpoint,
+                    batch,
+                    val: self.val.clone(),
+                    cfg: self.cfg.refine.clone(),
+                })
+                .await??;
+            Ok::<_, NodeError>((proposal, image))
+        }
+        .await;
+        match result {
+            Ok((proposal, image)) => {
+                let file = proposal_file(&pid);
+                write_atomic(&self.cfg.checkpoints.join(&file), &proposal.weights).await?;
+                let report = ProposalReport {
+                    width: image.width,
+                    height: image.height,
+                    proposal,
+                };
+                let json = serde_json::to_string(&report)
+                    .map_err(|e| NodeError::Invalid(e.to_string()))?;
+                self.store
+                    .update_proposal(&pid, "ready", &[("result", json), ("weights", file)])
+                    .await?;
+                info!(proposal = %pid, iterations = report.proposal.iterations, ms = report.proposal.elapsed_ms, "proposal ready");
+            }
+            Err(NodeError::Store(e @ mp_store::StoreError::Redis(_))) => return Err(e.into()),
+            Err(e) => {
+                warn!(proposal = %pid, error = %e, "refinement failed");
+                self.store
+                    .update_proposal(&pid, "failed", &[("message", e.to_string())])
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Score jobs of one version merged into one batch (dynamic batching across jobs).
+    async fn score_jobs(&self, jobs: &[Job]) -> Result<()> {
+        let mut by_version: HashMap<u64, Vec<String>> = HashMap::new();
+        for j in jobs {
+            let v: u64 = j
+                .get("version")?
+                .parse()
+                .map_err(|_| NodeError::Invalid("version".into()))?;
+            let ids = j.fields.get("images").map(String::as_str).unwrap_or("");
+            let ids: Vec<String> = if ids.is_empty() {
+                self.store.image_ids().await?
+            } else {
+                ids.split(' ').map(String::from).collect()
+            };
+            by_version.entry(v).or_default().extend(ids);
+        }
+        let prior = self.prior().await?;
+        for (version, ids) in by_version {
+            let records = self.store.images(&ids).await?;
+            let images = dataset_from_records(&records, &self.project)?;
+            let checkpoint = self.checkpoint(version).await?;
+            let seed = mp_store::now_ms();
+            let scores = self
+                .addr
+                .send(ScoreImages {
+                    version,
+                    checkpoint,
+                    images,
+                    prior: prior.clone(),
+                    exploration: self.cfg.exploration,
+                    seed,
+                })
+                .await??;
+            let items: Vec<(String, f64)> = ids.into_iter().zip(scores).collect();
+            let n = self.store.enqueue(&items).await?;
+            info!(version, scored = items.len(), queued = n, "scored");
+        }
+        Ok(())
+    }
+}
+
+/// Runs the pool until `stop` turns true. Call inside an actix `System`.
+pub async fn run(cfg: WorkerConfig, mut stop: tokio::sync::watch::Receiver<bool>) -> Result<()> {
+    let store = loop {
+        match Store::connect(&cfg.redis_url, &cfg.prefix).await {
+            Ok(s) => break s,
+            Err(e) => {
+                warn!(error = %e, "redis not answering; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+        if *stop.borrow() {
+            return Ok(());
+        }
+    };
+    let project = loop {
+        if let Some(p) = store.project().await? {
+            break p;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    store.ensure_job_groups().await?;
+    let val = Arc::new(load_split(&store, &project, "val", Some(cfg.val_images)).await?);
+    let (device, threads) = (cfg.device, cfg.threads.max(1));
+    let addr = SyncArbiter::start(threads, move || Worker::new(device, 3));
+    let (health_tx, health_rx) = tokio::sync::watch::channel(true);
+    if !cfg.health_listen.is_empty() {
+        tokio::spawn(crate::serve_health(
+            cfg.health_listen.clone(),
+            health_rx,
+            stop.clone(),
+        ));
+    }
+    let ctx = Arc::new(Ctx {
+        store: store.clone(),
+        cfg: cfg.clone(),
+        project,
+        val,
+        addr,
+        prior: tokio::sync::Mutex::new((usize::MAX, None)),
+    });
+    let permits = Arc::new(tokio::sync::Semaphore::new(threads));
+    info!(consumer = %cfg.consumer, threads, "worker pool started");
+    let mut last_claim = std::time::Instant::now() - Duration::from_secs(3600);
+    let mut tasks = tokio::task::JoinSet::new();
+    while !*stop.borrow() {
+        while tasks.try_join_next().is_some() {}
+        let mut jobs: Vec<(&'static str, Job)> = Vec::new();
+        if last_claim.elapsed() > Duration::from_millis((cfg.claim_idle_ms / 2).clamp(200, 5000)) {
+            last_claim = std::time::Instant::now();
+            for (stream, group) in [(REFINE_STREAM, "refine"), (SCORE_STREAM, "score")] {
+                match store
+                    .reclaim_jobs(stream, group, &cfg.consumer, cfg.claim_idle_ms, 8)
+                    .await
+                {
+                    Ok(v) => {
+                        if !v.is_empty() {
+                            info!(stream, n = v.len(), "took over jobs of a silent worker");
+                        }
+                        jobs.extend(v.into_iter().map(|j| (stream, j)));
+                    }
+                    Err(e) => warn!(error = %e, "reclaim failed"),
+                }
+            }
+        }
+        let free = permits.available_permits();
+        if free > 0 {
+            match store
+                .read_jobs(REFINE_STREAM, "refine", &cfg.consumer, free, 200)
+                .await
+            {
+                Ok(v) => jobs.extend(v.into_iter().map(|j| (REFINE_STREAM, j))),
+                Err(e) => {
+                    let _ = health_tx.send(false);
+                    warn!(error = %e, "reading refine jobs failed");
+                    tokio::select! { _ = tokio::time::sleep(Duration::from_millis(500)) => {}, _ = stop.changed() => {} }
+                    continue;
+                }
+            }
+            let _ = health_tx.send(true);
+            if let Ok(v) = store
+                .read_jobs(SCORE_STREAM, "score", &cfg.consumer, 16, 1)
+                .await
+            {
+                jobs.extend(v.into_iter().map(|j| (SCORE_STREAM, j)));
+            }
+        } else {
+            tokio::select! { _ = tokio::time::sleep(Duration::from_millis(50)) => {}, _ = stop.changed() => {} }
+        }
+        let (refines, scores): (Vec<_>, Vec<_>) =
+            jobs.into_iter().partition(|(s, _)| *s == REFINE_STREAM);
+        if !scores.is_empty() {
+            let ctx = ctx.clone();
+            let permit = permits
+                .clone()
+                .acquire_owned()
+                .await
+                .map_err(|e| NodeError::Invalid(e.to_string()))?;
+            tasks.spawn(async move {
+                let jobs: Vec<Job> = scores.into_iter().map(|(_, j)| j).collect();
+                match ctx.score_jobs(&jobs).await {
+                    Ok(()) => {
+                        for j in &jobs {
+                            let _ = ctx.store.ack(SCORE_STREAM, "score", &j.id).await;
+                        }
+                    }
+                    Err(e) => warn!(error = %e, "score jobs failed; they will be retried"),
+                }
+                drop(permit);
+            });
+        }
+        for (_, job) in refines {
+            let ctx = ctx.clone();
+            let permit = permits
+                .clone()
+                .acquire_owned()
+                .await
+                .map_err(|e| NodeError::Invalid(e.to_string()))?;
+            tasks.spawn(async move {
+                match ctx.refine_job(&job).await {
+                    Ok(()) => {
+                        let _ = ctx.store.ack(REFINE_STREAM, "refine", &job.id).await;
+                    }
+                    Err(e) => {
+                        warn!(job = %job.id, error = %e, "refine job failed; it will be retried")
+                    }
+                }
+                drop(permit);
+            });
+        }
+    }
+    while tasks.join_next().await.is_some() {}
+    info!("worker pool stopped");
+    Ok(())
+}
