@@ -1,6 +1,7 @@
 //! # Layout
 //! End-to-end tests of the whole product live in `tests/`; this library holds the shared
-//! fixtures: a small shortcut dataset that a classifier learns the wrong way.
+//! fixtures: a small shortcut dataset that a classifier learns the wrong way, and a small
+//! project stored in a real Redis for the platform tests.
 
 use mp_core::data::{Dataset, Mask, RED};
 use mp_core::rng::Rng;
@@ -37,4 +38,87 @@ pub fn shortcut_dataset(n: usize, shortcut: bool, seed: u64) -> Dataset {
         ds.push(&img, label, Some(mask), format!("s{i}"));
     }
     ds
+}
+
+/// Side of the platform fixture's images.
+pub const PROJECT_SIDE: u32 = 8;
+
+/// Stores a project of `n` training images (8x8, two classes), 32 val and 32 test images,
+/// a freshly initialised small CNN as version 1 in `checkpoints`, queues every training
+/// image, and returns an admin token.
+pub async fn platform_project(
+    store: &mp_store::Store,
+    n: usize,
+    checkpoints: &std::path::Path,
+) -> String {
+    use mp_store::{ImageRecord, ModelVersionRecord, ProjectInfo, Role};
+    let side = PROJECT_SIDE;
+    store
+        .set_project(&ProjectInfo {
+            name: "t".into(),
+            classes: vec!["a".into(), "b".into()],
+            width: side,
+            height: side,
+            channels: 1,
+        })
+        .await
+        .expect("project");
+    let rec = |id: String, i: usize| ImageRecord {
+        name: id.rsplit('/').next().unwrap_or_default().to_string(),
+        id,
+        label: (i % 2) as u32,
+        width: side,
+        height: side,
+        channels: 1,
+        pixels: (0..(side * side) as usize)
+            .map(|p| ((p * 7 + i * 13) % 256) as u8)
+            .collect(),
+    };
+    let train: Vec<ImageRecord> = (0..n).map(|i| rec(format!("a/{i:05}"), i)).collect();
+    store.put_images(&train).await.expect("images");
+    for split in ["val", "test"] {
+        let held: Vec<ImageRecord> = (0..32)
+            .map(|i| rec(format!("{split}:a/{i:03}"), i + 7))
+            .collect();
+        store.put_held_out(split, &held).await.expect("held out");
+    }
+    std::fs::create_dir_all(checkpoints).expect("checkpoints dir");
+    tch::manual_seed(0);
+    let spec = mp_core::model::ModelSpec {
+        arch: mp_core::model::Arch::SmallCnn,
+        classes: vec!["a".into(), "b".into()],
+        channels: 1,
+        height: side as usize,
+        width: side as usize,
+        version: 1,
+    };
+    mp_core::model::Model::new(spec, tch::Device::Cpu)
+        .expect("model")
+        .save(&checkpoints.join("v1.safetensors"))
+        .expect("save");
+    store
+        .publish_version(&ModelVersionRecord {
+            version: 1,
+            parent: 0,
+            created_ms: 0,
+            reason: "base".into(),
+            val_accuracy: 0.5,
+            val_loss: 0.7,
+            test_accuracy: 0.5,
+            file: "v1.safetensors".into(),
+        })
+        .await
+        .expect("version");
+    store.ensure_job_groups().await.expect("groups");
+    let items: Vec<(String, f64)> = train
+        .iter()
+        .enumerate()
+        .map(|(i, r)| (r.id.clone(), (i % 101) as f64 / 101.0))
+        .collect();
+    store.enqueue(&items).await.expect("enqueue");
+    store
+        .create_expert("admin", Role::Admin)
+        .await
+        .expect("admin")
+        .1
 }

@@ -74,6 +74,15 @@ pub struct WorkerArgs {
     /// Consumer name (default: worker-PID)
     #[arg(long)]
     pub name: Option<String>,
+    /// Refinement iteration budget
+    #[arg(long, default_value_t = 50)]
+    pub refine_max_iterations: usize,
+    /// Refinement time budget in milliseconds
+    #[arg(long, default_value_t = 5000)]
+    pub refine_time_budget_ms: u64,
+    /// Run every refinement to its budget (no validation guard, halving or plateau stop)
+    #[arg(long)]
+    pub refine_no_early_stop: bool,
 }
 
 pub fn worker(a: WorkerArgs) -> Result<()> {
@@ -89,6 +98,14 @@ pub fn worker(a: WorkerArgs) -> Result<()> {
         claim_idle_ms: a.claim_idle_ms,
         device: device(&a.node.device)?,
         health_listen: a.node.health_listen.clone(),
+        refine: mp_core::refine::RefineConfig {
+            max_iterations: a.refine_max_iterations,
+            time_budget_ms: Some(a.refine_time_budget_ms),
+            halve_saliency: !a.refine_no_early_stop,
+            plateau_window: (!a.refine_no_early_stop).then_some(3),
+            val_guard: (!a.refine_no_early_stop).then_some(1.2),
+            ..Default::default()
+        },
         ..Default::default()
     };
     actix_main(move |stop| mp_node::worker::run(cfg, stop))

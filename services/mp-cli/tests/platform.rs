@@ -6,73 +6,17 @@ use mp_api::Client;
 use mp_proto::rle;
 use mp_proto::v1 as pb;
 use mp_store::server::{free_port, RedisServer};
-use mp_store::{ImageRecord, ModelVersionRecord, ProjectInfo, Role, Store};
+use mp_store::Store;
 use std::collections::HashMap;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use tonic::Code;
 
-const SIDE: u32 = 8;
+const SIDE: u32 = mp_e2e::PROJECT_SIDE;
 
-/// A project of `n` 8x8 images with a real (tiny) model checkpoint as version 1.
 async fn project(store: &Store, n: usize, checkpoints: &Path) -> String {
-    store
-        .set_project(&ProjectInfo {
-            name: "t".into(),
-            classes: vec!["a".into(), "b".into()],
-            width: SIDE,
-            height: SIDE,
-            channels: 1,
-        })
-        .await
-        .unwrap();
-    let records: Vec<ImageRecord> = (0..n)
-        .map(|i| ImageRecord {
-            id: format!("a/{i:05}"),
-            name: format!("{i:05}"),
-            label: (i % 2) as u32,
-            width: SIDE,
-            height: SIDE,
-            channels: 1,
-            pixels: (0..64).map(|p| ((p * 7 + i) % 256) as u8).collect(),
-        })
-        .collect();
-    store.put_images(&records).await.unwrap();
-    std::fs::create_dir_all(checkpoints).unwrap();
-    let spec = mp_core::model::ModelSpec {
-        arch: mp_core::model::Arch::SmallCnn,
-        classes: vec!["a".into(), "b".into()],
-        channels: 1,
-        height: SIDE as usize,
-        width: SIDE as usize,
-        version: 1,
-    };
-    mp_core::model::Model::new(spec, tch::Device::Cpu)
-        .unwrap()
-        .save(&checkpoints.join("v1.safetensors"))
-        .unwrap();
-    store
-        .publish_version(&ModelVersionRecord {
-            version: 1,
-            parent: 0,
-            created_ms: 0,
-            reason: "base".into(),
-            val_accuracy: 0.5,
-            val_loss: 0.7,
-            test_accuracy: 0.5,
-            file: "v1.safetensors".into(),
-        })
-        .await
-        .unwrap();
-    store.ensure_job_groups().await.unwrap();
-    let items: Vec<(String, f64)> = records
-        .iter()
-        .enumerate()
-        .map(|(i, r)| (r.id.clone(), (i % 101) as f64 / 101.0))
-        .collect();
-    store.enqueue(&items).await.unwrap();
-    store.create_expert("admin", Role::Admin).await.unwrap().1
+    mp_e2e::platform_project(store, n, checkpoints).await
 }
 
 struct Gw {

@@ -1,0 +1,317 @@
+//! Workers and trainer as real processes: a worker killed mid-refinement does not lose the
+//! proposal; two commits racing on one base version — one applies, the other is rebased,
+//! no update lost.
+
+use mp_api::Client;
+use mp_proto::rle;
+use mp_proto::v1 as pb;
+use mp_store::server::RedisServer;
+use mp_store::Store;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const SIDE: u32 = mp_e2e::PROJECT_SIDE;
+
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn(args: &[&str], log: &Path) -> Proc {
+    Proc(
+        Command::new(env!("CARGO_BIN_EXE_mp"))
+            .args(args)
+            .env("RUST_LOG", "info")
+            .env("MP_THREADS", "1")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(log).unwrap())
+            .spawn()
+            .unwrap(),
+    )
+}
+
+async fn gateway(redis_url: &str, ck: &Path) -> (String, tokio::sync::oneshot::Sender<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = format!("http://{}", listener.local_addr().unwrap());
+    let cfg = mp_gateway::GatewayConfig {
+        redis_url: redis_url.into(),
+        metrics_listen: String::new(),
+        checkpoints: ck.into(),
+        ..Default::default()
+    };
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        let _ = mp_gateway::run(listener, cfg, async {
+            let _ = rx.await;
+        })
+        .await;
+    });
+    (addr, tx)
+}
+
+async fn expert(addr: &str, admin: &str, name: &str) -> Client {
+    let a = Client::connect(addr, admin).await.unwrap();
+    let r = a
+        .admin
+        .clone()
+        .create_expert(pb::CreateExpertRequest {
+            name: name.into(),
+            role: "expert".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    Client::new(addr, &r.token).unwrap()
+}
+
+/// Leases one image and submits a red mark on its top rows; returns the proposal id.
+async fn mark_one(c: &Client, key: &str) -> String {
+    let l = c
+        .queue
+        .clone()
+        .lease(pb::LeaseRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .lease
+        .unwrap();
+    let mut v = vec![0i8; (SIDE * SIDE) as usize];
+    v[..16].iter_mut().for_each(|x| *x = 1);
+    let r = c
+        .queue
+        .clone()
+        .submit(pb::SubmitRequest {
+            lease_id: l.lease_id,
+            mask: Some(rle::encode(SIDE, SIDE, &v)),
+            idempotency_key: key.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    r.proposal_id
+}
+
+async fn wait_status(
+    store: &Store,
+    pid: &str,
+    want: &[&str],
+    within: Duration,
+) -> mp_store::ProposalRecord {
+    let start = Instant::now();
+    loop {
+        let p = store.proposal(pid).await.unwrap();
+        if want.contains(&p.status.as_str()) {
+            return p;
+        }
+        assert!(
+            start.elapsed() < within,
+            "proposal {pid} stuck in {} ({}), wanted {want:?}",
+            p.status,
+            p.message
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_killed_mid_refinement_does_not_lose_the_proposal() {
+    let dir = tempfile::tempdir().unwrap();
+    let redis = RedisServer::start_free(&dir.path().join("redis")).unwrap();
+    let store = Store::connect(&redis.url(), "mp").await.unwrap();
+    let ck = dir.path().join("ck");
+    let admin = mp_e2e::platform_project(&store, 50, &ck).await;
+    let (addr, _stop) = gateway(&redis.url(), &ck).await;
+    let ckp = ck.to_str().unwrap().to_string();
+    let slow = [
+        "--refine-no-early-stop",
+        "--refine-max-iterations",
+        "100000",
+        "--refine-time-budget-ms",
+        "4000",
+        "--claim-idle-ms",
+        "1500",
+    ];
+    let worker_args = |name: &str| {
+        let mut v = vec![
+            "worker",
+            "--redis-url",
+            redis.url().leak(),
+            "--checkpoints",
+            ckp.clone().leak(),
+            "--name",
+            name.to_string().leak(),
+        ];
+        v.extend(slow);
+        v
+    };
+    let mut a = spawn(&worker_args("doomed"), &dir.path().join("a.log"));
+    let c = expert(&addr, &admin, "ann").await;
+    let pid = mark_one(&c, "k1").await;
+    wait_status(&store, &pid, &["running"], Duration::from_secs(30)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    a.0.kill().unwrap(); // SIGKILL mid-refinement
+    a.0.wait().unwrap();
+    assert_eq!(store.proposal(&pid).await.unwrap().status, "running");
+    let _b = spawn(&worker_args("rescuer"), &dir.path().join("b.log"));
+    let p = wait_status(&store, &pid, &["ready"], Duration::from_secs(40)).await;
+    let report: mp_core::refine::ProposalReport =
+        serde_json::from_str(p.result.as_deref().unwrap()).unwrap();
+    assert!(
+        report.proposal.iterations > 1
+            && report.proposal.saliency_after[0].len() == (SIDE * SIDE) as usize
+    );
+    assert!(ck.join(mp_node::data::proposal_file(&pid)).exists());
+    let log = std::fs::read_to_string(dir.path().join("b.log")).unwrap();
+    assert!(log.contains("took over jobs"), "{log}");
+    // The expert sees it through the API.
+    let seen = c
+        .proposals
+        .clone()
+        .get_proposal(pb::GetProposalRequest { proposal_id: pid })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(seen.status, pb::ProposalStatus::Ready as i32);
+    assert_eq!(seen.saliency_after.len(), (SIDE * SIDE) as usize);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_commits_racing_on_one_base_version_one_applies_the_other_is_rebased() {
+    let dir = tempfile::tempdir().unwrap();
+    let redis = RedisServer::start_free(&dir.path().join("redis")).unwrap();
+    let store = Store::connect(&redis.url(), "mp").await.unwrap();
+    let ck = dir.path().join("ck");
+    let admin = mp_e2e::platform_project(&store, 50, &ck).await;
+    let (addr, _stop) = gateway(&redis.url(), &ck).await;
+    let (url, ckp) = (redis.url(), ck.to_str().unwrap().to_string());
+    let _w = spawn(
+        &[
+            "worker",
+            "--redis-url",
+            &url,
+            "--checkpoints",
+            &ckp,
+            "--refine-no-early-stop",
+            "--refine-max-iterations",
+            "10",
+        ],
+        &dir.path().join("w.log"),
+    );
+    let _t = spawn(
+        &[
+            "trainer",
+            "--redis-url",
+            &url,
+            "--checkpoints",
+            &ckp,
+            "--round-marks",
+            "100",
+        ],
+        &dir.path().join("t.log"),
+    );
+    let ann = expert(&addr, &admin, "ann").await;
+    let bob = expert(&addr, &admin, "bob").await;
+    let pa = mark_one(&ann, "a").await;
+    let pb_ = mark_one(&bob, "b").await;
+    for p in [&pa, &pb_] {
+        let r = wait_status(&store, p, &["ready"], Duration::from_secs(60)).await;
+        assert_eq!(r.base_version, 1);
+    }
+    let commit = |id: &str| pb::DecideRequest {
+        proposal_id: id.into(),
+        decision: pb::decide_request::Decision::Commit as i32,
+    };
+    let (mut pa_c, mut pb_c) = (ann.proposals.clone(), bob.proposals.clone());
+    let (ra, rb) = tokio::join!(pa_c.decide(commit(&pa)), pb_c.decide(commit(&pb_)));
+    assert_eq!(
+        ra.unwrap().into_inner().status,
+        pb::ProposalStatus::Committing as i32
+    );
+    assert_eq!(
+        rb.unwrap().into_inner().status,
+        pb::ProposalStatus::Committing as i32
+    );
+    let a = wait_status(
+        &store,
+        &pa,
+        &["committed", "ready"],
+        Duration::from_secs(60),
+    )
+    .await;
+    let b = wait_status(
+        &store,
+        &pb_,
+        &["committed", "ready"],
+        Duration::from_secs(60),
+    )
+    .await;
+    // Exactly one applied on its own base; the other was rebased onto the version it made.
+    let (first, second) = if a.committed_version == 2 {
+        (a, b)
+    } else {
+        (b, a)
+    };
+    assert_eq!(
+        (
+            first.status.as_str(),
+            first.committed_version,
+            first.base_version
+        ),
+        ("committed", 2, 1)
+    );
+    assert_eq!(
+        second.base_version, 2,
+        "the later commit must be rebased onto v2: {second:?}"
+    );
+    assert!(second.message.contains("rebased"), "{}", second.message);
+    if second.status == "committed" {
+        assert_eq!(second.committed_version, 3);
+        let v3 = store.version(3).await.unwrap();
+        assert_eq!(v3.parent, 2, "v3 must build on v2: no update lost");
+    }
+    // Both marks guide training from now on.
+    let guidance: Vec<String> = store
+        .guidance_marks()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|m| m.proposal_id)
+        .collect();
+    assert!(
+        guidance.contains(&pa) && guidance.contains(&pb_),
+        "{guidance:?}"
+    );
+    // Rollback through the API: the trainer follows.
+    let admin_c = Client::new(&addr, &admin).unwrap();
+    admin_c
+        .admin
+        .clone()
+        .rollback(pb::RollbackRequest { version: 1 })
+        .await
+        .unwrap();
+    assert_eq!(store.current_version().await.unwrap(), 1);
+    let e = admin_c
+        .admin
+        .clone()
+        .rollback(pb::RollbackRequest { version: 99 })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::NotFound);
+    let start = Instant::now();
+    loop {
+        let log = std::fs::read_to_string(dir.path().join("t.log")).unwrap();
+        if log.contains("loading it") {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "trainer did not follow the rollback: {log}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
