@@ -71,7 +71,7 @@ pub struct WorkerArgs {
     /// Take over jobs of a worker silent this long
     #[arg(long, default_value_t = 30_000)]
     pub claim_idle_ms: u64,
-    /// Consumer name (default: worker-PID)
+    /// Consumer name (default: worker-HOST-PID)
     #[arg(long)]
     pub name: Option<String>,
     /// Refinement iteration budget

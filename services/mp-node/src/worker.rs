@@ -141,6 +141,16 @@ pub struct WorkerConfig {
     pub health_listen: String,
 }
 
+/// `worker-HOST-PID`: unique across pods (where every PID is 1) and processes.
+pub fn default_consumer() -> String {
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
+        .map(|h| h.trim().to_string())
+        .unwrap_or_default();
+    format!("worker-{host}-{}", std::process::id())
+}
+
 impl Default for WorkerConfig {
     fn default() -> Self {
         WorkerConfig {
@@ -148,7 +158,7 @@ impl Default for WorkerConfig {
             prefix: "mp".into(),
             checkpoints: PathBuf::from("checkpoints"),
             threads: 1,
-            consumer: format!("worker-{}", std::process::id()),
+            consumer: default_consumer(),
             claim_idle_ms: 30_000,
             refine: RefineConfig::default(),
             exploration: 0.05,
