@@ -1,6 +1,7 @@
 //! `mp`: the Machine Punishment command line. Thin: parse → set up → call the library.
 
 mod bench_efficacy;
+mod bench_platform;
 mod bench_queue;
 mod bench_speed;
 mod commands;
@@ -68,6 +69,8 @@ enum BenchCmd {
     Speed(bench_speed::SpeedArgs),
     /// Lease -> submit round trip and leases per second with concurrent simulated experts
     Queue(bench_queue::QueueArgs),
+    /// The whole loop on Decoy-MNIST: accuracy vs committed marks, wall-clock, worker throughput
+    Platform(bench_platform::PlatformArgs),
 }
 
 fn main() {
@@ -92,6 +95,7 @@ fn main() {
         Command::Bench(BenchCmd::Efficacy(a)) => bench_efficacy::run(a),
         Command::Bench(BenchCmd::Speed(a)) => bench_speed::run(a),
         Command::Bench(BenchCmd::Queue(a)) => bench_queue::run(a),
+        Command::Bench(BenchCmd::Platform(a)) => bench_platform::run(a),
         Command::Gateway(a) => platform::gateway(a),
         Command::Project(platform::ProjectCmd::Init(a)) => {
             platform::project_init(a).map(|t| println!("admin token: {t}"))

@@ -315,3 +315,65 @@ async fn two_commits_racing_on_one_base_version_one_applies_the_other_is_rebased
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+#[test]
+fn up_starts_everything_prints_address_and_token_and_stops_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    // A small image folder with marks: the shortcut fixture written in the project's format.
+    let data = dir.path().join("data");
+    let ds = mp_e2e::shortcut_dataset(120, true, 3);
+    mp_core::data::folder::write_split(&data, "train", &ds, true).unwrap();
+    let held = mp_e2e::shortcut_dataset(40, false, 4);
+    mp_core::data::folder::write_split(&data, "val", &held, false).unwrap();
+    mp_core::data::folder::write_split(&data, "test", &held, false).unwrap();
+    let grpc = mp_store::server::free_port().unwrap();
+    let redis = mp_store::server::free_port().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_mp"))
+        .args([
+            "up",
+            "--check",
+            "--workers",
+            "1",
+            "--listen",
+            &format!("127.0.0.1:{grpc}"),
+            "--redis-port",
+            &redis.to_string(),
+        ])
+        .arg("--dir")
+        .arg(dir.path().join("up"))
+        .arg("--data")
+        .arg(&data)
+        .env("MP_THREADS", "1")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("Machine Punishment is up")
+            && stdout.contains(&format!("127.0.0.1:{grpc}")),
+        "{stdout}"
+    );
+    let token = stdout
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("admin token"))
+        .unwrap()
+        .trim()
+        .to_string();
+    assert!(token.starts_with("mp_") && token.len() > 40, "{token}");
+    assert!(dir.path().join("up/checkpoints/v1.safetensors").exists());
+    assert!(
+        dir.path().join("up/redis/appendonlydir").exists(),
+        "redis must run with AOF"
+    );
+    // Everything stopped: nothing listens any more.
+    for port in [grpc, redis] {
+        assert!(
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_err(),
+            "port {port} still open"
+        );
+    }
+}

@@ -38,6 +38,36 @@ impl From<actix::MailboxError> for NodeError {
 
 pub type Result<T, E = NodeError> = std::result::Result<T, E>;
 
+/// Connects to Redis (retrying while it does not answer) and waits for a project to be
+/// loaded; `None` if `stop` turned true first. Also makes sure the job groups exist.
+pub async fn connect(
+    url: &str,
+    prefix: &str,
+    stop: &tokio::sync::watch::Receiver<bool>,
+) -> Result<Option<(mp_store::Store, mp_store::ProjectInfo)>> {
+    let pause = || tokio::time::sleep(std::time::Duration::from_millis(500));
+    let store = loop {
+        match mp_store::Store::connect(url, prefix).await {
+            Ok(s) => break s,
+            Err(e) => tracing::warn!(error = %e, "redis not answering; retrying"),
+        }
+        if *stop.borrow() {
+            return Ok(None);
+        }
+        pause().await;
+    };
+    loop {
+        if let Some(p) = store.project().await? {
+            store.ensure_job_groups().await?;
+            return Ok(Some((store, p)));
+        }
+        if *stop.borrow() {
+            return Ok(None);
+        }
+        pause().await;
+    }
+}
+
 /// Health on `addr` (gRPC health protocol), Serving while `serving` says so.
 pub async fn serve_health(
     addr: String,

@@ -395,23 +395,9 @@ impl Coordinator {
 
 /// Runs the trainer until `stop` turns true. Call inside an actix `System`.
 pub async fn run(cfg: TrainerConfig, mut stop: tokio::sync::watch::Receiver<bool>) -> Result<()> {
-    let store = loop {
-        match Store::connect(&cfg.redis_url, &cfg.prefix).await {
-            Ok(s) => break s,
-            Err(e) => warn!(error = %e, "redis not answering; retrying"),
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        if *stop.borrow() {
-            return Ok(());
-        }
+    let Some((store, project)) = crate::connect(&cfg.redis_url, &cfg.prefix, &stop).await? else {
+        return Ok(());
     };
-    let project = loop {
-        if let Some(p) = store.project().await? {
-            break p;
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    };
-    store.ensure_job_groups().await?;
     let train = load_split(&store, &project, "train", None).await?;
     let index = train
         .names

@@ -310,25 +310,9 @@ impl Ctx {
 
 /// Runs the pool until `stop` turns true. Call inside an actix `System`.
 pub async fn run(cfg: WorkerConfig, mut stop: tokio::sync::watch::Receiver<bool>) -> Result<()> {
-    let store = loop {
-        match Store::connect(&cfg.redis_url, &cfg.prefix).await {
-            Ok(s) => break s,
-            Err(e) => {
-                warn!(error = %e, "redis not answering; retrying");
-                tokio::time::sleep(Duration::from_millis(500)).await;
-            }
-        }
-        if *stop.borrow() {
-            return Ok(());
-        }
+    let Some((store, project)) = crate::connect(&cfg.redis_url, &cfg.prefix, &stop).await? else {
+        return Ok(());
     };
-    let project = loop {
-        if let Some(p) = store.project().await? {
-            break p;
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    };
-    store.ensure_job_groups().await?;
     let val = Arc::new(load_split(&store, &project, "val", Some(cfg.val_images)).await?);
     let (device, threads) = (cfg.device, cfg.threads.max(1));
     let addr = SyncArbiter::start(threads, move || Worker::new(device, 3));

@@ -263,6 +263,16 @@ fn lease_error(word: &str, lease: &str) -> StoreError {
     }
 }
 
+/// `{'ok', n}` → n; `{error word}` → the lease error.
+fn number_answer(v: &[redis::Value], lease_id: &str) -> Result<u64> {
+    let words: Vec<String> = v.iter().map(value_string).collect();
+    match words.first().map(String::as_str) {
+        Some("ok") => Ok(words.get(1).and_then(|s| s.parse().ok()).unwrap_or(0)),
+        Some(w) => Err(lease_error(w, lease_id)),
+        None => Err(StoreError::Corrupt("empty script answer".into())),
+    }
+}
+
 fn field<T: std::str::FromStr>(h: &HashMap<String, Vec<u8>>, k: &str) -> Result<T> {
     let raw = h
         .get(k)
@@ -510,12 +520,7 @@ impl Store {
             .arg(ttl_ms)
             .invoke_async(&mut c)
             .await?;
-        let words: Vec<String> = v.iter().map(value_string).collect();
-        match words.first().map(String::as_str) {
-            Some("ok") => Ok(words.get(1).and_then(|s| s.parse().ok()).unwrap_or(0)),
-            Some(w) => Err(lease_error(w, lease_id)),
-            None => Err(StoreError::Corrupt("empty heartbeat answer".into())),
-        }
+        number_answer(&v, lease_id)
     }
 
     pub async fn skip(&self, lease_id: &str, expert: &str) -> Result<u64> {
@@ -528,12 +533,7 @@ impl Store {
             .arg(expert)
             .invoke_async(&mut c)
             .await?;
-        let words: Vec<String> = v.iter().map(value_string).collect();
-        match words.first().map(String::as_str) {
-            Some("ok") => Ok(words.get(1).and_then(|s| s.parse().ok()).unwrap_or(0)),
-            Some(w) => Err(lease_error(w, lease_id)),
-            None => Err(StoreError::Corrupt("empty skip answer".into())),
-        }
+        number_answer(&v, lease_id)
     }
 
     /// What a lease refers to (any state), or NotFound.
