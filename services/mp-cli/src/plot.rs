@@ -107,3 +107,37 @@ pub fn line_plot(
         .with_context(|| format!("writing {}", path.display()))?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_line_plot_is_drawn_with_its_series() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("sub/plot.png");
+        let series = [
+            Series {
+                label: "guided".into(),
+                points: vec![(0.0, 50.0, 2.0), (1.0, 90.0, 1.0)],
+                dashed: false,
+            },
+            Series {
+                label: "baseline".into(),
+                points: vec![(0.0, 70.0, 0.0), (1.0, 70.0, 0.0)],
+                dashed: true,
+            },
+        ];
+        line_plot(&p, "title", "x", "y", (0.0, 1.0), (0.0, 100.0), &series).unwrap();
+        let img = image::open(&p).unwrap().to_rgb8();
+        assert_eq!(img.dimensions(), (1000, 640));
+        let coloured = img
+            .pixels()
+            .filter(|px| px[0] != px[1] || px[1] != px[2])
+            .count();
+        assert!(
+            coloured > 500,
+            "series should be drawn in colour: {coloured}"
+        );
+    }
+}
