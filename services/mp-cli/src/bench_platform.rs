@@ -27,7 +27,7 @@ pub struct PlatformArgs {
     pub experts: usize,
     #[arg(long, default_value_t = 2)]
     pub workers: usize,
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 6)]
     pub epochs_per_round: usize,
     /// Refine jobs timed for throughput with 1 and 2 workers (0 = skip)
     #[arg(long, default_value_t = 12)]

@@ -116,7 +116,7 @@ pub struct TrainerArgs {
     #[command(flatten)]
     pub node: NodeArgs,
     /// Epochs of each training phase between intervention rounds
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 6)]
     pub epochs_per_round: usize,
     /// Committed marks that end a round
     #[arg(long, default_value_t = 10)]
@@ -170,7 +170,7 @@ pub struct UpArgs {
     pub workers: usize,
     #[arg(long, default_value_t = 10)]
     pub round_marks: usize,
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 6)]
     pub epochs_per_round: usize,
     /// Start the services, print the address and token, and stop again (smoke test)
     #[arg(long)]

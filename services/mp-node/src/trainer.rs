@@ -157,7 +157,7 @@ impl Default for TrainerConfig {
             redis_url: "redis://127.0.0.1:6379".into(),
             prefix: "mp".into(),
             checkpoints: PathBuf::from("checkpoints"),
-            epochs_per_round: 2,
+            epochs_per_round: 6,
             round_marks: 10,
             round_seconds: 0,
             train: TrainConfig {
