@@ -58,17 +58,7 @@ pub fn run(a: PlatformArgs) -> Result<()> {
         n_test: 2000,
     })?;
     let ck = dir.join("checkpoints");
-    let admin = project_init(InitArgs {
-        data: data.clone(),
-        redis_url: url.clone(),
-        prefix: "mp".into(),
-        checkpoints: ck.clone(),
-        model: None,
-        epochs: 4,
-        arch: "small-cnn".into(),
-        resize: None,
-        admin_name: "admin".into(),
-    })?;
+    let admin = project_init(InitArgs::new(data.clone(), url.clone(), ck.clone()))?;
     let setup_s = t0.elapsed().as_secs_f64();
     let port = mp_store::server::free_port()?;
     let addr = format!("http://127.0.0.1:{port}");

