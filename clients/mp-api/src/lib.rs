@@ -110,3 +110,27 @@ pub fn random_key() -> String {
     getrandom::fill(&mut b).expect("operating system random source");
     hex::encode(b)
 }
+
+/// Creates an expert through the admin API, retrying while the gateway is briefly away
+/// (for example before its first Redis connection).
+pub async fn create_expert(
+    admin: &Client,
+    name: &str,
+    role: &str,
+    retry_for: std::time::Duration,
+) -> Result<pb::CreateExpertReply, Status> {
+    let start = std::time::Instant::now();
+    loop {
+        let req = pb::CreateExpertRequest {
+            name: name.into(),
+            role: role.into(),
+        };
+        match admin.admin.clone().create_expert(req).await {
+            Ok(r) => return Ok(r.into_inner()),
+            Err(s) if transient(&s) && start.elapsed() < retry_for => {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await
+            }
+            Err(s) => return Err(s),
+        }
+    }
+}

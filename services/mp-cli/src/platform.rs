@@ -322,16 +322,14 @@ pub async fn sim_clients(
     let admin = Client::connect(addr, admin_token).await?;
     let mut out = Vec::with_capacity(n);
     for k in 0..n {
-        let r = admin
-            .admin
-            .clone()
-            .create_expert(mp_proto::v1::CreateExpertRequest {
-                name: format!("{tag}-{k}"),
-                role: "expert".into(),
-            })
-            .await
-            .map_err(|s| anyhow::anyhow!("creating expert: {}", s.message()))?
-            .into_inner();
+        let r = mp_api::create_expert(
+            &admin,
+            &format!("{tag}-{k}"),
+            "expert",
+            Duration::from_secs(10),
+        )
+        .await
+        .map_err(|s| anyhow::anyhow!("creating expert: {}", s.message()))?;
         out.push(Client::new(addr, &r.token)?);
     }
     Ok(out)

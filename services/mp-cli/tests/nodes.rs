@@ -56,16 +56,9 @@ async fn gateway(redis_url: &str, ck: &Path) -> (String, tokio::sync::oneshot::S
 
 async fn expert(addr: &str, admin: &str, name: &str) -> Client {
     let a = Client::connect(addr, admin).await.unwrap();
-    let r = a
-        .admin
-        .clone()
-        .create_expert(pb::CreateExpertRequest {
-            name: name.into(),
-            role: "expert".into(),
-        })
+    let r = mp_api::create_expert(&a, name, "expert", Duration::from_secs(10))
         .await
-        .unwrap()
-        .into_inner();
+        .unwrap();
     Client::new(addr, &r.token).unwrap()
 }
 

@@ -63,16 +63,9 @@ async fn experts(addr: &str, admin: &str, n: usize) -> Vec<Client> {
     let a = Client::connect(addr, admin).await.unwrap();
     let mut out = Vec::new();
     for k in 0..n {
-        let r = a
-            .admin
-            .clone()
-            .create_expert(pb::CreateExpertRequest {
-                name: format!("e{k}"),
-                role: "expert".into(),
-            })
+        let r = mp_api::create_expert(&a, &format!("e{k}"), "expert", Duration::from_secs(10))
             .await
-            .unwrap()
-            .into_inner();
+            .unwrap();
         out.push(Client::new(addr, &r.token).unwrap());
     }
     out
