@@ -235,15 +235,11 @@ impl pb::queue_service_server::QueueService for Gateway {
         let r = async {
             let e = self.expert(&req).await?;
             tracing::Span::current().record("expert", e.id.as_str());
-            let store = self.store()?;
-            let grant = store
+            let grant = self
+                .store()?
                 .lease(&e.id, self.config.lease_ttl_ms)
                 .await
                 .map_err(status)?;
-            let (width, height) = match &grant {
-                Some(g) => store.image_size(&g.image_id).await.map_err(status)?,
-                None => (0, 0),
-            };
             Ok(Response::new(match grant {
                 Some(g) => pb::LeaseReply {
                     lease: Some(pb::Lease {
@@ -253,8 +249,8 @@ impl pb::queue_service_server::QueueService for Gateway {
                         lease_seq: g.seq,
                         model_version: g.model_version,
                         priority: g.priority,
-                        width,
-                        height,
+                        width: g.width,
+                        height: g.height,
                     }),
                     retry_after_ms: 0,
                 },
@@ -307,28 +303,8 @@ impl pb::queue_service_server::QueueService for Gateway {
                 .mask
                 .as_ref()
                 .ok_or_else(|| Status::invalid_argument("mask is required"))?;
-            let lease = self
-                .store()?
-                .lease_info(&body.lease_id)
-                .await
-                .map_err(status)?;
-            if lease.expert_id != e.id {
-                return Err(Status::permission_denied(format!(
-                    "lease {} belongs to another expert",
-                    body.lease_id
-                )));
-            }
-            let (w, h) = self
-                .store()?
-                .image_size(&lease.image_id)
-                .await
-                .map_err(status)?;
-            if (mask.width, mask.height) != (w, h) {
-                return Err(Status::invalid_argument(format!(
-                    "mask is {}x{} but image {} is {w}x{h}",
-                    mask.width, mask.height, lease.image_id
-                )));
-            }
+            // Ownership, lease state and the mask's size against the image are checked
+            // inside the submit script, in the same round trip that stores the mark.
             let values = rle::decode(mask).map_err(|e| Status::invalid_argument(e.to_string()))?;
             if values.iter().all(|&v| v == 0) {
                 return Err(Status::invalid_argument(

@@ -102,6 +102,9 @@ pub struct LeaseGrant {
     pub seq: u64,
     pub priority: f64,
     pub model_version: u64,
+    /// The leased image's size, so that a client can size its mask without another call.
+    pub width: u32,
+    pub height: u32,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -476,7 +479,6 @@ impl Store {
     /// Claims the lowest-priority image for `expert` for `ttl_ms`; `None` when the queue is empty.
     pub async fn lease(&self, expert: &str, ttl_ms: u64) -> Result<Option<LeaseGrant>> {
         let mut c = self.conn.clone();
-        let version = self.serving_version().await?;
         let lease_id = new_id();
         let v: Vec<redis::Value> = self
             .scripts
@@ -485,18 +487,19 @@ impl Store {
             .arg(&lease_id)
             .arg(expert)
             .arg(ttl_ms)
-            .arg(version)
             .invoke_async(&mut c)
             .await?;
         let words: Vec<String> = v.iter().map(value_string).collect();
         match words.first().map(String::as_str) {
-            Some("ok") if words.len() == 5 => Ok(Some(LeaseGrant {
+            Some("ok") if words.len() == 8 => Ok(Some(LeaseGrant {
                 lease_id,
                 image_id: words[1].clone(),
                 priority: words[2].parse().unwrap_or(0.0),
                 deadline_ms: words[3].parse().unwrap_or(0),
                 seq: words[4].parse().unwrap_or(0),
-                model_version: version,
+                model_version: words[5].parse().unwrap_or(0),
+                width: words[6].parse().unwrap_or(0),
+                height: words[7].parse().unwrap_or(0),
             })),
             Some("empty") => Ok(None),
             other => Err(StoreError::Corrupt(format!(
@@ -593,6 +596,10 @@ impl Store {
                 image_id: words[4].clone(),
                 duplicate: w == "dup",
             }),
+            Some("bad_size") if words.len() == 4 => Err(StoreError::InvalidArgument(format!(
+                "mask is {width}x{height} but image {} is {}x{}",
+                words[1], words[2], words[3]
+            ))),
             Some(w) => Err(lease_error(w, lease_id)),
             None => Err(StoreError::Corrupt("empty submit answer".into())),
         }

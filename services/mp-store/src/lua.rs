@@ -56,8 +56,10 @@ local function release(p, l, state)
 end
 "#;
 
-/// ARGV: prefix, lease_id, expert, ttl_ms, model_version.
-/// Returns {'ok', image, priority, deadline, seq} or {'empty'}.
+/// ARGV: prefix, lease_id, expert, ttl_ms.
+/// The lease records the serving model version (falling back to the current one), read here
+/// so that a lease costs one round trip.
+/// Returns {'ok', image, priority, deadline, seq, model_version, width, height} or {'empty'}.
 pub const LEASE: &str = r#"
 local p, lid, expert, ttl = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
 local now = now_ms()
@@ -65,13 +67,16 @@ reclaim(p, now)
 local popped = redis.call('ZPOPMIN', p .. ':queue')
 if #popped == 0 then return {'empty'} end
 local img, prio = popped[1], popped[2]
+local version = redis.call('GET', p .. ':model:serving')
+if not version then version = redis.call('GET', p .. ':model:current') or '0' end
+local size = redis.call('HMGET', p .. ':img:' .. img, 'width', 'height')
 local deadline = now + ttl
 local seq = redis.call('INCR', p .. ':seq')
 redis.call('ZADD', p .. ':leases', deadline, img)
 redis.call('HSET', p .. ':image_lease', img, lid)
 redis.call('HSET', p .. ':lease:' .. lid, 'image', img, 'expert', expert, 'deadline', deadline,
-  'seq', seq, 'state', 'active', 'model_version', ARGV[5], 'priority', prio)
-return {'ok', img, prio, tostring(deadline), seq}
+  'seq', seq, 'state', 'active', 'model_version', version, 'priority', prio)
+return {'ok', img, prio, tostring(deadline), seq, version, size[1] or '0', size[2] or '0'}
 "#;
 
 /// ARGV: prefix, lease_id, expert, ttl_ms. Returns {'ok', deadline} or {error}.
@@ -106,8 +111,10 @@ return {'ok', seq}
 
 /// ARGV: prefix, lease_id, expert, idempotency_key, mark_id, proposal_id, width, height,
 /// mask bytes (one signed byte per pixel), idempotency TTL seconds.
-/// Stores the mark, releases the lease, creates the queued proposal and its refine job.
-/// Returns {'ok'|'dup', mark_id, proposal_id, release_seq, image} or {error}.
+/// Checks ownership, state and that width x height is the leased image's size, then stores
+/// the mark, releases the lease, creates the queued proposal and its refine job — one round
+/// trip. Returns {'ok'|'dup', mark_id, proposal_id, release_seq, image},
+/// {'bad_size', image, width, height} or {error}.
 pub const SUBMIT: &str = r#"
 local p, lid, expert, key = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local idem = p .. ':idem:' .. expert .. ':' .. key
@@ -120,6 +127,10 @@ end
 local now = now_ms()
 local l, err = active_lease(p, lid, expert, now)
 if not l then return {err} end
+local size = redis.call('HMGET', p .. ':img:' .. l['image'], 'width', 'height')
+if size[1] ~= ARGV[7] or size[2] ~= ARGV[8] then
+  return {'bad_size', l['image'], size[1] or '0', size[2] or '0'}
+end
 local mark, prop = ARGV[5], ARGV[6]
 local version = l['model_version']
 redis.call('HSET', p .. ':mark:' .. mark, 'image', l['image'], 'expert', expert, 'time_ms', now,
