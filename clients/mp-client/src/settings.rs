@@ -1,0 +1,99 @@
+//! What the client remembers between runs: the server, the token and the tool settings,
+//! in a small JSON file readable only by its owner.
+
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Settings {
+    pub addr: String,
+    pub token: String,
+    /// Brush radius in screen points (the thesis's slider: 0–80).
+    pub radius: f32,
+    /// Opacity of the saliency overlay, 0–1.
+    pub opacity: f32,
+    pub show_saliency: bool,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            addr: "http://127.0.0.1:50051".into(),
+            token: String::new(),
+            radius: 12.0,
+            opacity: 0.5,
+            show_saliency: true,
+        }
+    }
+}
+
+/// `$XDG_CONFIG_HOME/machine-punishment/client.json`, else under `$HOME/.config`.
+pub fn default_path() -> Option<PathBuf> {
+    let base = std::env::var_os("XDG_CONFIG_HOME")
+        .map(PathBuf::from)
+        .filter(|p| p.is_absolute())
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config")))?;
+    Some(base.join("machine-punishment").join("client.json"))
+}
+
+impl Settings {
+    /// The settings in `path`, or the defaults when there is no such file or it cannot be
+    /// read (a broken file must not keep a person out of the client).
+    pub fn load(path: &Path) -> Settings {
+        std::fs::read(path)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default()
+    }
+
+    pub fn save(&self, path: &Path) -> std::io::Result<()> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let tmp = path.with_extension("json.tmp");
+        let body = serde_json::to_vec_pretty(self).map_err(std::io::Error::other)?;
+        {
+            use std::io::Write;
+            let mut opts = std::fs::OpenOptions::new();
+            opts.write(true).create(true).truncate(true);
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::OpenOptionsExt;
+                opts.mode(0o600);
+            }
+            let mut f = opts.open(&tmp)?;
+            f.write_all(&body)?;
+        }
+        std::fs::rename(&tmp, path)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_and_broken_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("sub").join("client.json");
+        assert_eq!(Settings::load(&p), Settings::default());
+        let s = Settings {
+            addr: "http://example:1".into(),
+            token: "t".into(),
+            radius: 3.0,
+            opacity: 0.2,
+            show_saliency: false,
+        };
+        s.save(&p).unwrap();
+        assert_eq!(Settings::load(&p), s);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&p).unwrap().permissions().mode();
+            assert_eq!(mode & 0o077, 0, "token file readable by others");
+        }
+        std::fs::write(&p, b"{not json").unwrap();
+        assert_eq!(Settings::load(&p), Settings::default());
+    }
+}
