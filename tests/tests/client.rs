@@ -6,7 +6,7 @@
 use egui::Key;
 use egui_kittest::kittest::Queryable;
 use egui_kittest::Harness;
-use mp_client::app::Work;
+use mp_client::app::{Conn, Work};
 use mp_client::settings::Settings;
 use mp_client::{ClientApp, Net};
 use mp_store::server::RedisServer;
@@ -18,7 +18,11 @@ const SIDE: u32 = mp_e2e::PROJECT_SIDE;
 struct Stack {
     rt: tokio::runtime::Runtime,
     redis: RedisServer,
-    gateway: Option<tokio::sync::oneshot::Sender<()>>,
+    gateway: Option<(
+        tokio::sync::oneshot::Sender<()>,
+        tokio::task::JoinHandle<()>,
+    )>,
+    gateway_config: mp_gateway::GatewayConfig,
     worker: Option<(
         tokio::sync::watch::Sender<bool>,
         std::thread::JoinHandle<()>,
@@ -46,8 +50,11 @@ impl Stack {
         let listener = rt
             .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
             .unwrap();
-        let addr = format!("http://{}", listener.local_addr().unwrap());
-        let cfg = mp_gateway::GatewayConfig {
+        let listen = listener.local_addr().unwrap().to_string();
+        let addr = format!("http://{listen}");
+        drop(listener);
+        let gateway_config = mp_gateway::GatewayConfig {
+            listen,
             redis_url: url.clone(),
             metrics_listen: String::new(),
             checkpoints: checkpoints.clone(),
@@ -55,14 +62,6 @@ impl Stack {
             reaper_interval_ms: 100,
             ..Default::default()
         };
-        let (gtx, grx) = tokio::sync::oneshot::channel::<()>();
-        rt.spawn(async move {
-            mp_gateway::run(listener, cfg, async {
-                let _ = grx.await;
-            })
-            .await
-            .unwrap();
-        });
         let worker = with_worker.then(|| {
             let (tx, rx) = tokio::sync::watch::channel(false);
             let cfg = mp_node::worker::WorkerConfig {
@@ -89,14 +88,42 @@ impl Stack {
             });
             (tx, th)
         });
-        Stack {
+        let mut stack = Stack {
             rt,
             redis,
-            gateway: Some(gtx),
+            gateway: None,
+            gateway_config,
             worker,
             addr,
             admin,
             _dir: dir,
+        };
+        stack.start_gateway();
+        stack
+    }
+
+    /// Starts the gateway on its (fixed) address.
+    fn start_gateway(&mut self) {
+        let cfg = self.gateway_config.clone();
+        let listener = self
+            .rt
+            .block_on(tokio::net::TcpListener::bind(cfg.listen.clone()))
+            .unwrap();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let task = self.rt.spawn(async move {
+            mp_gateway::run(listener, cfg, async {
+                let _ = rx.await;
+            })
+            .await
+            .unwrap();
+        });
+        self.gateway = Some((tx, task));
+    }
+
+    fn stop_gateway(&mut self) {
+        if let Some((tx, task)) = self.gateway.take() {
+            let _ = tx.send(());
+            let _ = self.rt.block_on(task);
         }
     }
 
@@ -138,7 +165,7 @@ impl Drop for Stack {
             let _ = tx.send(true);
             let _ = th.join();
         }
-        if let Some(tx) = self.gateway.take() {
+        if let Some((tx, _)) = self.gateway.take() {
             let _ = tx.send(());
         }
     }
@@ -291,4 +318,39 @@ fn an_expired_lease_is_explained_and_the_drawing_comes_back() {
         leased_image(app).as_deref() == Some(image.as_str())
     });
     assert_eq!(h.state().marking().unwrap().layer.values(), &drawn[..]);
+}
+
+#[test]
+fn a_gateway_restart_mid_submit_loses_nothing_drawn() {
+    let mut s = Stack::start(60_000, false);
+    let store = s.store();
+    let t = Duration::from_secs(30);
+    let mut h = s.client("fay");
+    wait_until(&mut h, "an image", t, |app| app.marking().is_some());
+    let image = leased_image(h.state()).unwrap();
+    stroke(&mut h, 1, 6, 3);
+    let drawn = h.state().marking().unwrap().layer.values().to_vec();
+    s.stop_gateway();
+    h.key_press(Key::Enter);
+    h.step();
+    wait_until(&mut h, "the lost connection", t, |app| {
+        matches!(app.conn, Conn::Down { .. })
+    });
+    assert!(h.query_by_label_contains("Connection lost").is_some());
+    match &h.state().work {
+        Work::Submitting { m, .. } => assert_eq!(m.layer.values(), &drawn[..]),
+        _ => panic!("the submit should be waiting to be retried"),
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    s.start_gateway();
+    wait_until(&mut h, "the retried submit", t, |app| {
+        matches!(app.work, Work::Refining { .. }) && matches!(app.conn, Conn::Up { .. })
+    });
+    let marks = s.rt.block_on(store.mark_ids()).unwrap();
+    assert_eq!(marks.len(), 1, "stored once");
+    let mark = s.rt.block_on(store.mark(&marks[0])).unwrap();
+    assert_eq!(
+        (mark.image_id.as_str(), mark.values),
+        (image.as_str(), drawn)
+    );
 }

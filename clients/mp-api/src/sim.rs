@@ -48,6 +48,10 @@ pub struct SimConfig {
     pub reject_below: f64,
     /// Longest wait for a proposal.
     pub proposal_timeout: Duration,
+    /// Each expert starts a lease every `pace` (zero: as fast as replies come back). The
+    /// round trip is then measured from the scheduled start, so a stalled server is not
+    /// hidden by late starts.
+    pub pace: Duration,
 }
 
 impl Default for SimConfig {
@@ -68,6 +72,7 @@ impl Default for SimConfig {
             commit: false,
             reject_below: 0.05,
             proposal_timeout: Duration::from_secs(300),
+            pace: Duration::ZERO,
         }
     }
 }
@@ -233,8 +238,17 @@ async fn expert(
     let mut dice = Dice(cfg.seed ^ (k as u64).wrapping_mul(0x2545_F491_4F6C_DD1D));
     let mut events = Vec::new();
     let mut errors = Vec::new();
+    // Experts' schedules are spread evenly over one pace interval.
+    let mut next = Instant::now() + cfg.pace.mul_f64(k as f64 / cfg.experts.max(1) as f64);
     while granted.load(Ordering::SeqCst) < cfg.leases {
-        let t0 = Instant::now();
+        let t0 = if cfg.pace.is_zero() {
+            Instant::now()
+        } else {
+            tokio::time::sleep_until(next.into()).await;
+            let scheduled = next;
+            next += cfg.pace;
+            scheduled
+        };
         let reply = retry(cfg.retry_for, &retries, || {
             let mut q = c.queue.clone();
             async move { q.lease(pb::LeaseRequest {}).await.map(|r| r.into_inner()) }

@@ -200,6 +200,23 @@ impl ClientApp {
         self.stats = None;
     }
 
+    /// On exit: gives the image being marked back to the queue (waiting up to `wait` for
+    /// the server's answer), so that it does not sit leased until its deadline.
+    pub fn release_lease(&mut self, wait: Duration) {
+        if !matches!(self.work, Work::Marking(_)) || !self.connected() {
+            return;
+        }
+        self.skip();
+        let until = Instant::now() + wait;
+        while Instant::now() < until && matches!(self.work, Work::Skipping { .. }) {
+            match self.net.try_recv() {
+                Some(Reply::Skipped { .. }) => return,
+                Some(r) => self.on_reply(r),
+                None => std::thread::sleep(Duration::from_millis(10)),
+            }
+        }
+    }
+
     fn say(&mut self, level: Level, text: impl Into<String>) {
         self.banner = Some(Banner {
             level,
@@ -745,7 +762,7 @@ impl ClientApp {
         if matches!(self.work, Work::Marking(_)) {
             egui::Panel::left("tools")
                 .resizable(false)
-                .exact_size(210.0)
+                .exact_size(230.0)
                 .show(ui, |ui| self.tools(ui));
         }
         egui::CentralPanel::default_margins().show(ui, |ui| self.work_screen(ui));
@@ -840,7 +857,8 @@ impl ClientApp {
                 .on_hover_text("Look here");
         });
         ui.selectable_value(&mut self.brush, Brush::Eraser, "Eraser (E)");
-        ui.add(egui::Slider::new(&mut self.settings.radius, 0.0..=RADIUS_MAX).text("radius [ ]"));
+        ui.add(egui::Slider::new(&mut self.settings.radius, 0.0..=RADIUS_MAX).text("radius"))
+            .on_hover_text("[ and ] make the brush smaller and larger");
         ui.horizontal(|ui| {
             let (can_undo, can_redo) = self
                 .marking()
@@ -893,7 +911,7 @@ impl ClientApp {
         ui.add_space(8.0);
         ui.small(
             "Left drag paints, right or middle drag pans, wheel zooms. \
-             Ctrl+Z undo, Ctrl+Shift+Z redo.",
+             [ ] brush size, Ctrl+Z undo, Ctrl+Shift+Z redo.",
         );
     }
 

@@ -78,5 +78,6 @@ impl eframe::App for Shell {
 
     fn on_exit(&mut self, _gl: Option<&eframe::glow::Context>) {
         self.0.save_settings();
+        self.0.release_lease(std::time::Duration::from_millis(500));
     }
 }

@@ -351,3 +351,56 @@ fn a_refused_submit_returns_to_the_drawing_with_the_servers_message() {
     assert!(h.query_by_label_contains("mask is 3x3").is_some());
     assert!(!h.state().marking().unwrap().layer.is_empty());
 }
+
+#[test]
+fn zoom_and_pan_move_the_image_and_strokes_still_land_on_the_right_pixels() {
+    let (mut h, mut end) = marking_client();
+    sent(&mut end);
+    let before = h.state().canvas.unwrap();
+    // Pinch / Ctrl+wheel zoom around the pointer.
+    let centre = before.image_rect.center();
+    h.hover_at(centre);
+    h.event(egui::Event::Zoom(2.0));
+    h.step();
+    h.step();
+    let zoomed = h.state().canvas.unwrap();
+    assert!(
+        (zoomed.scale / before.scale - 2.0).abs() < 1e-3,
+        "{zoomed:?}"
+    );
+    // Right-drag pans and paints nothing.
+    let a = zoomed.image_rect.center();
+    let b = a + egui::vec2(-120.0, -40.0);
+    h.hover_at(a);
+    h.event(egui::Event::PointerButton {
+        pos: a,
+        button: egui::PointerButton::Secondary,
+        pressed: true,
+        modifiers: Modifiers::NONE,
+    });
+    for k in 1..=6 {
+        h.hover_at(a + (b - a) * (k as f32 / 6.0));
+    }
+    h.event(egui::Event::PointerButton {
+        pos: b,
+        button: egui::PointerButton::Secondary,
+        pressed: false,
+        modifiers: Modifiers::NONE,
+    });
+    h.step();
+    h.step();
+    let panned = h.state().canvas.unwrap();
+    let moved = panned.image_rect.min - zoomed.image_rect.min;
+    assert!(
+        moved.x < -60.0 && moved.y < -20.0,
+        "pan moved the image by {moved:?}"
+    );
+    assert!(h.state().marking().unwrap().layer.is_empty());
+    // A radius-0 stroke on the zoomed, panned image hits exactly the pixels under it.
+    h.state_mut().settings.radius = 0.0;
+    drag(&mut h, [8.5, 7.5], [14.5, 7.5]);
+    h.key_press(Key::Enter);
+    h.step();
+    let values = submitted(&sent(&mut end));
+    assert_eq!(painted(&values, 1), (8..=14).map(|x| (x, 7)).collect());
+}
