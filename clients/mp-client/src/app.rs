@@ -45,7 +45,11 @@ pub enum Level {
 pub struct Banner {
     pub level: Level,
     pub text: String,
+    pub since: Instant,
 }
+
+/// Information fades after this long; warnings and errors stay until dismissed.
+const INFO_SHOWN_FOR: Duration = Duration::from_secs(8);
 
 /// The image being worked on.
 #[derive(Debug, Clone)]
@@ -221,6 +225,7 @@ impl ClientApp {
         self.banner = Some(Banner {
             level,
             text: text.into(),
+            since: Instant::now(),
         });
     }
 
@@ -565,6 +570,16 @@ impl ClientApp {
         let now = Instant::now();
         let mut wake = Duration::from_secs(1);
         let connected = self.connected();
+        if let Some(b) = &self.banner {
+            if b.level == Level::Info {
+                let left = INFO_SHOWN_FOR.saturating_sub(b.since.elapsed());
+                if left.is_zero() {
+                    self.banner = None;
+                } else {
+                    wake = wake.min(left);
+                }
+            }
+        }
         if connected {
             if now >= self.next_stats {
                 self.net.send(Cmd::Stats);
@@ -986,6 +1001,22 @@ impl ClientApp {
             ));
             ui.separator();
             ui.label(format!("model v{}", m.lease.model_version));
+            let newest = self
+                .stats
+                .as_ref()
+                .and_then(|s| s.accuracy_history.iter().map(|v| v.version).max())
+                .unwrap_or(0);
+            if newest > m.lease.model_version {
+                ui.separator();
+                ui.colored_label(
+                    Color32::from_rgb(230, 170, 40),
+                    format!(
+                        "v{newest} is newer: this view is v{}'s; your marks still count \
+                         (the refinement is rebased on the newest model)",
+                        m.lease.model_version
+                    ),
+                );
+            }
         });
         let area = ui.available_rect_before_wrap();
         let resp = ui.allocate_rect(area, egui::Sense::click_and_drag());

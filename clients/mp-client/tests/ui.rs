@@ -404,3 +404,34 @@ fn zoom_and_pan_move_the_image_and_strokes_still_land_on_the_right_pixels() {
     let values = submitted(&sent(&mut end));
     assert_eq!(painted(&values, 1), (8..=14).map(|x| (x, 7)).collect());
 }
+
+#[test]
+fn the_status_bar_counts_and_a_newer_model_is_pointed_out() {
+    let (mut h, _end) = marking_client();
+    h.state_mut().on_reply(Reply::Stats(pb::Stats {
+        queue_depth: 41,
+        experts_online: 3,
+        marks_per_expert: vec![pb::ExpertCount {
+            expert_id: "e1".into(),
+            name: "me".into(),
+            marks: 7,
+        }],
+        accuracy_history: vec![
+            pb::ModelVersion {
+                version: 1,
+                ..Default::default()
+            },
+            pb::ModelVersion {
+                version: 3,
+                val_accuracy: 0.9,
+                ..Default::default()
+            },
+        ],
+        ..Default::default()
+    }));
+    h.step();
+    for text in ["Queue 41", "Experts online 3", "My marks 7", "Model v3"] {
+        assert!(h.query_by_label_contains(text).is_some(), "{text}");
+    }
+    assert!(h.query_by_label_contains("v3 is newer").is_some());
+}
