@@ -307,7 +307,13 @@ fn text(h: &HashMap<String, Vec<u8>>, k: &str) -> String {
 impl Store {
     /// Connects to `url` (redis://host:port); every key starts with `prefix:`.
     pub async fn connect(url: &str, prefix: &str) -> Result<Store> {
-        let client = redis::Client::open(url)?;
+        use redis::IntoConnectionInfo;
+        // Requests are small and pipelined on one connection: without TCP_NODELAY, Nagle's
+        // algorithm holds each one back until the previous reply's acknowledgement.
+        let info = url
+            .into_connection_info()?
+            .set_tcp_settings(redis::io::tcp::TcpSettings::default().set_nodelay(true));
+        let client = redis::Client::open(info)?;
         let cfg = redis::aio::ConnectionManagerConfig::new()
             .set_connection_timeout(Some(std::time::Duration::from_secs(2)))
             .set_response_timeout(Some(std::time::Duration::from_secs(5)))
