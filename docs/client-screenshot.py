@@ -5,14 +5,19 @@
 #   xvfb-run -a -s "-screen 0 1200x800x24" sh -c '
 #     mp-client --addr http://127.0.0.1:50051 --token TOKEN --size 1200x800 & sleep 6
 #     xdotool windowfocus $(xdotool search --name "Machine Punishment" | head -1)
-#     python3 docs/client-screenshot.py DIR/data 6390 docs'
+#     python3 docs/client-screenshot.py DIR/data 6390 docs [IMAGE_ID]'
 #
+# The README's pair: a fresh `mp up` project, IMAGE_ID 0/train-03423.
 # Needs xdotool, imagemagick and redis-cli (to find the leased image).
 import subprocess, time, sys
 def sh(*a): return subprocess.run(a, capture_output=True, text=True).stdout.strip()
 def x(*a): subprocess.run(["xdotool", *map(str, a)])
 data, port, out = sys.argv[1], sys.argv[2], sys.argv[3]
+want = sys.argv[4] if len(sys.argv) > 4 else None  # optional image id: skip (S) until it comes
 img = sh("redis-cli", "-p", port, "ZRANGE", "mp:leases", "0", "-1").split("\n")[0]
+while want and img != want:
+    x("key", "s"); time.sleep(1.5)
+    img = sh("redis-cli", "-p", port, "ZRANGE", "mp:leases", "0", "-1").split("\n")[0]
 print("leased", img)
 cls, name = img.split("/")
 def raw(path, fmt):

@@ -139,6 +139,24 @@ pub struct ClientApp {
     pub heartbeat_override: Option<Duration>,
 }
 
+/// `SaliencyHalved` or `saliency-halved` → `saliency halved`.
+fn words(s: &str) -> String {
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if c == '-' || c == '_' {
+            out.push(' ');
+        } else if c.is_uppercase() {
+            if i > 0 {
+                out.push(' ');
+            }
+            out.extend(c.to_lowercase());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 fn unix_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -1065,6 +1083,10 @@ impl ClientApp {
             _ => return,
         };
         ui.heading("Before and after: where the model looks");
+        ui.small(
+            "Each map is scaled to its own 99th percentile: compare where the model looks; \
+             the curves below show how its attention moved.",
+        );
         let ctx = ui.ctx().clone();
         let avail = ui.available_size();
         let side = ((avail.x - 24.0) / 2.0).min(avail.y * 0.5).max(64.0);
@@ -1084,6 +1106,7 @@ impl ClientApp {
                         rect,
                         &m.view,
                         sal,
+                        view::percentile_scale(sal),
                         &m.layer,
                         slot,
                         &proposal.proposal_id,
@@ -1108,6 +1131,16 @@ impl ClientApp {
                 ui.label(format!("{:.4}", proposal.val_loss_after));
                 ui.end_row();
             });
+        if let (Some(first), Some(last)) = (proposal.curve.first(), proposal.curve.last()) {
+            let why = match proposal.stop_reason.as_str() {
+                "" => String::new(),
+                r => format!("; stopped: {}", words(r)),
+            };
+            ui.label(format!(
+                "Saliency loss on your marks {:.4} -> {:.4} over {} iteration(s){why}",
+                first.saliency_loss, last.saliency_loss, last.iteration
+            ));
+        }
         if !proposal.message.is_empty() {
             ui.label(&proposal.message);
         }

@@ -81,6 +81,7 @@ impl Textures {
         rect: Rect,
         view: &pb::ImageView,
         saliency: &[f32],
+        scale: f32,
         layer: &MarkLayer,
         slot: Slot,
         proposal_id: &str,
@@ -88,10 +89,12 @@ impl Textures {
         let uv = Rect::from_min_max(Pos2::ZERO, Pos2::new(1.0, 1.0));
         let key = format!("{}@{}", view.image_id, view.model_version);
         let img = self.get(ctx, Slot::Image, key, || image_of(view));
-        painter.image(img, rect, uv, Color32::WHITE);
+        // The image dimmed, so that the attention map reads clearly on top of it.
+        painter.image(img, rect, uv, Color32::from_gray(140));
         if saliency.len() == (view.width * view.height) as usize {
             let t = self.get(ctx, slot, proposal_id.to_string(), || {
-                let mut heat = heat(view.width, view.height, saliency, 0.85);
+                let scaled: Vec<f32> = saliency.iter().map(|v| v / scale).collect();
+                let mut heat = heat(view.width, view.height, &scaled, 1.0);
                 // Outline the marks faintly on top, so the eye can compare.
                 for (px, &v) in heat.pixels.iter_mut().zip(layer.values()) {
                     if v != 0 {
@@ -108,6 +111,22 @@ impl Textures {
             Stroke::new(1.0, Color32::GRAY),
             egui::StrokeKind::Outside,
         );
+    }
+}
+
+/// The 99th percentile of a map's finite values (1 when there are none or it is 0): dividing
+/// by it makes any map visible whatever the gradients' magnitude (as the image view does).
+pub fn percentile_scale(map: &[f32]) -> f32 {
+    let mut v: Vec<f32> = map.iter().copied().filter(|x| x.is_finite()).collect();
+    if v.is_empty() {
+        return 1.0;
+    }
+    let k = ((v.len() - 1) as f32 * 0.99).round() as usize;
+    let (_, p, _) = v.select_nth_unstable_by(k, f32::total_cmp);
+    if *p > 0.0 {
+        *p
+    } else {
+        1.0
     }
 }
 
@@ -295,5 +314,18 @@ pub fn impact_plot(
             font.clone(),
             color,
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentile_scale_is_the_99th_percentile() {
+        let a: Vec<f32> = (0..200).rev().map(|i| i as f32).collect();
+        assert_eq!(percentile_scale(&a), 197.0);
+        assert_eq!(percentile_scale(&[0.0, 0.0, f32::NAN]), 1.0);
+        assert_eq!(percentile_scale(&[]), 1.0);
     }
 }

@@ -209,11 +209,13 @@ fn ready(proposal_id: &str) -> pb::Proposal {
                 iteration: i,
                 share_red: 0.5 - 0.04 * i as f64,
                 share_green: 0.1 + 0.02 * i as f64,
+                saliency_loss: 10.0 - i as f64,
                 ..Default::default()
             })
             .collect(),
         width: W,
         height: H,
+        stop_reason: "SaliencyHalved".into(),
         ..Default::default()
     }
 }
@@ -245,6 +247,9 @@ fn to_chooser(h: &mut Harness<'_, ClientApp>, end: &mut NetEnd, proposal_id: &st
     h.step();
     h.step();
     assert!(h.query_by_label_contains("validation accuracy").is_some());
+    assert!(h
+        .query_by_label_contains("stopped: saliency halved")
+        .is_some());
 }
 
 #[test]
