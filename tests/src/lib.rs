@@ -122,3 +122,72 @@ pub async fn platform_project(
         .expect("admin")
         .1
 }
+
+/// A gateway running in this process, for tests: `mp_gateway::run` on `cfg.listen`
+/// (`127.0.0.1:0` picks a free port).
+pub struct TestGateway {
+    /// `http://host:port`
+    pub addr: String,
+    /// The bound address, to start a gateway again on the same port.
+    pub listen: String,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl TestGateway {
+    pub async fn start(mut cfg: mp_gateway::GatewayConfig) -> TestGateway {
+        let listener = tokio::net::TcpListener::bind(cfg.listen.as_str())
+            .await
+            .expect("bind gateway");
+        let listen = listener.local_addr().expect("local addr").to_string();
+        cfg.listen = listen.clone();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            let _ = mp_gateway::run(listener, cfg, async {
+                let _ = rx.await;
+            })
+            .await;
+        });
+        TestGateway {
+            addr: format!("http://{listen}"),
+            listen,
+            stop: Some(tx),
+            task: Some(task),
+        }
+    }
+
+    /// Shuts the gateway down and waits until it has stopped.
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.task.take() {
+            let _ = t.await;
+        }
+    }
+}
+
+/// The test gateway's configuration: no metrics port, a free gRPC port.
+pub fn gateway_config(redis_url: &str, checkpoints: &std::path::Path) -> mp_gateway::GatewayConfig {
+    mp_gateway::GatewayConfig {
+        listen: "127.0.0.1:0".into(),
+        redis_url: redis_url.into(),
+        metrics_listen: String::new(),
+        checkpoints: checkpoints.into(),
+        ..Default::default()
+    }
+}
+
+/// The token of a new expert called `name`, created with the `admin` token.
+pub async fn expert_token(addr: &str, admin: &str, name: &str) -> String {
+    let a = mp_api::Client::new(addr, admin).expect("admin client");
+    mp_api::create_expert(&a, name, "expert", std::time::Duration::from_secs(10))
+        .await
+        .expect("create expert")
+        .token
+}
+
+/// A client for a new expert called `name`, created with the `admin` token.
+pub async fn expert(addr: &str, admin: &str, name: &str) -> mp_api::Client {
+    mp_api::Client::new(addr, &expert_token(addr, admin, name).await).expect("client")
+}

@@ -18,10 +18,8 @@ const SIDE: u32 = mp_e2e::PROJECT_SIDE;
 struct Stack {
     rt: tokio::runtime::Runtime,
     redis: RedisServer,
-    gateway: Option<(
-        tokio::sync::oneshot::Sender<()>,
-        tokio::task::JoinHandle<()>,
-    )>,
+    gateway: Option<mp_e2e::TestGateway>,
+    /// Its `listen` is the first gateway's bound address, so a restart keeps the address.
     gateway_config: mp_gateway::GatewayConfig,
     worker: Option<(
         tokio::sync::watch::Sender<bool>,
@@ -47,20 +45,10 @@ impl Stack {
             let store = Store::connect(&url, "mp").await.unwrap();
             mp_e2e::platform_project(&store, 40, &checkpoints).await
         });
-        let listener = rt
-            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-            .unwrap();
-        let listen = listener.local_addr().unwrap().to_string();
-        let addr = format!("http://{listen}");
-        drop(listener);
         let gateway_config = mp_gateway::GatewayConfig {
-            listen,
-            redis_url: url.clone(),
-            metrics_listen: String::new(),
-            checkpoints: checkpoints.clone(),
             lease_ttl_ms,
             reaper_interval_ms: 100,
-            ..Default::default()
+            ..mp_e2e::gateway_config(&url, &checkpoints)
         };
         let worker = with_worker.then(|| {
             let (tx, rx) = tokio::sync::watch::channel(false);
@@ -94,7 +82,7 @@ impl Stack {
             gateway: None,
             gateway_config,
             worker,
-            addr,
+            addr: String::new(),
             admin,
             _dir: dir,
         };
@@ -102,39 +90,25 @@ impl Stack {
         stack
     }
 
-    /// Starts the gateway on its (fixed) address.
+    /// Starts the gateway (again on the first one's address).
     fn start_gateway(&mut self) {
-        let cfg = self.gateway_config.clone();
-        let listener = self
+        let g = self
             .rt
-            .block_on(tokio::net::TcpListener::bind(cfg.listen.clone()))
-            .unwrap();
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let task = self.rt.spawn(async move {
-            mp_gateway::run(listener, cfg, async {
-                let _ = rx.await;
-            })
-            .await
-            .unwrap();
-        });
-        self.gateway = Some((tx, task));
+            .block_on(mp_e2e::TestGateway::start(self.gateway_config.clone()));
+        self.gateway_config.listen = g.listen.clone();
+        self.addr = g.addr.clone();
+        self.gateway = Some(g);
     }
 
     fn stop_gateway(&mut self) {
-        if let Some((tx, task)) = self.gateway.take() {
-            let _ = tx.send(());
-            let _ = self.rt.block_on(task);
+        if let Some(g) = self.gateway.take() {
+            self.rt.block_on(g.stop());
         }
     }
 
     fn expert(&self, name: &str) -> String {
-        self.rt.block_on(async {
-            let a = mp_api::Client::new(&self.addr, &self.admin).unwrap();
-            mp_api::create_expert(&a, name, "expert", Duration::from_secs(10))
-                .await
-                .unwrap()
-                .token
-        })
+        self.rt
+            .block_on(mp_e2e::expert_token(&self.addr, &self.admin, name))
     }
 
     fn store(&self) -> Store {
@@ -165,9 +139,8 @@ impl Drop for Stack {
             let _ = tx.send(true);
             let _ = th.join();
         }
-        if let Some((tx, _)) = self.gateway.take() {
-            let _ = tx.send(());
-        }
+        // Dropping the gateway's handle shuts it down.
+        self.gateway.take();
     }
 }
 

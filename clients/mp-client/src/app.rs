@@ -1106,7 +1106,6 @@ impl ClientApp {
                         rect,
                         &m.view,
                         sal,
-                        view::percentile_scale(sal),
                         &m.layer,
                         slot,
                         &proposal.proposal_id,

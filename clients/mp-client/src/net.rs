@@ -260,9 +260,17 @@ fn refused(out: &Out, what: &'static str, s: &Status) {
     });
 }
 
-/// A lease is gone for good: expired, already released or unknown.
-fn lease_gone(s: &Status) -> bool {
-    matches!(s.code(), Code::FailedPrecondition | Code::NotFound)
+/// A call on a lease failed for good: a lease that is gone (expired, already released,
+/// unknown) is reported as lost; anything else is the server's refusal.
+fn lease_failed(out: &Out, what: &'static str, lease_id: String, s: &Status) {
+    if matches!(s.code(), Code::FailedPrecondition | Code::NotFound) {
+        out.send(Reply::LeaseLost {
+            lease_id,
+            message: s.message().to_string(),
+        });
+    } else {
+        refused(out, what, s);
+    }
 }
 
 async fn handle(c: Client, cmd: Cmd, out: Out) {
@@ -325,11 +333,7 @@ async fn handle(c: Client, cmd: Cmd, out: Out) {
                     lease_id,
                     deadline_ms: r.into_inner().deadline_ms,
                 }),
-                Err(s) if lease_gone(&s) => out.send(Reply::LeaseLost {
-                    lease_id,
-                    message: s.message().to_string(),
-                }),
-                Err(s) => refused(&out, "heartbeat", &s),
+                Err(s) => lease_failed(&out, "heartbeat", lease_id, &s),
             }
         }
         Cmd::Submit {
@@ -354,11 +358,7 @@ async fn handle(c: Client, cmd: Cmd, out: Out) {
                     out.send(Reply::Submitted { lease_id, reply });
                     watch(&c, proposal_id, &out).await;
                 }
-                Err(s) if lease_gone(&s) => out.send(Reply::LeaseLost {
-                    lease_id,
-                    message: s.message().to_string(),
-                }),
-                Err(s) => refused(&out, "submit", &s),
+                Err(s) => lease_failed(&out, "submit", lease_id, &s),
             }
         }
         Cmd::Skip { lease_id } => {
@@ -370,11 +370,7 @@ async fn handle(c: Client, cmd: Cmd, out: Out) {
             .await;
             match r {
                 Ok(_) => out.send(Reply::Skipped { lease_id }),
-                Err(s) if lease_gone(&s) => out.send(Reply::LeaseLost {
-                    lease_id,
-                    message: s.message().to_string(),
-                }),
-                Err(s) => refused(&out, "skip", &s),
+                Err(s) => lease_failed(&out, "skip", lease_id, &s),
             }
         }
         Cmd::Watch { proposal_id } => watch(&c, proposal_id, &out).await,

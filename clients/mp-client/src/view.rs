@@ -6,6 +6,9 @@ use egui::{Color32, ColorImage, Painter, Pos2, Rect, Stroke, TextureHandle, Text
 use mp_proto::v1 as pb;
 use std::collections::HashMap;
 
+/// The whole texture.
+const FULL_UV: Rect = Rect::from_min_max(Pos2::ZERO, Pos2::new(1.0, 1.0));
+
 /// Which picture a texture belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Slot {
@@ -41,6 +44,20 @@ impl Textures {
         }
     }
 
+    /// The image itself, tinted by `tint` (white: as it is).
+    fn draw_base(
+        &mut self,
+        ctx: &egui::Context,
+        painter: &Painter,
+        rect: Rect,
+        view: &pb::ImageView,
+        tint: Color32,
+    ) {
+        let key = format!("{}@{}", view.image_id, view.model_version);
+        let img = self.get(ctx, Slot::Image, key, || image_of(view));
+        painter.image(img, rect, FULL_UV, tint);
+    }
+
     /// The image, its saliency (values and opacity) when shown, and the marks.
     #[allow(clippy::too_many_arguments)]
     pub fn draw_image(
@@ -53,26 +70,24 @@ impl Textures {
         layer: &MarkLayer,
         marks_rev: u64,
     ) {
-        let uv = Rect::from_min_max(Pos2::ZERO, Pos2::new(1.0, 1.0));
-        let key = format!("{}@{}", view.image_id, view.model_version);
-        let img = self.get(ctx, Slot::Image, key.clone(), || image_of(view));
-        painter.image(img, rect, uv, Color32::WHITE);
+        self.draw_base(ctx, painter, rect, view, Color32::WHITE);
         if let Some((s, opacity)) = saliency {
             if s.len() == (view.width * view.height) as usize {
-                let key = format!("{key}/{opacity:.3}");
+                let key = format!("{}@{}/{opacity:.3}", view.image_id, view.model_version);
                 let t = self.get(ctx, Slot::Saliency, key, || {
                     heat(view.width, view.height, s, opacity)
                 });
-                painter.image(t, rect, uv, Color32::WHITE);
+                painter.image(t, rect, FULL_UV, Color32::WHITE);
             }
         }
         let t = self.get(ctx, Slot::Marks, format!("{marks_rev}"), || {
             marks_image(layer, 150)
         });
-        painter.image(t, rect, uv, Color32::WHITE);
+        painter.image(t, rect, FULL_UV, Color32::WHITE);
     }
 
-    /// A small picture for the chooser: image, saliency at full opacity, marks faint.
+    /// A picture for the chooser: the image dimmed, the saliency map at full opacity scaled
+    /// to its own 99th percentile, the marks faint. Built once per proposal and slot.
     #[allow(clippy::too_many_arguments)]
     pub fn draw_overlay(
         &mut self,
@@ -81,18 +96,15 @@ impl Textures {
         rect: Rect,
         view: &pb::ImageView,
         saliency: &[f32],
-        scale: f32,
         layer: &MarkLayer,
         slot: Slot,
         proposal_id: &str,
     ) {
-        let uv = Rect::from_min_max(Pos2::ZERO, Pos2::new(1.0, 1.0));
-        let key = format!("{}@{}", view.image_id, view.model_version);
-        let img = self.get(ctx, Slot::Image, key, || image_of(view));
         // The image dimmed, so that the attention map reads clearly on top of it.
-        painter.image(img, rect, uv, Color32::from_gray(140));
+        self.draw_base(ctx, painter, rect, view, Color32::from_gray(140));
         if saliency.len() == (view.width * view.height) as usize {
             let t = self.get(ctx, slot, proposal_id.to_string(), || {
+                let scale = percentile_scale(saliency);
                 let scaled: Vec<f32> = saliency.iter().map(|v| v / scale).collect();
                 let mut heat = heat(view.width, view.height, &scaled, 1.0);
                 // Outline the marks faintly on top, so the eye can compare.
@@ -103,7 +115,7 @@ impl Textures {
                 }
                 heat
             });
-            painter.image(t, rect, uv, Color32::WHITE);
+            painter.image(t, rect, FULL_UV, Color32::WHITE);
         }
         painter.rect_stroke(
             rect,

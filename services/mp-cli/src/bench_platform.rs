@@ -38,10 +38,6 @@ pub struct PlatformArgs {
     pub plot: PathBuf,
 }
 
-fn s(v: &[&str]) -> Vec<String> {
-    v.iter().map(|x| x.to_string()).collect()
-}
-
 pub fn run(a: PlatformArgs) -> Result<()> {
     let t0 = Instant::now();
     let tmp = tempfile::tempdir()?;
@@ -66,34 +62,18 @@ pub fn run(a: PlatformArgs) -> Result<()> {
     let logs = dir.join("logs");
     std::fs::create_dir_all(&logs)?;
     let mut kids = Children(Vec::new());
-    kids.spawn(
-        "gateway",
-        &s(&[
-            "gateway",
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--redis-url",
-            &url,
-            "--checkpoints",
-            &ckp,
-            "--metrics-listen",
-            "",
-        ]),
+    kids.spawn_gateway(
+        &format!("127.0.0.1:{port}"),
+        &url,
+        &ckp,
+        &["--metrics-listen", ""],
         &logs.join("gateway.log"),
     )?;
-    kids.spawn(
-        "trainer",
-        &s(&[
-            "trainer",
-            "--redis-url",
-            &url,
-            "--checkpoints",
-            &ckp,
-            "--round-marks",
-            &a.marks.to_string(),
-            "--epochs-per-round",
-            &a.epochs_per_round.to_string(),
-        ]),
+    kids.spawn_trainer(
+        &url,
+        &ckp,
+        a.marks,
+        a.epochs_per_round,
         &logs.join("trainer.log"),
     )?;
     let rt = runtime()?;
@@ -101,17 +81,10 @@ pub fn run(a: PlatformArgs) -> Result<()> {
         let store = Store::connect(&url, "mp").await?;
         let mut workers = Children(Vec::new());
         for k in 0..a.workers {
-            workers.spawn(
-                &format!("worker-{k}"),
-                &s(&[
-                    "worker",
-                    "--redis-url",
-                    &url,
-                    "--checkpoints",
-                    &ckp,
-                    "--name",
-                    &format!("w{k}"),
-                ]),
+            workers.spawn_worker(
+                &url,
+                &ckp,
+                &format!("w{k}"),
                 &logs.join(format!("worker-{k}.log")),
             )?;
         }
@@ -168,17 +141,10 @@ pub fn run(a: PlatformArgs) -> Result<()> {
             for n in [1usize, 2] {
                 let mut ws = Children(Vec::new());
                 for k in 0..n {
-                    ws.spawn(
-                        &format!("tw{k}"),
-                        &s(&[
-                            "worker",
-                            "--redis-url",
-                            &url,
-                            "--checkpoints",
-                            &ckp,
-                            "--name",
-                            &format!("t{n}-{k}"),
-                        ]),
+                    ws.spawn_worker(
+                        &url,
+                        &ckp,
+                        &format!("t{n}-{k}"),
                         &logs.join(format!("throughput-{n}-{k}.log")),
                     )?;
                 }

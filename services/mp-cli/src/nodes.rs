@@ -180,6 +180,10 @@ pub struct UpArgs {
 /// Child processes stopped with SIGINT (then SIGKILL) when dropped.
 pub struct Children(pub Vec<(String, Child)>);
 
+fn strings(v: &[&str]) -> Vec<String> {
+    v.iter().map(|x| x.to_string()).collect()
+}
+
 impl Children {
     pub fn spawn(&mut self, name: &str, args: &[String], log: &std::path::Path) -> Result<()> {
         let exe = std::env::current_exe()?;
@@ -198,6 +202,71 @@ impl Children {
             .with_context(|| format!("starting {name}"))?;
         self.0.push((name.to_string(), child));
         Ok(())
+    }
+
+    /// `mp gateway` on `listen`, with `extra` flags.
+    pub fn spawn_gateway(
+        &mut self,
+        listen: &str,
+        redis_url: &str,
+        checkpoints: &str,
+        extra: &[&str],
+        log: &std::path::Path,
+    ) -> Result<()> {
+        let mut args = strings(&[
+            "gateway",
+            "--listen",
+            listen,
+            "--redis-url",
+            redis_url,
+            "--checkpoints",
+            checkpoints,
+        ]);
+        args.extend(strings(extra));
+        self.spawn("gateway", &args, log)
+    }
+
+    /// `mp trainer` with the given round size and training phase.
+    pub fn spawn_trainer(
+        &mut self,
+        redis_url: &str,
+        checkpoints: &str,
+        round_marks: usize,
+        epochs_per_round: usize,
+        log: &std::path::Path,
+    ) -> Result<()> {
+        let args = strings(&[
+            "trainer",
+            "--redis-url",
+            redis_url,
+            "--checkpoints",
+            checkpoints,
+            "--round-marks",
+            &round_marks.to_string(),
+            "--epochs-per-round",
+            &epochs_per_round.to_string(),
+        ]);
+        self.spawn("trainer", &args, log)
+    }
+
+    /// `mp worker` named `consumer` (its consumer name in the job groups).
+    pub fn spawn_worker(
+        &mut self,
+        redis_url: &str,
+        checkpoints: &str,
+        consumer: &str,
+        log: &std::path::Path,
+    ) -> Result<()> {
+        let args = strings(&[
+            "worker",
+            "--redis-url",
+            redis_url,
+            "--checkpoints",
+            checkpoints,
+            "--name",
+            consumer,
+        ]);
+        self.spawn(consumer, &args, log)
     }
 
     /// The first child that exited, if any.
@@ -275,47 +344,19 @@ pub fn up(a: UpArgs) -> Result<()> {
     let mut kids = Children(Vec::new());
     let logs = dir.join("logs");
     std::fs::create_dir_all(&logs)?;
-    let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
-    kids.spawn(
-        "gateway",
-        &s(&[
-            "gateway",
-            "--listen",
-            &a.listen,
-            "--redis-url",
-            &url,
-            "--checkpoints",
-            &ck,
-        ]),
-        &logs.join("gateway.log"),
-    )?;
-    kids.spawn(
-        "trainer",
-        &s(&[
-            "trainer",
-            "--redis-url",
-            &url,
-            "--checkpoints",
-            &ck,
-            "--round-marks",
-            &a.round_marks.to_string(),
-            "--epochs-per-round",
-            &a.epochs_per_round.to_string(),
-        ]),
+    kids.spawn_gateway(&a.listen, &url, &ck, &[], &logs.join("gateway.log"))?;
+    kids.spawn_trainer(
+        &url,
+        &ck,
+        a.round_marks,
+        a.epochs_per_round,
         &logs.join("trainer.log"),
     )?;
     for k in 0..a.workers {
-        kids.spawn(
+        kids.spawn_worker(
+            &url,
+            &ck,
             &format!("worker-{k}"),
-            &s(&[
-                "worker",
-                "--redis-url",
-                &url,
-                "--checkpoints",
-                &ck,
-                "--name",
-                &format!("worker-{k}"),
-            ]),
             &logs.join(format!("worker-{k}.log")),
         )?;
     }

@@ -35,31 +35,8 @@ fn spawn(args: &[&str], log: &Path) -> Proc {
     )
 }
 
-async fn gateway(redis_url: &str, ck: &Path) -> (String, tokio::sync::oneshot::Sender<()>) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = format!("http://{}", listener.local_addr().unwrap());
-    let cfg = mp_gateway::GatewayConfig {
-        redis_url: redis_url.into(),
-        metrics_listen: String::new(),
-        checkpoints: ck.into(),
-        ..Default::default()
-    };
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(async move {
-        let _ = mp_gateway::run(listener, cfg, async {
-            let _ = rx.await;
-        })
-        .await;
-    });
-    (addr, tx)
-}
-
-async fn expert(addr: &str, admin: &str, name: &str) -> Client {
-    let a = Client::connect(addr, admin).await.unwrap();
-    let r = mp_api::create_expert(&a, name, "expert", Duration::from_secs(10))
-        .await
-        .unwrap();
-    Client::new(addr, &r.token).unwrap()
+async fn gateway(redis_url: &str, ck: &Path) -> mp_e2e::TestGateway {
+    mp_e2e::TestGateway::start(mp_e2e::gateway_config(redis_url, ck)).await
 }
 
 /// Leases one image and submits a red mark on its top rows; returns the proposal id.
@@ -118,7 +95,8 @@ async fn a_worker_killed_mid_refinement_does_not_lose_the_proposal() {
     let store = Store::connect(&redis.url(), "mp").await.unwrap();
     let ck = dir.path().join("ck");
     let admin = mp_e2e::platform_project(&store, 50, &ck).await;
-    let (addr, _stop) = gateway(&redis.url(), &ck).await;
+    let gw = gateway(&redis.url(), &ck).await;
+    let addr = gw.addr.clone();
     let ckp = ck.to_str().unwrap().to_string();
     let slow = [
         "--refine-no-early-stop",
@@ -143,7 +121,7 @@ async fn a_worker_killed_mid_refinement_does_not_lose_the_proposal() {
         v
     };
     let mut a = spawn(&worker_args("doomed"), &dir.path().join("a.log"));
-    let c = expert(&addr, &admin, "ann").await;
+    let c = mp_e2e::expert(&addr, &admin, "ann").await;
     let pid = mark_one(&c, "k1").await;
     wait_status(&store, &pid, &["running"], Duration::from_secs(30)).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -180,7 +158,8 @@ async fn two_commits_racing_on_one_base_version_one_applies_the_other_is_rebased
     let store = Store::connect(&redis.url(), "mp").await.unwrap();
     let ck = dir.path().join("ck");
     let admin = mp_e2e::platform_project(&store, 50, &ck).await;
-    let (addr, _stop) = gateway(&redis.url(), &ck).await;
+    let gw = gateway(&redis.url(), &ck).await;
+    let addr = gw.addr.clone();
     let (url, ckp) = (redis.url(), ck.to_str().unwrap().to_string());
     let _w = spawn(
         &[
@@ -207,8 +186,8 @@ async fn two_commits_racing_on_one_base_version_one_applies_the_other_is_rebased
         ],
         &dir.path().join("t.log"),
     );
-    let ann = expert(&addr, &admin, "ann").await;
-    let bob = expert(&addr, &admin, "bob").await;
+    let ann = mp_e2e::expert(&addr, &admin, "ann").await;
+    let bob = mp_e2e::expert(&addr, &admin, "bob").await;
     let pa = mark_one(&ann, "a").await;
     let pb_ = mark_one(&bob, "b").await;
     for p in [&pa, &pb_] {

@@ -19,54 +19,25 @@ async fn project(store: &Store, n: usize, checkpoints: &Path) -> String {
     mp_e2e::platform_project(store, n, checkpoints).await
 }
 
-struct Gw {
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<()>,
-    addr: String,
-}
-
-async fn gateway(redis_url: &str, checkpoints: &Path, lease_ttl_ms: u64, max_bytes: usize) -> Gw {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = format!("http://{}", listener.local_addr().unwrap());
-    let cfg = mp_gateway::GatewayConfig {
-        redis_url: redis_url.into(),
-        metrics_listen: String::new(),
-        checkpoints: checkpoints.into(),
+async fn gateway(
+    redis_url: &str,
+    checkpoints: &Path,
+    lease_ttl_ms: u64,
+    max_bytes: usize,
+) -> mp_e2e::TestGateway {
+    mp_e2e::TestGateway::start(mp_gateway::GatewayConfig {
         lease_ttl_ms,
         max_message_bytes: max_bytes,
         reaper_interval_ms: 100,
-        ..Default::default()
-    };
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(async move {
-        mp_gateway::run(listener, cfg, async {
-            let _ = rx.await;
-        })
-        .await
-        .unwrap();
-    });
-    Gw {
-        stop: Some(tx),
-        task,
-        addr,
-    }
-}
-
-impl Gw {
-    async fn stop(mut self) {
-        let _ = self.stop.take().unwrap().send(());
-        let _ = self.task.await;
-    }
+        ..mp_e2e::gateway_config(redis_url, checkpoints)
+    })
+    .await
 }
 
 async fn experts(addr: &str, admin: &str, n: usize) -> Vec<Client> {
-    let a = Client::connect(addr, admin).await.unwrap();
     let mut out = Vec::new();
     for k in 0..n {
-        let r = mp_api::create_expert(&a, &format!("e{k}"), "expert", Duration::from_secs(10))
-            .await
-            .unwrap();
-        out.push(Client::new(addr, &r.token).unwrap());
+        out.push(mp_e2e::expert(addr, admin, &format!("e{k}")).await);
     }
     out
 }

@@ -68,6 +68,15 @@ pub async fn connect(
     }
 }
 
+/// Sleeps `ms` milliseconds, or less if `stop` changes first (so a node shuts down
+/// promptly from any of its waits).
+pub async fn nap(stop: &mut tokio::sync::watch::Receiver<bool>, ms: u64) {
+    tokio::select! {
+        _ = tokio::time::sleep(std::time::Duration::from_millis(ms)) => {}
+        _ = stop.changed() => {}
+    }
+}
+
 /// Health on `addr` (gRPC health protocol), Serving while `serving` says so.
 pub async fn serve_health(
     addr: String,

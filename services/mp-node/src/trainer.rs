@@ -464,7 +464,7 @@ pub async fn run(cfg: TrainerConfig, mut stop: tokio::sync::watch::Receiver<bool
             Err(e) => {
                 let _ = health_tx.send(false);
                 warn!(error = %e, "store unavailable");
-                tokio::select! { _ = tokio::time::sleep(Duration::from_millis(500)) => {}, _ = stop.changed() => {} }
+                crate::nap(&mut stop, 500).await;
                 continue;
             }
         }

@@ -366,7 +366,7 @@ pub async fn run(cfg: WorkerConfig, mut stop: tokio::sync::watch::Receiver<bool>
                 Err(e) => {
                     let _ = health_tx.send(false);
                     warn!(error = %e, "reading refine jobs failed");
-                    tokio::select! { _ = tokio::time::sleep(Duration::from_millis(500)) => {}, _ = stop.changed() => {} }
+                    crate::nap(&mut stop, 500).await;
                     continue;
                 }
             }
@@ -378,7 +378,7 @@ pub async fn run(cfg: WorkerConfig, mut stop: tokio::sync::watch::Receiver<bool>
                 jobs.extend(v.into_iter().map(|j| (SCORE_STREAM, j)));
             }
         } else {
-            tokio::select! { _ = tokio::time::sleep(Duration::from_millis(50)) => {}, _ = stop.changed() => {} }
+            crate::nap(&mut stop, 50).await;
         }
         let (refines, scores): (Vec<_>, Vec<_>) =
             jobs.into_iter().partition(|(s, _)| *s == REFINE_STREAM);

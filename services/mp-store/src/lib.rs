@@ -413,21 +413,6 @@ impl Store {
         image_from_hash(id, &h)
     }
 
-    /// (width, height) of an image without reading its pixels.
-    pub async fn image_size(&self, id: &str) -> Result<(u32, u32)> {
-        let mut c = self.conn.clone();
-        let (w, h): (Option<u32>, Option<u32>) = redis::cmd("HMGET")
-            .arg(self.k(&format!("img:{id}")))
-            .arg("width")
-            .arg("height")
-            .query_async(&mut c)
-            .await?;
-        match (w, h) {
-            (Some(w), Some(h)) => Ok((w, h)),
-            _ => Err(StoreError::NotFound(format!("image {id:?} does not exist"))),
-        }
-    }
-
     pub async fn image_ids(&self) -> Result<Vec<String>> {
         self.members("images").await
     }
