@@ -6,8 +6,12 @@ use crate::report::{machine_line, today, write_section};
 use anyhow::{bail, Result};
 use clap::Args;
 use mp_api::sim::{self, Outcome, SimConfig};
+use mp_api::Client;
+use mp_proto::v1 as pb;
 use std::path::PathBuf;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
+use tonic::{Request, Response, Status};
 
 #[derive(Args)]
 pub struct QueueArgs {
@@ -24,6 +28,10 @@ pub struct QueueArgs {
     /// Experts in the paced runs
     #[arg(long, default_value_t = 32)]
     pub paced_experts: usize,
+    /// Also run the paced load against a queue service that answers from memory (no Redis,
+    /// no auth, no durability): the gRPC transport's own share of the round trip.
+    #[arg(long)]
+    pub transport_floor: bool,
     #[arg(long, default_value = "BENCHMARKS.md")]
     pub out: PathBuf,
 }
@@ -33,11 +41,148 @@ fn pct(v: &mut [Duration], q: f64) -> f64 {
     v[((v.len() - 1) as f64 * q).round() as usize].as_secs_f64() * 1e3
 }
 
+/// A queue that grants leases from a counter and accepts every submit: the same RPCs and
+/// messages as the gateway's, with nothing behind them.
+struct MemoryQueue(std::sync::atomic::AtomicU64);
+
+#[tonic::async_trait]
+impl pb::queue_service_server::QueueService for MemoryQueue {
+    async fn lease(
+        &self,
+        _: Request<pb::LeaseRequest>,
+    ) -> Result<Response<pb::LeaseReply>, Status> {
+        let seq = self.0.fetch_add(1, Ordering::Relaxed);
+        Ok(Response::new(pb::LeaseReply {
+            lease: Some(pb::Lease {
+                lease_id: format!("{seq:032x}"),
+                image_id: format!("img-{seq:06}"),
+                deadline_ms: 0,
+                lease_seq: seq,
+                model_version: 1,
+                priority: 0.0,
+                width: 8,
+                height: 8,
+            }),
+            retry_after_ms: 0,
+        }))
+    }
+    async fn heartbeat(
+        &self,
+        _: Request<pb::HeartbeatRequest>,
+    ) -> Result<Response<pb::HeartbeatReply>, Status> {
+        Ok(Response::new(pb::HeartbeatReply { deadline_ms: 0 }))
+    }
+    async fn submit(
+        &self,
+        req: Request<pb::SubmitRequest>,
+    ) -> Result<Response<pb::SubmitReply>, Status> {
+        let seq = self.0.fetch_add(1, Ordering::Relaxed);
+        Ok(Response::new(pb::SubmitReply {
+            mark_id: format!("{seq:032x}"),
+            proposal_id: req.into_inner().idempotency_key,
+            release_seq: seq,
+            duplicate: false,
+        }))
+    }
+    async fn skip(&self, _: Request<pb::SkipRequest>) -> Result<Response<pb::SkipReply>, Status> {
+        Ok(Response::new(pb::SkipReply { release_seq: 0 }))
+    }
+}
+
+/// Serves [`MemoryQueue`] on a free port until `stop` fires; returns its address.
+async fn memory_queue(stop: tokio::sync::oneshot::Receiver<()>) -> Result<String> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = format!("http://{}", listener.local_addr()?);
+    let svc = pb::queue_service_server::QueueServiceServer::new(MemoryQueue(Default::default()));
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(svc)
+            .serve_with_incoming_shutdown(
+                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+                async {
+                    let _ = stop.await;
+                },
+            ),
+    );
+    Ok(addr)
+}
+
+/// One run's figures.
+struct Row {
+    experts: usize,
+    load: String,
+    leases: usize,
+    per_s: f64,
+    p50: f64,
+    p99: f64,
+    /// CPU microseconds per lease of redis-server (NaN without one) and of this process
+    /// (gateway and simulated experts).
+    redis_us: f64,
+    rest_us: f64,
+}
+
+/// Runs the simulated experts and measures their lease → submit round trips and the CPU
+/// spent per lease.
+async fn measure(
+    clients: Vec<Client>,
+    cfg: SimConfig,
+    redis: Option<&mp_store::server::RedisServer>,
+    load: String,
+) -> Result<Row> {
+    use mp_store::server::cpu_time;
+    let redis_cpu = || redis.and_then(|r| r.cpu_time());
+    let experts = cfg.experts;
+    let before = (redis_cpu(), cpu_time("self"));
+    let r = sim::run(clients, cfg).await;
+    let after = (redis_cpu(), cpu_time("self"));
+    if r.count(Outcome::Failed) > 0 {
+        bail!(
+            "{} operations failed: {:?}",
+            r.count(Outcome::Failed),
+            r.errors.first()
+        );
+    }
+    let mut rt: Vec<Duration> = r
+        .events
+        .iter()
+        .filter(|e| e.outcome == Outcome::Submitted)
+        .map(|e| e.round_trip)
+        .collect();
+    if rt.is_empty() {
+        bail!("no submit went through: {:?}", r.errors.first());
+    }
+    let leases = r.events.len();
+    let per_lease = |a: Option<Duration>, b: Option<Duration>| match (a, b) {
+        (Some(a), Some(b)) => b.saturating_sub(a).as_secs_f64() * 1e6 / leases as f64,
+        _ => f64::NAN,
+    };
+    let row = Row {
+        experts,
+        load,
+        leases,
+        per_s: leases as f64 / r.elapsed.as_secs_f64(),
+        p50: pct(&mut rt, 0.5),
+        p99: pct(&mut rt, 0.99),
+        redis_us: per_lease(before.0, after.0),
+        rest_us: per_lease(before.1, after.1),
+    };
+    println!(
+        "{:>3} experts ({}): {} leases in {:.2} s, {:.0} leases/s, round trip p50 {:.2} ms p99 {:.2} ms; \
+         CPU per lease: redis-server {:.0} us, gateway + experts {:.0} us",
+        row.experts, row.load, row.leases, r.elapsed.as_secs_f64(), row.per_s, row.p50, row.p99, row.redis_us, row.rest_us
+    );
+    Ok(row)
+}
+
 pub fn run(a: QueueArgs) -> Result<()> {
     let rows = runtime()?.block_on(async {
         let mut rows = Vec::new();
         let closed = a.experts.iter().map(|&n| (n, None));
         let paced = a.paced_rates.iter().map(|&r| (a.paced_experts, Some(r)));
+        let pace = |n: usize, rate: Option<f64>| {
+            rate.map(|r| Duration::from_secs_f64(n as f64 / r))
+                .unwrap_or_default()
+        };
         for (n, rate) in closed.chain(paced) {
             let dir = tempfile::tempdir()?;
             let p = LocalPlatform::start(dir.path(), 60_000).await?;
@@ -45,20 +190,56 @@ pub fn run(a: QueueArgs) -> Result<()> {
             let clients = sim_clients(&p.addr, &admin, n, "bench").await?;
             // Warm the connections.
             for c in &clients {
-                let _ = c.stats.clone().get_stats(mp_proto::v1::StatsRequest {}).await;
+                let _ = c.stats.clone().get_stats(pb::StatsRequest {}).await;
             }
-            let pace = rate.map(|r| Duration::from_secs_f64(n as f64 / r)).unwrap_or_default();
-            let cfg = SimConfig { experts: n, leases: a.leases, heartbeat: false, pace, ..Default::default() };
-            let r = sim::run(clients, cfg).await;
+            let cfg = SimConfig {
+                experts: n,
+                leases: a.leases,
+                heartbeat: false,
+                pace: pace(n, rate),
+                ..Default::default()
+            };
+            let load = rate
+                .map(|r| format!("paced, {r:.0}/s offered"))
+                .unwrap_or_else(|| "closed loop".into());
+            let row = measure(clients, cfg, Some(&p.redis), load).await;
             p.stop().await;
-            if r.count(Outcome::Failed) > 0 {
-                bail!("{} operations failed: {:?}", r.count(Outcome::Failed), r.errors.first());
+            rows.push(row?);
+        }
+        if a.transport_floor {
+            for &rate in &a.paced_rates {
+                let n = a.paced_experts;
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                let addr = memory_queue(rx).await?;
+                let clients = (0..n)
+                    .map(|_| Client::new(&addr, "floor"))
+                    .collect::<Result<Vec<_>, _>>()?;
+                for c in &clients {
+                    let _ = c
+                        .queue
+                        .clone()
+                        .heartbeat(pb::HeartbeatRequest::default())
+                        .await;
+                }
+                let cfg = SimConfig {
+                    experts: n,
+                    leases: a.leases,
+                    heartbeat: false,
+                    pace: pace(n, Some(rate)),
+                    ..Default::default()
+                };
+                let row = measure(
+                    clients,
+                    cfg,
+                    None,
+                    format!(
+                        "paced, {rate:.0}/s offered; transport floor: in-memory queue, no Redis"
+                    ),
+                )
+                .await;
+                let _ = tx.send(());
+                rows.push(row?);
             }
-            let mut rt: Vec<Duration> = r.events.iter().filter(|e| e.outcome == Outcome::Submitted).map(|e| e.round_trip).collect();
-            let per_s = r.events.len() as f64 / r.elapsed.as_secs_f64();
-            let load = rate.map(|r| format!("paced, {r:.0}/s offered")).unwrap_or_else(|| "closed loop".into());
-            println!("{n:>3} experts ({load}): {} leases in {:.2} s, {per_s:.0} leases/s, round trip p50 {:.2} ms p99 {:.2} ms", r.events.len(), r.elapsed.as_secs_f64(), pct(&mut rt, 0.5), pct(&mut rt, 0.99));
-            rows.push((n, load, r.events.len(), per_s, pct(&mut rt, 0.5), pct(&mut rt, 0.99)));
         }
         anyhow::Ok(rows)
     })?;
@@ -68,15 +249,24 @@ pub fn run(a: QueueArgs) -> Result<()> {
          all on this machine; each lease is answered with a submit of an 8x8 mask (Lua lease claim, durable mark, proposal, refine job).\n\n\
          *Closed loop*: each expert leases again as soon as its submit returns, so the run measures capacity and, by Little's law, \
          its round trip is experts / throughput. *Paced*: each expert starts a lease on a fixed schedule (the offered load spread over the experts) \
-         and the round trip is timed from the scheduled start, so a stall cannot hide behind a late start.\n\n\
-         | experts | load | leases | leases/s | round trip p50 ms | p99 ms |\n|---|---|---|---|---|---|\n",
+         and the round trip is timed from the scheduled start, so a stall cannot hide behind a late start. \
+         *Transport floor* (with `--transport-floor`): the same experts and RPCs against a queue service that answers from memory, \
+         so the gRPC client and server alone. CPU per lease: CPU time of redis-server, and of this process (gateway and experts), \
+         during the run divided by the leases.\n\n\
+         | experts | load | leases | leases/s | round trip p50 ms | p99 ms | CPU/lease redis-server µs | CPU/lease gateway + experts µs |\n|---|---|---|---|---|---|---|---|\n",
         std::env::args().skip(3).collect::<Vec<_>>().join(" "),
         today(),
         machine_line()
     );
-    for (n, load, l, ps, p50, p99) in rows {
+    for r in rows {
+        let redis = if r.redis_us.is_nan() {
+            "–".to_string()
+        } else {
+            format!("{:.0}", r.redis_us)
+        };
         s.push_str(&format!(
-            "| {n} | {load} | {l} | {ps:.0} | {p50:.2} | {p99:.2} |\n"
+            "| {} | {} | {} | {:.0} | {:.2} | {:.2} | {redis} | {:.0} |\n",
+            r.experts, r.load, r.leases, r.per_s, r.p50, r.p99, r.rest_us
         ));
     }
     println!("{s}");

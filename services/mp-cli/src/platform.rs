@@ -466,7 +466,7 @@ pub async fn synthetic_project(store: &Store, n: usize) -> Result<String> {
 
 /// A redis-server and an in-process gateway on free ports, for benchmarks.
 pub struct LocalPlatform {
-    _redis: mp_store::server::RedisServer,
+    pub redis: mp_store::server::RedisServer,
     pub addr: String,
     pub store: Store,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
@@ -494,7 +494,7 @@ impl LocalPlatform {
         });
         let store = Store::connect(&redis.url(), "mp").await?;
         Ok(LocalPlatform {
-            _redis: redis,
+            redis,
             addr,
             store,
             stop: Some(tx),

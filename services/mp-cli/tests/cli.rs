@@ -196,8 +196,66 @@ fn every_subcommand_has_help() {
         vec!["refine", "--help"],
         vec!["bench", "efficacy", "--help"],
         vec!["bench", "speed", "--help"],
+        vec!["bench", "queue", "--help"],
     ] {
         let out = ok(&args);
         assert!(out.contains("Usage"), "{args:?}: {out}");
     }
+}
+
+/// `mp bench queue` at a small size: every run's row reaches the report, with its
+/// percentiles and CPU per lease, and the transport floor runs without Redis.
+#[test]
+fn queue_benchmark_writes_every_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let out_md = dir.path().join("B.md");
+    let out = ok(&[
+        "bench",
+        "queue",
+        "--experts",
+        "1,4",
+        "--leases",
+        "200",
+        "--paced-rates",
+        "400",
+        "--paced-experts",
+        "4",
+        "--transport-floor",
+        "--out",
+        out_md.to_str().unwrap(),
+    ]);
+    let md = std::fs::read_to_string(&out_md).unwrap();
+    let rows: Vec<&str> = md
+        .lines()
+        .filter(|l| l.starts_with("| ") && !l.starts_with("| experts"))
+        .collect();
+    assert_eq!(rows.len(), 4, "{md}\n{out}");
+    for (row, load) in rows.iter().zip([
+        "closed loop",
+        "closed loop",
+        "paced, 400/s",
+        "transport floor",
+    ]) {
+        assert!(row.contains(load), "{row}");
+        let cells: Vec<&str> = row.split('|').map(str::trim).collect();
+        // | experts | load | leases | leases/s | p50 | p99 | redis µs | rest µs |
+        assert_eq!(cells[3], "200", "{row}");
+        let p50: f64 = cells[5].parse().unwrap();
+        let p99: f64 = cells[6].parse().unwrap();
+        assert!(p50 > 0.0 && p99 >= p50, "{row}");
+        if load == "transport floor" {
+            assert_eq!(cells[7], "–", "{row}");
+        } else {
+            assert!(cells[7].parse::<f64>().is_ok(), "{row}");
+        }
+    }
+    // A paced run cannot go faster than it is offered.
+    let paced: f64 = rows[2]
+        .split('|')
+        .map(str::trim)
+        .nth(4)
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(paced <= 400.0 * 1.05, "{}", rows[2]);
 }

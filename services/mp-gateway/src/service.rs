@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
-use tracing::{info, instrument, warn};
+use tracing::{debug, info, instrument, warn};
 
 /// The one mapping from store errors to gRPC statuses.
 pub fn status(e: StoreError) -> Status {
@@ -324,7 +324,7 @@ impl pb::queue_service_server::QueueService for Gateway {
                 .await
                 .map_err(status)?;
             if !r.duplicate {
-                info!(expert = %e.id, image = %r.image_id, mark = %r.mark_id, "mark stored");
+                debug!(expert = %e.id, image = %r.image_id, mark = %r.mark_id, "mark stored");
             }
             Ok(Response::new(pb::SubmitReply {
                 mark_id: r.mark_id,

@@ -18,6 +18,18 @@ pub fn free_port() -> std::io::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
+/// CPU time (user + system) used so far by process `pid` (a number or `self`), from
+/// `/proc` (Linux only; `None` elsewhere).
+pub fn cpu_time(pid: &str) -> Option<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The fields after the parenthesised command name; utime and stime are the 12th and 13th.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+    // In USER_HZ units, which Linux fixes at 100 per second in its user ABI.
+    Some(Duration::from_millis(ticks * 10))
+}
+
 impl RedisServer {
     /// Starts redis-server on 127.0.0.1:`port` with its data in `dir`, and waits until it answers.
     pub fn start(dir: &Path, port: u16) -> std::io::Result<RedisServer> {
@@ -106,6 +118,11 @@ impl RedisServer {
         self.child.as_ref().map(|c| c.id())
     }
 
+    /// CPU time the server process has used so far.
+    pub fn cpu_time(&self) -> Option<Duration> {
+        cpu_time(&self.pid()?.to_string())
+    }
+
     /// SIGKILL, no chance to flush anything.
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
@@ -143,5 +160,24 @@ impl RedisServer {
 impl Drop for RedisServer {
     fn drop(&mut self) {
         self.kill9();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_time_grows_with_work_and_is_none_for_no_process() {
+        let a = cpu_time("self").expect("this process's CPU time");
+        let t = Instant::now();
+        let mut x = 0u64;
+        while t.elapsed() < Duration::from_millis(200) {
+            x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(7));
+        }
+        let b = cpu_time("self").unwrap();
+        assert!(b >= a + Duration::from_millis(100), "{a:?} -> {b:?}");
+        assert!(cpu_time("0").is_none());
+        assert!(cpu_time("not-a-pid").is_none());
     }
 }
