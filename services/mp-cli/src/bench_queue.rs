@@ -32,6 +32,11 @@ pub struct QueueArgs {
     /// no auth, no durability): the gRPC transport's own share of the round trip.
     #[arg(long)]
     pub transport_floor: bool,
+    /// Also time write + fdatasync of a small append-only file, alone and with both cores
+    /// kept busy: the disk's own tail under CPU load, which an `appendfsync always` Redis
+    /// waits for before it answers
+    #[arg(long)]
+    pub fsync_probe: bool,
     #[arg(long, default_value = "BENCHMARKS.md")]
     pub out: PathBuf,
 }
@@ -119,7 +124,12 @@ struct Row {
     /// (gateway and simulated experts).
     redis_us: f64,
     rest_us: f64,
+    /// Seconds of the run in which a Redis AOF fsync took ≥ STALL_MS, and the worst one (ms).
+    stalls: Option<(usize, u64)>,
 }
+
+/// Redis's latency monitor records fsyncs at least this slow.
+const STALL_MS: u64 = 3;
 
 /// Runs the simulated experts and measures their lease → submit round trips and the CPU
 /// spent per lease.
@@ -165,6 +175,7 @@ async fn measure(
         p99: pct(&mut rt, 0.99),
         redis_us: per_lease(before.0, after.0),
         rest_us: per_lease(before.1, after.1),
+        stalls: None,
     };
     println!(
         "{:>3} experts ({}): {} leases in {:.2} s, {:.0} leases/s, round trip p50 {:.2} ms p99 {:.2} ms; \
@@ -172,6 +183,48 @@ async fn measure(
         row.experts, row.load, row.leases, r.elapsed.as_secs_f64(), row.per_s, row.p50, row.p99, row.redis_us, row.rest_us
     );
     Ok(row)
+}
+
+const PROBE_N: usize = 3000;
+
+/// Times PROBE_N appends of 4 KB, each followed by fdatasync, while `busy` threads spin.
+fn fsync_probe(busy: usize) -> Result<Vec<Duration>> {
+    use std::io::Write;
+    use std::sync::atomic::AtomicBool;
+    let dir = tempfile::tempdir()?;
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.path().join("probe.aof"))?;
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let spinners: Vec<_> = (0..busy)
+        .map(|_| {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut x = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(7));
+                }
+            })
+        })
+        .collect();
+    let block = [b'x'; 4096];
+    let mut times = Vec::with_capacity(PROBE_N);
+    let r = (|| -> std::io::Result<()> {
+        for _ in 0..PROBE_N {
+            f.write_all(&block)?;
+            let t = std::time::Instant::now();
+            f.sync_data()?;
+            times.push(t.elapsed());
+        }
+        Ok(())
+    })();
+    stop.store(true, Ordering::Relaxed);
+    for h in spinners {
+        let _ = h.join();
+    }
+    r?;
+    Ok(times)
 }
 
 pub fn run(a: QueueArgs) -> Result<()> {
@@ -202,7 +255,15 @@ pub fn run(a: QueueArgs) -> Result<()> {
             let load = rate
                 .map(|r| format!("paced, {r:.0}/s offered"))
                 .unwrap_or_else(|| "closed loop".into());
-            let row = measure(clients, cfg, Some(&p.redis), load).await;
+            p.store.monitor_latency(STALL_MS).await?;
+            let mut row = measure(clients, cfg, Some(&p.redis), load).await;
+            if let Ok(r) = row.as_mut() {
+                let h = p.store.latency_history("aof-fsync-always").await?;
+                r.stalls = Some((h.len(), h.iter().map(|&(_, ms)| ms).max().unwrap_or(0)));
+                if let Some((n, worst)) = r.stalls {
+                    println!("    Redis fsync ≥ {STALL_MS} ms in {n} seconds of the run, worst {worst} ms");
+                }
+            }
             p.stop().await;
             rows.push(row?);
         }
@@ -252,8 +313,9 @@ pub fn run(a: QueueArgs) -> Result<()> {
          and the round trip is timed from the scheduled start, so a stall cannot hide behind a late start. \
          *Transport floor* (with `--transport-floor`): the same experts and RPCs against a queue service that answers from memory, \
          so the gRPC client and server alone. CPU per lease: CPU time of redis-server, and of this process (gateway and experts), \
-         during the run divided by the leases.\n\n\
-         | experts | load | leases | leases/s | round trip p50 ms | p99 ms | CPU/lease redis-server µs | CPU/lease gateway + experts µs |\n|---|---|---|---|---|---|---|---|\n",
+         during the run divided by the leases. *fsync stalls*: seconds of the run in which Redis's latency monitor saw an AOF fsync \
+         take ≥ {STALL_MS} ms, and the worst.\n\n\
+         | experts | load | leases | leases/s | round trip p50 ms | p99 ms | CPU/lease redis-server µs | CPU/lease gateway + experts µs | fsync stalls: s, worst ms |\n|---|---|---|---|---|---|---|---|---|\n",
         std::env::args().skip(3).collect::<Vec<_>>().join(" "),
         today(),
         machine_line()
@@ -264,10 +326,38 @@ pub fn run(a: QueueArgs) -> Result<()> {
         } else {
             format!("{:.0}", r.redis_us)
         };
+        let stalls = r
+            .stalls
+            .map(|(n, w)| format!("{n}, {w}"))
+            .unwrap_or_else(|| "–".into());
         s.push_str(&format!(
-            "| {} | {} | {} | {:.0} | {:.2} | {:.2} | {redis} | {:.0} |\n",
+            "| {} | {} | {} | {:.0} | {:.2} | {:.2} | {redis} | {:.0} | {stalls} |\n",
             r.experts, r.load, r.leases, r.per_s, r.p50, r.p99, r.rest_us
         ));
+    }
+    if a.fsync_probe {
+        s.push_str(&format!(
+            "\nfsync probe (`--fsync-probe`): {PROBE_N} appends of 4 KB to a file, each followed by fdatasync, \
+             in a temporary directory on the disk the runs used.\n\n\
+             | other load | fdatasync p50 ms | p99 ms | p99.9 ms | max ms |\n|---|---|---|---|---|\n"
+        ));
+        for busy in [0, 2] {
+            let mut t = fsync_probe(busy)?;
+            let load = if busy == 0 {
+                "none".to_string()
+            } else {
+                format!("{busy} threads spinning")
+            };
+            let q = [0.5, 0.99, 0.999, 1.0].map(|q| pct(&mut t, q));
+            println!(
+                "fsync probe, {load}: p50 {:.3} ms p99 {:.3} ms p99.9 {:.3} ms max {:.3} ms",
+                q[0], q[1], q[2], q[3]
+            );
+            s.push_str(&format!(
+                "| {load} | {:.3} | {:.3} | {:.3} | {:.3} |\n",
+                q[0], q[1], q[2], q[3]
+            ));
+        }
     }
     println!("{s}");
     write_section(&a.out, "queue", &s)

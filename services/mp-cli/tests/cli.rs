@@ -204,7 +204,8 @@ fn every_subcommand_has_help() {
 }
 
 /// `mp bench queue` at a small size: every run's row reaches the report, with its
-/// percentiles and CPU per lease, and the transport floor runs without Redis.
+/// percentiles, CPU per lease and fsync stalls; the transport floor runs without Redis;
+/// the fsync probe writes its table.
 #[test]
 fn queue_benchmark_writes_every_run() {
     let dir = tempfile::tempdir().unwrap();
@@ -221,41 +222,54 @@ fn queue_benchmark_writes_every_run() {
         "--paced-experts",
         "4",
         "--transport-floor",
+        "--fsync-probe",
         "--out",
         out_md.to_str().unwrap(),
     ]);
     let md = std::fs::read_to_string(&out_md).unwrap();
-    let rows: Vec<&str> = md
-        .lines()
-        .filter(|l| l.starts_with("| ") && !l.starts_with("| experts"))
-        .collect();
+    let (runs, probe) = md
+        .split_once("fsync probe")
+        .expect("the fsync probe's table");
+    // A table's body rows: those after its header line (the separator has no "| ").
+    let body = |text: &str| -> Vec<Vec<String>> {
+        text.lines()
+            .filter(|l| l.starts_with("| "))
+            .skip(1)
+            .map(|l| l.split('|').map(|c| c.trim().to_string()).collect())
+            .collect()
+    };
+    let (rows, probe) = (body(runs), body(probe));
     assert_eq!(rows.len(), 4, "{md}\n{out}");
-    for (row, load) in rows.iter().zip([
+    assert_eq!(probe.len(), 2, "{md}");
+    assert_eq!(
+        (probe[0][1].as_str(), probe[1][1].as_str()),
+        ("none", "2 threads spinning")
+    );
+    for (cells, load) in rows.iter().zip([
         "closed loop",
         "closed loop",
         "paced, 400/s",
         "transport floor",
     ]) {
-        assert!(row.contains(load), "{row}");
-        let cells: Vec<&str> = row.split('|').map(str::trim).collect();
-        // | experts | load | leases | leases/s | p50 | p99 | redis µs | rest µs |
-        assert_eq!(cells[3], "200", "{row}");
+        // | experts | load | leases | leases/s | p50 | p99 | redis µs | rest µs | stalls |
+        assert!(cells[2].contains(load), "{cells:?}");
+        assert_eq!(cells[3], "200", "{cells:?}");
         let p50: f64 = cells[5].parse().unwrap();
         let p99: f64 = cells[6].parse().unwrap();
-        assert!(p50 > 0.0 && p99 >= p50, "{row}");
+        assert!(p50 > 0.0 && p99 >= p50, "{cells:?}");
+        assert!(cells[8].parse::<f64>().unwrap() > 0.0, "{cells:?}");
         if load == "transport floor" {
-            assert_eq!(cells[7], "–", "{row}");
+            assert_eq!((cells[7].as_str(), cells[9].as_str()), ("–", "–"));
         } else {
-            assert!(cells[7].parse::<f64>().is_ok(), "{row}");
+            assert!(cells[7].parse::<f64>().unwrap() > 0.0, "{cells:?}");
+            let (n, worst) = cells[9].split_once(", ").expect("seconds, worst ms");
+            assert!(
+                n.parse::<u32>().is_ok() && worst.parse::<u32>().is_ok(),
+                "{cells:?}"
+            );
         }
     }
     // A paced run cannot go faster than it is offered.
-    let paced: f64 = rows[2]
-        .split('|')
-        .map(str::trim)
-        .nth(4)
-        .unwrap()
-        .parse()
-        .unwrap();
-    assert!(paced <= 400.0 * 1.05, "{}", rows[2]);
+    let paced: f64 = rows[2][4].parse().unwrap();
+    assert!(paced <= 400.0 * 1.05, "{:?}", rows[2]);
 }

@@ -351,6 +351,30 @@ impl Store {
         Ok(())
     }
 
+    /// Turns on Redis's own latency monitor: from now on it records every event (a command,
+    /// an AOF write or fsync, a fork…) that takes at least `threshold_ms`.
+    pub async fn monitor_latency(&self, threshold_ms: u64) -> Result<()> {
+        let mut c = self.conn.clone();
+        let _: () = redis::cmd("CONFIG")
+            .arg("SET")
+            .arg("latency-monitor-threshold")
+            .arg(threshold_ms)
+            .query_async(&mut c)
+            .await?;
+        Ok(())
+    }
+
+    /// What the latency monitor recorded for one event (`aof-fsync-always`, `command`, …):
+    /// for each second in which it happened, (unix time s, worst latency ms); oldest first.
+    pub async fn latency_history(&self, event: &str) -> Result<Vec<(u64, u64)>> {
+        let mut c = self.conn.clone();
+        Ok(redis::cmd("LATENCY")
+            .arg("HISTORY")
+            .arg(event)
+            .query_async(&mut c)
+            .await?)
+    }
+
     // ------------------------------------------------------------ project and images
 
     pub async fn set_project(&self, info: &ProjectInfo) -> Result<()> {

@@ -201,3 +201,26 @@ async fn acknowledged_submits_survive_kill_9_of_redis() {
         .unwrap();
     assert!(dup.duplicate && dup.mark_id == r.mark_id);
 }
+
+#[tokio::test]
+async fn the_latency_monitor_records_a_slow_command() {
+    let (_dir, _server, store, _) = setup().await;
+    assert!(store.latency_history("command").await.unwrap().is_empty());
+    store.monitor_latency(5).await.unwrap();
+    // A script that keeps Redis busy for about 30 ms.
+    let slow = redis::Script::new(
+        "local t = redis.call('TIME') local s = t[1] * 1e6 + t[2] \
+         while true do local n = redis.call('TIME') if n[1] * 1e6 + n[2] - s > 30000 then break end end \
+         return 1",
+    );
+    let _: i64 = slow.invoke_async(&mut store.connection()).await.unwrap();
+    let h = store.latency_history("command").await.unwrap();
+    assert_eq!(h.len(), 1, "{h:?}");
+    assert!(h[0].1 >= 25, "{h:?}");
+    assert!(store
+        .latency_history("aof-fsync-always")
+        .await
+        .unwrap()
+        .iter()
+        .all(|&(_, ms)| ms >= 5));
+}
