@@ -130,8 +130,7 @@ pub struct TestGateway {
     pub addr: String,
     /// The bound address, to start a gateway again on the same port.
     pub listen: String,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    task: Option<tokio::task::JoinHandle<()>>,
+    gateway: mp_gateway::Spawned,
 }
 
 impl TestGateway {
@@ -141,29 +140,16 @@ impl TestGateway {
             .expect("bind gateway");
         let listen = listener.local_addr().expect("local addr").to_string();
         cfg.listen = listen.clone();
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(async move {
-            let _ = mp_gateway::run(listener, cfg, async {
-                let _ = rx.await;
-            })
-            .await;
-        });
         TestGateway {
             addr: format!("http://{listen}"),
             listen,
-            stop: Some(tx),
-            task: Some(task),
+            gateway: mp_gateway::Spawned::start(listener, cfg).expect("start gateway"),
         }
     }
 
     /// Shuts the gateway down and waits until it has stopped.
-    pub async fn stop(mut self) {
-        if let Some(tx) = self.stop.take() {
-            let _ = tx.send(());
-        }
-        if let Some(t) = self.task.take() {
-            let _ = t.await;
-        }
+    pub async fn stop(self) {
+        self.gateway.stop().await
     }
 }
 

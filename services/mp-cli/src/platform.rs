@@ -469,15 +469,13 @@ pub struct LocalPlatform {
     pub redis: mp_store::server::RedisServer,
     pub addr: String,
     pub store: Store,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    task: Option<tokio::task::JoinHandle<()>>,
+    gateway: mp_gateway::Spawned,
 }
 
 impl LocalPlatform {
     pub async fn start(dir: &Path, lease_ttl_ms: u64) -> Result<LocalPlatform> {
         let redis = mp_store::server::RedisServer::start_free(dir)?;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let addr = format!("http://{}", listener.local_addr()?);
         let cfg = GatewayConfig {
             redis_url: redis.url(),
             metrics_listen: String::new(),
@@ -485,29 +483,17 @@ impl LocalPlatform {
             lease_ttl_ms,
             ..Default::default()
         };
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(async move {
-            let _ = mp_gateway::run(listener, cfg, async {
-                let _ = rx.await;
-            })
-            .await;
-        });
+        let gateway = mp_gateway::Spawned::start(listener, cfg)?;
         let store = Store::connect(&redis.url(), "mp").await?;
         Ok(LocalPlatform {
             redis,
-            addr,
+            addr: format!("http://{}", gateway.local_addr),
             store,
-            stop: Some(tx),
-            task: Some(task),
+            gateway,
         })
     }
 
-    pub async fn stop(mut self) {
-        if let Some(tx) = self.stop.take() {
-            let _ = tx.send(());
-        }
-        if let Some(t) = self.task.take() {
-            let _ = t.await;
-        }
+    pub async fn stop(self) {
+        self.gateway.stop().await
     }
 }

@@ -5,7 +5,8 @@
 //!   shells over `mp-store`, with the one error mapping to `tonic::Status`.
 //! - [`views`]: predictions and saliency for the image view, on a thread that owns models.
 //!
-//! [`run`] takes the listener and a shutdown future, so tests start and stop a gateway.
+//! [`run`] takes the listener and a shutdown future; [`Spawned`] runs one on the current
+//! tokio runtime until stopped (tests, benchmarks).
 //! Health starts NotServing and flips to Serving while Redis answers.
 //! The gateway holds no state of its own beyond caches: everything lives in Redis.
 
@@ -38,6 +39,46 @@ const SERVICES: [&str; 6] = [
     "mp.v1.StatsService",
     "mp.v1.AdminService",
 ];
+
+/// A gateway running as a task on the current tokio runtime.
+pub struct Spawned {
+    /// The address it listens on.
+    pub local_addr: std::net::SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Spawned {
+    /// Starts [`run`] on `listener` with `config` in a task.
+    pub fn start(listener: TcpListener, config: GatewayConfig) -> std::io::Result<Spawned> {
+        let local_addr = listener.local_addr()?;
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            if let Err(e) = run(listener, config, async {
+                let _ = rx.await;
+            })
+            .await
+            {
+                warn!(error = %e, "gateway stopped with an error");
+            }
+        });
+        Ok(Spawned {
+            local_addr,
+            stop: Some(tx),
+            task: Some(task),
+        })
+    }
+
+    /// Shuts the gateway down and waits until it has stopped.
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.task.take() {
+            let _ = t.await;
+        }
+    }
+}
 
 fn install_metrics(addr: &str) -> Result<(), GatewayError> {
     let sock: std::net::SocketAddr = addr.parse().map_err(|e| GatewayError::Metrics {
