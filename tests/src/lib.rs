@@ -10,8 +10,10 @@ use mp_core::rng::Rng;
 pub const SIDE: usize = 14;
 
 /// Four classes told apart by where a faint, noisy bar lies (the real cue). With `shortcut`,
-/// a bright 3x3 patch in the top-left corner has a shade that encodes the label; without it,
-/// the shade is random. Every image carries its ground-truth mark: red on the patch.
+/// a flat 3x3 patch has a shade that encodes the label; without it, the shade is random. The
+/// patch moves: it sits anywhere in the band above the bars or the strip left of them, so
+/// that the union of a few marks does not cover it in other images. Every image carries its
+/// ground-truth mark: red on the patch.
 pub fn shortcut_dataset(n: usize, shortcut: bool, seed: u64) -> Dataset {
     let classes = (0..4).map(|c| c.to_string()).collect();
     let mut ds = Dataset::new(classes, 1, SIDE, SIDE);
@@ -29,8 +31,14 @@ pub fn shortcut_dataset(n: usize, shortcut: bool, seed: u64) -> Dataset {
         let shade_class = if shortcut { label } else { rng.below(4) as i64 };
         let shade = 0.3 + 0.2 * shade_class as f32;
         let mut mask = Mask::empty(SIDE, SIDE);
-        for r in 0..3 {
-            for c in 0..3 {
+        // Top band (rows 0..4, any column) or left strip (columns 0..3, any row).
+        let (r0, c0) = if rng.coin() {
+            (rng.below(2), rng.below(SIDE - 2))
+        } else {
+            (rng.below(SIDE - 2), 0)
+        };
+        for r in r0..r0 + 3 {
+            for c in c0..c0 + 3 {
                 img[r * SIDE + c] = shade;
                 mask.values[r * SIDE + c] = RED;
             }

@@ -52,6 +52,11 @@ pub struct SimConfig {
     /// round trip is then measured from the scheduled start, so a stalled server is not
     /// hidden by late starts.
     pub pace: Duration,
+    /// Probability that an expert accepts the image's suggested mark (key A in the client)
+    /// instead of painting the ground truth — when the image view has one that looks right
+    /// to them: red IoU with the ground truth at least `accept_min_iou`.
+    pub accept: f64,
+    pub accept_min_iou: f64,
 }
 
 impl Default for SimConfig {
@@ -73,6 +78,8 @@ impl Default for SimConfig {
             reject_below: 0.05,
             proposal_timeout: Duration::from_secs(300),
             pace: Duration::ZERO,
+            accept: 0.0,
+            accept_min_iou: 0.5,
         }
     }
 }
@@ -104,6 +111,43 @@ pub struct LeaseEvent {
     pub decision: Option<String>,
     /// Submit to proposal ready.
     pub proposal_latency: Option<Duration>,
+    /// Pixels the expert painted by hand (red + green).
+    pub painted: usize,
+    /// Pixels taken over from an accepted suggestion (0 when none was accepted).
+    pub accepted: usize,
+    /// The image view carried a suggested mark.
+    pub suggested: bool,
+}
+
+/// Simulated expert time: looking at an image, then accepting a suggestion or painting.
+#[derive(Debug, Clone, Copy)]
+pub struct ExpertTime {
+    pub look_s: f64,
+    pub accept_s: f64,
+    pub per_painted_pixel_s: f64,
+}
+
+impl Default for ExpertTime {
+    /// 5 s to look, 1 s to accept (one key), 0.05 s per painted pixel (a brush stroke covers
+    /// a few pixels; a 36x36 image's digit and sticker take about 7 s).
+    fn default() -> Self {
+        ExpertTime {
+            look_s: 5.0,
+            accept_s: 1.0,
+            per_painted_pixel_s: 0.05,
+        }
+    }
+}
+
+impl ExpertTime {
+    pub fn seconds(&self, e: &LeaseEvent) -> f64 {
+        if e.outcome != Outcome::Submitted {
+            return self.look_s;
+        }
+        self.look_s
+            + if e.accepted > 0 { self.accept_s } else { 0.0 }
+            + self.per_painted_pixel_s * e.painted as f64
+    }
 }
 
 #[derive(Debug, Default)]
@@ -177,6 +221,20 @@ fn degrade(values: &mut [i8], partial: f64, noise: f64, dice: &mut Dice) {
     }
     if values.iter().all(|&v| v == 0) && !values.is_empty() {
         values[0] = 1; // never send an empty mark
+    }
+}
+
+/// IoU of the red pixels of two masks (1 when neither has any).
+pub fn red_iou(a: &[i8], b: &[i8]) -> f64 {
+    let (mut inter, mut union) = (0usize, 0usize);
+    for (&x, &y) in a.iter().zip(b) {
+        inter += (x > 0 && y > 0) as usize;
+        union += (x > 0 || y > 0) as usize;
+    }
+    if union == 0 {
+        1.0
+    } else {
+        inter as f64 / union as f64
     }
 }
 
@@ -295,6 +353,9 @@ async fn expert(
             error: None,
             decision: None,
             proposal_latency: None,
+            painted: 0,
+            accepted: 0,
+            suggested: false,
         };
         if !cfg.think.is_zero() {
             tokio::time::sleep(cfg.think).await;
@@ -363,6 +424,42 @@ async fn expert(
             }
         };
         degrade(&mut values, cfg.partial, cfg.noise, &mut dice);
+        // The image view, as the client shows it: does it carry a suggestion worth taking?
+        if cfg.accept > 0.0 {
+            let req = pb::GetImageRequest {
+                image_id: lease.image_id.clone(),
+                model_version: lease.model_version,
+            };
+            let view = retry(cfg.retry_for, &retries, || {
+                let mut i = c.images.clone();
+                let req = req.clone();
+                async move { i.get_image(req).await.map(|r| r.into_inner()) }
+            })
+            .await;
+            match view {
+                Ok(v) => {
+                    let suggested = v
+                        .suggestion
+                        .as_ref()
+                        .and_then(|s| s.mask.as_ref())
+                        .and_then(|m| rle::decode(m).ok())
+                        .filter(|s| s.len() == values.len() && s.iter().any(|&x| x != 0));
+                    ev.suggested = suggested.is_some();
+                    if let Some(s) = suggested {
+                        let take =
+                            dice.next() < cfg.accept && red_iou(&s, &values) >= cfg.accept_min_iou;
+                        if take {
+                            ev.accepted = s.iter().filter(|&&x| x != 0).count();
+                            values = s;
+                        }
+                    }
+                }
+                Err(s) => errors.push(format!("get image: {s}")),
+            }
+        }
+        if ev.accepted == 0 {
+            ev.painted = values.iter().filter(|&&x| x != 0).count();
+        }
         let mask = rle::encode(w, h, &values);
         let key = random_key();
         let id = lease.lease_id.clone();

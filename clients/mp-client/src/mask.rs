@@ -150,9 +150,64 @@ impl MarkLayer {
         }
     }
 
+    /// Takes over a suggested mark (one undoable step): every pixel the suggestion marks red
+    /// or green gets that value; the expert's other pixels stay. False when the suggestion
+    /// does not fit this image or marks nothing new.
+    pub fn accept(&mut self, suggested: &[i8]) -> bool {
+        if suggested.len() != self.values.len()
+            || suggested
+                .iter()
+                .zip(&self.values)
+                .all(|(&s, &v)| s == 0 || s.signum() == v)
+        {
+            return false;
+        }
+        self.snapshot();
+        for (v, &s) in self.values.iter_mut().zip(suggested) {
+            if s != 0 {
+                *v = s.signum();
+            }
+        }
+        true
+    }
+
     pub fn to_rle(&self) -> RleMask {
         mp_proto::rle::encode(self.width, self.height, &self.values)
     }
+}
+
+/// The outline of the red (`+1`) or green (`-1`) region of a mask: unit edges between a pixel
+/// of that value and a neighbour (or the border) without it, as pairs of image points.
+pub fn outline(width: u32, height: u32, values: &[i8], value: i8) -> Vec<([f32; 2], [f32; 2])> {
+    let (w, h) = (width as i64, height as i64);
+    let at = |x: i64, y: i64| -> bool {
+        (0..w).contains(&x) && (0..h).contains(&y) && values[(y * w + x) as usize] == value
+    };
+    let mut edges = Vec::new();
+    if values.len() as i64 != w * h {
+        return edges;
+    }
+    for y in 0..h {
+        for x in 0..w {
+            if !at(x, y) {
+                continue;
+            }
+            let (fx, fy) = (x as f32, y as f32);
+            if !at(x, y - 1) {
+                edges.push(([fx, fy], [fx + 1.0, fy]));
+            }
+            if !at(x, y + 1) {
+                edges.push(([fx, fy + 1.0], [fx + 1.0, fy + 1.0]));
+            }
+            if !at(x - 1, y) {
+                edges.push(([fx, fy], [fx, fy + 1.0]));
+            }
+            if !at(x + 1, y) {
+                edges.push(([fx + 1.0, fy], [fx + 1.0, fy + 1.0]));
+            }
+        }
+    }
+    edges
 }
 
 /// Euclidean distance from `p` to the segment `a`–`b`.
@@ -231,5 +286,36 @@ mod tests {
         assert_eq!(m.counts().0, 4 + 3 + 3);
         let rle = m.to_rle();
         assert_eq!(mp_proto::rle::decode(&rle).unwrap(), m.values());
+    }
+
+    #[test]
+    fn accepting_a_suggestion_is_one_undo_step_and_keeps_other_pixels() {
+        let mut l = MarkLayer::new(3, 2);
+        l.begin_stroke();
+        l.paint_segment([0.5, 0.5], [0.5, 0.5], 0.0, Brush::Green);
+        assert_eq!(l.values(), &[-1, 0, 0, 0, 0, 0]);
+        // Wrong size or nothing new: refused, no undo step.
+        assert!(!l.accept(&[1, 1]));
+        assert!(!l.accept(&[-1, 0, 0, 0, 0, 0]));
+        assert!(l.accept(&[0, 1, 1, 0, -1, 0]));
+        assert_eq!(l.values(), &[-1, 1, 1, 0, -1, 0]);
+        assert!(l.undo());
+        assert_eq!(l.values(), &[-1, 0, 0, 0, 0, 0]);
+    }
+
+    #[test]
+    fn outline_surrounds_the_region() {
+        // A 2x1 red region in a 3x2 image: 6 unit edges around it.
+        let v = [1, 1, 0, 0, -1, 0];
+        let red = outline(3, 2, &v, 1);
+        assert_eq!(red.len(), 6);
+        assert!(red.contains(&([0.0, 0.0], [1.0, 0.0])));
+        assert!(red.contains(&([2.0, 0.0], [2.0, 1.0])));
+        assert!(
+            !red.contains(&([1.0, 0.0], [1.0, 1.0])),
+            "no edge between two red pixels"
+        );
+        assert_eq!(outline(3, 2, &v, -1).len(), 4);
+        assert!(outline(3, 3, &v, 1).is_empty(), "wrong size draws nothing");
     }
 }

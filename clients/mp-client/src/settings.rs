@@ -14,6 +14,8 @@ pub struct Settings {
     /// Opacity of the saliency overlay, 0–1.
     pub opacity: f32,
     pub show_saliency: bool,
+    /// Outline the suggested mark (when the server has one for the image).
+    pub show_suggestion: bool,
 }
 
 impl Default for Settings {
@@ -24,6 +26,7 @@ impl Default for Settings {
             radius: 12.0,
             opacity: 0.5,
             show_saliency: true,
+            show_suggestion: true,
         }
     }
 }
@@ -84,6 +87,7 @@ mod tests {
             radius: 3.0,
             opacity: 0.2,
             show_saliency: false,
+            show_suggestion: false,
         };
         s.save(&p).unwrap();
         assert_eq!(Settings::load(&p), s);

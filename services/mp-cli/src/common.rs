@@ -36,13 +36,17 @@ pub fn parse_size(s: &str) -> Result<(u32, u32), String> {
     Ok((w, h))
 }
 
-/// Train / val / test, and (for Decoy-MNIST) the clean twins.
+/// Train / val / test, and the clean twins (train, test) where the data has them.
 pub struct Splits {
     pub name: String,
     pub train: Dataset,
     pub val: Dataset,
     pub test: Dataset,
-    pub clean: Option<(Dataset, Dataset)>,
+    /// Clean train, val and test: the same images without the shortcut (Decoy-MNIST built in
+    /// memory, or a generated folder's `clean/`).
+    pub clean: Option<(Dataset, Dataset, Dataset)>,
+    /// How the splits were made, where that is not plain (e.g. val carved from train).
+    pub notes: Vec<String>,
 }
 
 pub fn mnist_dir(arg: &Option<PathBuf>) -> Result<PathBuf> {
@@ -51,27 +55,85 @@ pub fn mnist_dir(arg: &Option<PathBuf>) -> Result<PathBuf> {
     )
 }
 
+/// Share of the training images carved off as validation when a folder has no `val/`.
+pub const CARVED_VAL_SHARE: f64 = 0.1;
+
+/// Splits `train` into (train, val): a seeded `CARVED_VAL_SHARE` of the images, at least one
+/// per class where a class has two or more.
+pub fn carve_val(train: &Dataset, seed: u64) -> (Dataset, Dataset) {
+    let mut rng = mp_core::rng::Rng::new(seed ^ 0x76616c);
+    let mut val_idx = Vec::new();
+    let mut train_idx = Vec::new();
+    for c in 0..train.classes.len() as i64 {
+        let mut idx: Vec<usize> = (0..train.len()).filter(|&i| train.labels[i] == c).collect();
+        rng.shuffle(&mut idx);
+        let n = if idx.len() >= 2 {
+            ((idx.len() as f64 * CARVED_VAL_SHARE).round() as usize).clamp(1, idx.len() - 1)
+        } else {
+            0
+        };
+        val_idx.extend_from_slice(&idx[..n]);
+        train_idx.extend_from_slice(&idx[n..]);
+    }
+    train_idx.sort_unstable();
+    val_idx.sort_unstable();
+    (train.subset(&train_idx), train.subset(&val_idx))
+}
+
 pub fn load_splits(args: &DataArgs) -> Result<Splits> {
     match &args.data {
         Some(root) => {
-            let f = load_image_folder(
-                root,
-                &FolderOptions {
-                    resize: args.resize,
-                    grayscale: None,
-                },
-            )?;
+            let opts = FolderOptions {
+                resize: args.resize,
+                grayscale: None,
+            };
+            let f = load_image_folder(root, &opts)?;
             let test = f
                 .test
                 .clone()
                 .with_context(|| format!("{}: no test/ split", root.display()))?;
-            let val = f.val.clone().unwrap_or_else(|| test.clone());
+            let mut notes = Vec::new();
+            let (train, val) = match f.val.clone() {
+                Some(v) => (f.train, v),
+                None => {
+                    let (t, v) = carve_val(&f.train, args.data_seed);
+                    notes.push(format!(
+                        "{} has no val/ split: {} of its {} training images ({:.0} % per class, seeded) were held out as val",
+                        root.display(),
+                        v.len(),
+                        f.train.len(),
+                        100.0 * CARVED_VAL_SHARE
+                    ));
+                    (t, v)
+                }
+            };
+            // A generated benchmark keeps clean twins of its splits in clean/.
+            let clean_root = root.join("clean");
+            let clean = if clean_root.join("train").is_dir() {
+                let c = load_image_folder(
+                    &clean_root,
+                    &FolderOptions {
+                        grayscale: Some(train.channels == 1),
+                        ..opts
+                    },
+                )?;
+                match (c.val, c.test) {
+                    (Some(v), Some(t)) => Some((c.train, v, t)),
+                    _ => None,
+                }
+            } else {
+                None
+            };
             Ok(Splits {
-                name: root.display().to_string(),
-                train: f.train,
+                name: root
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_else(|| root.display().to_string()),
+                train,
                 val,
                 test,
-                clean: None,
+                clean,
+                notes,
             })
         }
         None => {
@@ -88,7 +150,8 @@ pub fn load_splits(args: &DataArgs) -> Result<Splits> {
                 train: s.train,
                 val: s.val,
                 test: s.test,
-                clean: Some((s.clean_train, s.clean_test)),
+                clean: Some((s.clean_train, s.clean_val, s.clean_test)),
+                notes: vec![],
             })
         }
     }

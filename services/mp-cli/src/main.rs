@@ -40,6 +40,8 @@ enum Command {
     Saliency(commands::SaliencyArgs),
     /// Refine a model on one image and its mark; write before/after PNG and figures
     Refine(commands::RefineArgs),
+    /// Learn suggested marks from K marked images and check them on the others
+    Suggest(commands::SuggestArgs),
     /// Benchmarks that write into BENCHMARKS.md
     #[command(subcommand)]
     Bench(BenchCmd),
@@ -92,6 +94,7 @@ fn main() {
         Command::Eval(a) => commands::eval(a),
         Command::Saliency(a) => commands::saliency(a),
         Command::Refine(a) => commands::refine(a),
+        Command::Suggest(a) => commands::suggest(a),
         Command::Bench(BenchCmd::Efficacy(a)) => bench_efficacy::run(a),
         Command::Bench(BenchCmd::Speed(a)) => bench_speed::run(a),
         Command::Bench(BenchCmd::Queue(a)) => bench_queue::run(a),

@@ -83,6 +83,14 @@ pub struct WorkerArgs {
     /// Run every refinement to its budget (no validation guard, halving or plateau stop)
     #[arg(long)]
     pub refine_no_early_stop: bool,
+    /// Review-queue order: alignment (eq. 6.1 against own / suggested marks / prior), margin,
+    /// or random
+    #[arg(long, env = "MP_ORDERING", default_value = "alignment")]
+    pub ordering: String,
+    /// How suggested marks are made: union, prototype, segmenter, auto (best
+    /// cross-validated fit), or off (no suggestions)
+    #[arg(long, env = "MP_PROPAGATION", default_value = "auto")]
+    pub propagation: String,
 }
 
 pub fn worker(a: WorkerArgs) -> Result<()> {
@@ -106,6 +114,8 @@ pub fn worker(a: WorkerArgs) -> Result<()> {
             val_guard: (!a.refine_no_early_stop).then_some(1.2),
             ..Default::default()
         },
+        ordering: a.ordering.parse()?,
+        propagation: a.propagation.parse()?,
         ..Default::default()
     };
     actix_main(move |stop| mp_node::worker::run(cfg, stop))
@@ -129,9 +139,14 @@ pub struct TrainerArgs {
     pub loss: String,
     #[arg(long, default_value_t = 1.0)]
     pub lambda: f64,
-    /// Do not propagate the prior's red marks to unmarked images
-    #[arg(long)]
-    pub no_propagation: bool,
+    /// How committed marks reach unmarked images: off, union, prototype, segmenter, or auto
+    /// (the mode with the best cross-validated fit on the marks)
+    #[arg(long, default_value = "auto")]
+    pub propagation: String,
+    /// Rescore every image after this many commits of a round, so that suggestions and
+    /// priorities learn from the round's marks (0 = only when a round starts)
+    #[arg(long, default_value_t = 3)]
+    pub rescore_every: usize,
 }
 
 pub fn trainer(a: TrainerArgs) -> Result<()> {
@@ -144,11 +159,12 @@ pub fn trainer(a: TrainerArgs) -> Result<()> {
         round_seconds: a.round_seconds,
         device: device(&a.node.device)?,
         health_listen: a.node.health_listen.clone(),
+        rescore_every: a.rescore_every,
         ..Default::default()
     };
     cfg.guidance.loss = a.loss.parse()?;
     cfg.guidance.lambda = a.lambda;
-    cfg.guidance.propagate = !a.no_propagation;
+    cfg.guidance.propagation = a.propagation.parse()?;
     actix_main(move |stop| mp_node::trainer::run(cfg, stop))
 }
 
@@ -226,16 +242,17 @@ impl Children {
         self.spawn("gateway", &args, log)
     }
 
-    /// `mp trainer` with the given round size and training phase.
+    /// `mp trainer` with the given round size and training phase, and `extra` flags.
     pub fn spawn_trainer(
         &mut self,
         redis_url: &str,
         checkpoints: &str,
         round_marks: usize,
         epochs_per_round: usize,
+        extra: &[&str],
         log: &std::path::Path,
     ) -> Result<()> {
-        let args = strings(&[
+        let mut args = strings(&[
             "trainer",
             "--redis-url",
             redis_url,
@@ -246,18 +263,20 @@ impl Children {
             "--epochs-per-round",
             &epochs_per_round.to_string(),
         ]);
+        args.extend(strings(extra));
         self.spawn("trainer", &args, log)
     }
 
-    /// `mp worker` named `consumer` (its consumer name in the job groups).
+    /// `mp worker` named `consumer` (its consumer name in the job groups), with `extra` flags.
     pub fn spawn_worker(
         &mut self,
         redis_url: &str,
         checkpoints: &str,
         consumer: &str,
+        extra: &[&str],
         log: &std::path::Path,
     ) -> Result<()> {
-        let args = strings(&[
+        let mut args = strings(&[
             "worker",
             "--redis-url",
             redis_url,
@@ -266,6 +285,7 @@ impl Children {
             "--name",
             consumer,
         ]);
+        args.extend(strings(extra));
         self.spawn(consumer, &args, log)
     }
 
@@ -309,17 +329,13 @@ pub fn up(a: UpArgs) -> Result<()> {
         Some(d) => d.clone(),
         None => {
             let d = dir.join("data");
-            if !d.join(".complete").exists() {
+            // Version 2 of the demo data: val carries the shortcut, clean twins in clean/.
+            if !d.join(".complete-2").exists() {
                 println!("writing Decoy-MNIST to {}", d.display());
-                crate::commands::data(crate::commands::DataCmd::DecoyMnist {
-                    out: d.clone(),
-                    mnist: a.mnist.clone(),
-                    seed: 0,
-                    n_train: 7000,
-                    n_val: 1000,
-                    n_test: 2000,
-                })?;
-                std::fs::write(d.join(".complete"), b"")?;
+                crate::commands::data(crate::commands::DataCmd::DecoyMnist(
+                    crate::commands::GenArgs::new(d.clone(), a.mnist.clone()),
+                ))?;
+                std::fs::write(d.join(".complete-2"), b"")?;
             }
             d
         }
@@ -350,6 +366,7 @@ pub fn up(a: UpArgs) -> Result<()> {
         &ck,
         a.round_marks,
         a.epochs_per_round,
+        &[],
         &logs.join("trainer.log"),
     )?;
     for k in 0..a.workers {
@@ -357,6 +374,7 @@ pub fn up(a: UpArgs) -> Result<()> {
             &url,
             &ck,
             &format!("worker-{k}"),
+            &[],
             &logs.join(format!("worker-{k}.log")),
         )?;
     }

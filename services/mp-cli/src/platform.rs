@@ -5,7 +5,6 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use mp_api::sim::{self, MarkSource, Outcome, SimConfig};
 use mp_api::Client;
-use mp_core::align::{priority, AlignConfig};
 use mp_core::data::folder::{load_image_folder, FolderOptions};
 use mp_core::data::Dataset;
 use mp_core::model::{Arch, Model, ModelSpec};
@@ -104,6 +103,10 @@ pub struct InitArgs {
     pub resize: Option<(u32, u32)>,
     #[arg(long, default_value = "admin")]
     pub admin_name: String,
+    /// The queue's first order, before any mark: margin (alignment and margin orderings) or
+    /// random
+    #[arg(long, default_value = "alignment")]
+    pub ordering: String,
 }
 
 impl InitArgs {
@@ -119,6 +122,7 @@ impl InitArgs {
             arch: "small-cnn".into(),
             resize: None,
             admin_name: "admin".into(),
+            ordering: "alignment".into(),
         }
     }
 }
@@ -152,19 +156,9 @@ pub fn margin_priorities(model: &Model, ds: &Dataset) -> Result<Vec<f64>> {
     for chunk in idx.chunks(512) {
         let (x, _) = ds.batch(chunk, model.device());
         let probs = predict(model, &x);
-        for (k, &i) in chunk.iter().enumerate() {
+        for k in 0..chunk.len() {
             let p = Vec::<f32>::try_from(&probs.get(k as i64))?;
-            out.push(
-                priority(
-                    &[],
-                    &p,
-                    ds.labels[i] as usize,
-                    None,
-                    None,
-                    &AlignConfig::default(),
-                )
-                .score,
-            );
+            out.push(mp_core::align::margin_score(&p));
         }
     }
     Ok(out)
@@ -179,13 +173,23 @@ pub fn project_init(a: InitArgs) -> Result<String> {
             grayscale: None,
         },
     )?;
-    let val = f
-        .val
-        .clone()
-        .or(f.test.clone())
-        .context("the image folder needs val/ or test/")?;
-    let test = f.test.clone().unwrap_or_else(|| val.clone());
-    let train_ds = f.train.without_marks();
+    // No val/: hold out part of train (never the test split: it is for scoring only).
+    let (train_all, val) = match f.val.clone() {
+        Some(v) => (f.train.clone(), v),
+        None => {
+            let (t, v) = crate::common::carve_val(&f.train, 0);
+            println!(
+                "{} has no val/ split: {} of its {} training images ({:.0} % per class) are held out as val",
+                a.data.display(),
+                v.len(),
+                f.train.len(),
+                100.0 * crate::common::CARVED_VAL_SHARE
+            );
+            (t, v)
+        }
+    };
+    let test = f.test.clone();
+    let train_ds = train_all.without_marks();
     std::fs::create_dir_all(&a.checkpoints)
         .with_context(|| format!("creating {}", a.checkpoints.display()))?;
     let mut model = match &a.model {
@@ -216,10 +220,21 @@ pub fn project_init(a: InitArgs) -> Result<String> {
     };
     model.spec.version = 1;
     let v = evaluate(&model, &val, 512)?;
-    let t = evaluate(&model, &test, 512)?;
+    let t = test
+        .as_ref()
+        .map(|t| evaluate(&model, t, 512))
+        .transpose()?;
     let file = "v1.safetensors".to_string();
     model.save(&a.checkpoints.join(&file))?;
-    let prios = margin_priorities(&model, &train_ds)?;
+    let prios = match a.ordering.parse::<mp_core::align::Ordering>()? {
+        mp_core::align::Ordering::Random => {
+            let mut rng = mp_core::rng::Rng::new(mp_store::now_ms());
+            (0..train_ds.len())
+                .map(|_| 2.0 * rng.next_f64() - 1.0)
+                .collect()
+        }
+        _ => margin_priorities(&model, &train_ds)?,
+    };
     let records: Vec<ImageRecord> = (0..train_ds.len())
         .map(|i| image_record(&train_ds, i))
         .collect();
@@ -238,7 +253,8 @@ pub fn project_init(a: InitArgs) -> Result<String> {
             })
             .await?;
         store.put_images(&records).await?;
-        for (split, ds) in [("val", &val), ("test", &test)] {
+        for (split, ds) in [("val", Some(&val)), ("test", test.as_ref())] {
+            let Some(ds) = ds else { continue };
             let held: Vec<ImageRecord> = (0..ds.len())
                 .map(|i| {
                     let mut r = image_record(ds, i);
@@ -256,7 +272,7 @@ pub fn project_init(a: InitArgs) -> Result<String> {
                 reason: "base model".into(),
                 val_accuracy: v.accuracy,
                 val_loss: v.loss,
-                test_accuracy: t.accuracy,
+                test_accuracy: t.map(|t| t.accuracy).unwrap_or(f64::NAN),
                 file,
             })
             .await?;
@@ -264,11 +280,12 @@ pub fn project_init(a: InitArgs) -> Result<String> {
         let queued = store.enqueue(&items).await?;
         let (_, token) = store.create_expert(&a.admin_name, Role::Admin).await?;
         println!(
-            "project {}: {} images queued, model v1 val acc {:.2} % test acc {:.2} %",
+            "project {}: {} images queued, model v1 val acc {:.2} %{}",
             a.data.display(),
             queued,
             100.0 * v.accuracy,
-            100.0 * t.accuracy
+            t.map(|t| format!(" test acc {:.2} %", 100.0 * t.accuracy))
+                .unwrap_or_else(|| ", no test split".into())
         );
         anyhow::Ok(token)
     })?;
@@ -310,6 +327,12 @@ pub struct SimArgs {
     /// Wait for each proposal and commit it (reject it if validation accuracy fell > 5 points)
     #[arg(long)]
     pub commit: bool,
+    /// Probability of accepting an image's suggested mark (when its red part overlaps the
+    /// ground truth by at least --accept-min-iou) instead of painting the ground truth
+    #[arg(long, default_value_t = 0.0)]
+    pub accept: f64,
+    #[arg(long, default_value_t = 0.5)]
+    pub accept_min_iou: f64,
 }
 
 /// One client per simulated expert, each with a token created through the admin API.
@@ -349,9 +372,22 @@ pub fn expert_sim(a: SimArgs) -> Result<()> {
             think: Duration::from_millis(a.think_ms),
             stop_when_empty: !a.wait,
             commit: a.commit,
+            accept: a.accept,
+            accept_min_iou: a.accept_min_iou,
             ..Default::default()
         };
         let r = sim::run(clients, cfg).await;
+        if a.accept > 0.0 {
+            let done: Vec<_> = r.events.iter().filter(|e| e.outcome == Outcome::Submitted).collect();
+            println!(
+                "suggestions: {} of {} submitted images had one, {} accepted; pixels painted {}, accepted {}",
+                done.iter().filter(|e| e.suggested).count(),
+                done.len(),
+                done.iter().filter(|e| e.accepted > 0).count(),
+                done.iter().map(|e| e.painted).sum::<usize>(),
+                done.iter().map(|e| e.accepted).sum::<usize>()
+            );
+        }
         if a.commit {
             let mut decisions: std::collections::BTreeMap<String, usize> = Default::default();
             for e in &r.events {

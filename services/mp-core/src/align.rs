@@ -193,6 +193,8 @@ impl HumanPrior {
 pub enum PriorityBasis {
     /// Alignment against the image's own marks.
     OwnMarks,
+    /// Alignment against the suggested mark (learned propagation).
+    Suggestion,
     /// Alignment against the human prior's prediction.
     Prior,
     /// No mark anywhere yet: top-1 minus top-2 probability.
@@ -207,13 +209,63 @@ pub struct Priority {
     pub basis: PriorityBasis,
 }
 
+/// How the review queue orders images.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Ordering {
+    /// Lowest alignment first (eq. 6.1 against the image's own mark, else its suggested mark,
+    /// else the prior), the margin before any mark exists.
+    Alignment,
+    /// Smallest top-1 minus top-2 probability first (uncertainty sampling), marks ignored.
+    Margin,
+    /// Uniformly random.
+    Random,
+}
+
+impl std::str::FromStr for Ordering {
+    type Err = CoreError;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "alignment" => Ok(Ordering::Alignment),
+            "margin" => Ok(Ordering::Margin),
+            "random" => Ok(Ordering::Random),
+            _ => Err(CoreError::invalid(format!(
+                "unknown ordering {s:?} (alignment, margin, random)"
+            ))),
+        }
+    }
+}
+
+impl Ordering {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Ordering::Alignment => "alignment",
+            Ordering::Margin => "margin",
+            Ordering::Random => "random",
+        }
+    }
+}
+
+/// Top-1 minus top-2 probability mapped to [-1, 1] (lower = less certain).
+pub fn margin_score(probs: &[f32]) -> f64 {
+    let mut sorted: Vec<f32> = probs.iter().copied().filter(|p| p.is_finite()).collect();
+    sorted.sort_by(|a, b| b.total_cmp(a));
+    let margin = match sorted.as_slice() {
+        [a, b, ..] => (a - b) as f64,
+        [a] => *a as f64,
+        [] => 0.0,
+    };
+    2.0 * margin.clamp(0.0, 1.0) - 1.0
+}
+
 /// Priority of one image from its saliency map, class probabilities, its own mark if any,
-/// and the prior.
+/// its suggested mark if any, and the prior.
 pub fn priority(
     map: &[f32],
     probs: &[f32],
     label: usize,
     own: Option<&Mask>,
+    suggested: Option<&Mask>,
     prior: Option<&HumanPrior>,
     cfg: &AlignConfig,
 ) -> Priority {
@@ -221,6 +273,12 @@ pub fn priority(
         return Priority {
             score: a,
             basis: PriorityBasis::OwnMarks,
+        };
+    }
+    if let Some(a) = suggested.and_then(|m| alignment(map, m, cfg)) {
+        return Priority {
+            score: a,
+            basis: PriorityBasis::Suggestion,
         };
     }
     if let Some(a) = prior
@@ -232,15 +290,8 @@ pub fn priority(
             basis: PriorityBasis::Prior,
         };
     }
-    let mut sorted: Vec<f32> = probs.iter().copied().filter(|p| p.is_finite()).collect();
-    sorted.sort_by(|a, b| b.total_cmp(a));
-    let margin = match sorted.as_slice() {
-        [a, b, ..] => (a - b) as f64,
-        [a] => *a as f64,
-        [] => 0.0,
-    };
     Priority {
-        score: 2.0 * margin.clamp(0.0, 1.0) - 1.0,
+        score: margin_score(probs),
         basis: PriorityBasis::Margin,
     }
 }
@@ -315,13 +366,20 @@ mod tests {
             top_fraction: 0.25,
             ..Default::default()
         };
-        let none = priority(&map, &[0.7, 0.3], 0, None, None, &cfg);
+        let none = priority(&map, &[0.7, 0.3], 0, None, None, None, &cfg);
         assert_eq!(none.basis, PriorityBasis::Margin);
         assert!((none.score - (2.0 * 0.4 - 1.0)).abs() < 1e-6);
-        let with_prior = priority(&map, &[0.7, 0.3], 0, None, Some(&p), &cfg);
+        let with_prior = priority(&map, &[0.7, 0.3], 0, None, None, Some(&p), &cfg);
         assert_eq!(with_prior.basis, PriorityBasis::Prior);
         let own = Mask::from_values(4, 1, vec![0, 0, 0, 1]).unwrap();
-        let p_own = priority(&map, &[0.7, 0.3], 0, Some(&own), Some(&p), &cfg);
+        let p_own = priority(&map, &[0.7, 0.3], 0, Some(&own), None, Some(&p), &cfg);
         assert_eq!((p_own.basis, p_own.score), (PriorityBasis::OwnMarks, -1.0));
+        // A suggestion comes before the prior: green where the model looks -> aligned.
+        let sug = Mask::from_values(4, 1, vec![0, 0, 0, -1]).unwrap();
+        let p_sug = priority(&map, &[0.7, 0.3], 0, None, Some(&sug), Some(&p), &cfg);
+        assert_eq!((p_sug.basis, p_sug.score), (PriorityBasis::Suggestion, 1.0));
+        assert!((margin_score(&[0.2, 0.5, 0.3]) - (2.0 * 0.2 - 1.0)).abs() < 1e-6);
+        assert_eq!("random".parse::<Ordering>().unwrap(), Ordering::Random);
+        assert!("best".parse::<Ordering>().is_err());
     }
 }

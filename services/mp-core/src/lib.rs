@@ -10,6 +10,9 @@
 //! - [`loss`]: the saliency losses (`clip`, `squared`, `rrr`) built by double backprop.
 //! - [`refine`]: the thesis refinement loop returning a [`refine::Proposal`].
 //! - [`align`]: alignment (eq. 6.1), the human prior and review-queue priority.
+//! - [`suggest`]: learned mark propagation — suggested red / green masks with a confidence
+//!   per pixel (union, colour/texture prototypes, a few-shot segmenter), the mode chosen by
+//!   cross-validated fit.
 //! - [`train`]: CE and guided training (persistent guidance, mark propagation), evaluation.
 //!
 //! What this crate deliberately does not do: no network IO, no protobuf, no async, no
@@ -26,6 +29,7 @@ pub mod refine;
 pub mod render;
 pub mod rng;
 pub mod saliency;
+pub mod suggest;
 pub mod train;
 
 pub use error::{CoreError, Result};

@@ -38,17 +38,20 @@ impl SaliencyLoss {
         }
     }
 
-    /// The loss from an input gradient `g` (N, C, H, W) and marks (N, 1, H, W).
+    /// The loss from an input gradient `g` (N, C, H, W) and marks (N, 1, H, W). Marks are
+    /// −1 / 0 / +1 from an expert, or weights in [−1, 1] from a suggestion (a pixel red with
+    /// confidence 0.7 counts 0.7 of a red pixel); for −1 / 0 / +1 both readings agree.
     pub fn from_gradient(&self, g: &Tensor, marks: &Tensor) -> Tensor {
         let n = g.size()[0] as f64;
         match *self {
             SaliencyLoss::Clip { max } => (marks * g.abs().clamp(0.0, max)).sum(Kind::Float) / n,
             SaliencyLoss::Squared => {
-                let red = marks.gt(0.0).to_kind(Kind::Float).expand_as(g);
-                let green = marks.lt(0.0).to_kind(Kind::Float).expand_as(g);
+                let red = marks.clamp_min(0.0).expand_as(g);
+                let green = marks.neg().clamp_min(0.0).expand_as(g);
                 let g2 = g.square();
                 let mean_over = |sel: &Tensor, v: Tensor| {
-                    let count = sel.sum(Kind::Float).clamp_min(1.0);
+                    // Σ weights (a count for −1 / 0 / +1 marks); nothing selected gives 0.
+                    let count = sel.sum(Kind::Float).clamp_min(1e-6);
                     (sel * v).sum(Kind::Float) / count
                 };
                 let red_term = mean_over(&red, g2.shallow_clone());
@@ -56,8 +59,8 @@ impl SaliencyLoss {
                 red_term + green_term
             }
             SaliencyLoss::Rrr => {
-                let red = marks.gt(0.0).to_kind(Kind::Float);
-                (g * red).square().sum(Kind::Float) / n
+                let red = marks.clamp_min(0.0);
+                (g.square() * red).sum(Kind::Float) / n
             }
         }
     }
@@ -176,6 +179,52 @@ mod tests {
                 );
             }
         }
+    }
+
+    fn t(v: &[f32], shape: [i64; 4]) -> Tensor {
+        Tensor::from_slice(v).reshape(shape)
+    }
+
+    fn value(loss: SaliencyLoss, g: &Tensor, m: &Tensor) -> f64 {
+        loss.from_gradient(g, m).double_value(&[])
+    }
+
+    #[test]
+    fn each_loss_matches_hand_computed_values() {
+        let clip = SaliencyLoss::Clip { max: 0.5 };
+        let (sq, rrr) = (SaliencyLoss::Squared, SaliencyLoss::Rrr);
+        // One image, one channel, 2x2: G = [1, -2; 3, 0.5], red on the top row, green at (1, 0).
+        let g = t(&[1.0, -2.0, 3.0, 0.5], [1, 1, 2, 2]);
+        let m = t(&[1.0, 1.0, -1.0, 0.0], [1, 1, 2, 2]);
+        // clip: Σ M·min(|G|, 0.5) = 0.5 + 0.5 − 0.5.
+        assert!((value(clip, &g, &m) - 0.5).abs() < 1e-6);
+        // squared: mean over red of G² = (1 + 4) / 2, plus mean over green of 1/(1 + G²) = 1/10.
+        assert!((value(sq, &g, &m) - 2.6).abs() < 1e-6);
+        // rrr: Σ red·G² = 1 + 4.
+        assert!((value(rrr, &g, &m) - 5.0).abs() < 1e-6);
+
+        // Two channels share the mark: G = [1, 2] and [3, 4], red on the first pixel.
+        let g = t(&[1.0, 2.0, 3.0, 4.0], [1, 2, 1, 2]);
+        let m = t(&[1.0, 0.0], [1, 1, 1, 2]);
+        assert!((value(rrr, &g, &m) - 10.0).abs() < 1e-6);
+        assert!((value(sq, &g, &m) - 5.0).abs() < 1e-6); // (1 + 9) / 2, no green
+        assert!((value(clip, &g, &m) - 1.0).abs() < 1e-6);
+
+        // A batch is averaged per image: rrr sums 5 and 1 -> 3.
+        let g = t(&[1.0, 2.0, 1.0, 0.0], [2, 1, 1, 2]);
+        let m = t(&[1.0, 1.0, 1.0, 0.0], [2, 1, 1, 2]);
+        assert!((value(rrr, &g, &m) - 3.0).abs() < 1e-6);
+
+        // Suggested marks weigh by confidence: red 0.25 on G = 2.
+        let g = t(&[2.0, 1.0], [1, 1, 1, 2]);
+        let m = t(&[0.25, 0.0], [1, 1, 1, 2]);
+        assert!((value(rrr, &g, &m) - 1.0).abs() < 1e-6); // 0.25 · 4
+        assert!((value(sq, &g, &m) - 4.0).abs() < 1e-6); // weighted mean of G² over red
+        assert!((value(clip, &g, &m) - 0.125).abs() < 1e-6); // 0.25 · 0.5
+                                                             // Green with confidence 0.5 on G = 1: weighted mean of 1/(1 + 1) = 0.5.
+        let m = t(&[0.0, -0.5], [1, 1, 1, 2]);
+        assert!((value(sq, &g, &m) - 0.5).abs() < 1e-6);
+        assert!((value(rrr, &g, &m)).abs() < 1e-9, "rrr ignores green");
     }
 
     #[test]

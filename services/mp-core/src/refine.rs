@@ -30,12 +30,29 @@ pub struct RefineConfig {
     pub time_budget_ms: Option<u64>,
     /// (a) stop when validation loss ≥ this × the loss before refinement.
     pub val_guard: Option<f64>,
-    /// (b) stop when the saliency loss has fallen by half of its starting magnitude.
+    /// (b) stop when the measure `halve_on` names has fallen to half of its start.
     pub halve_saliency: bool,
+    pub halve_on: HalveOn,
     /// (c) stop when green-minus-red share has not improved over this many iterations.
     pub plateau_window: Option<usize>,
-    /// Validation images used for the guard (the first N of the validation set).
+    /// Iterations run before (b) or (c) may stop the loop (the guard and budgets always may).
+    pub min_iterations: usize,
+    /// Validation images used for the guard at every iteration (the first N of the
+    /// validation set). The proposal's reported validation figures (before and after) are
+    /// measured on the whole validation set passed in, like a model version's.
     pub val_images: usize,
+}
+
+/// What criterion (b) halves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum HalveOn {
+    /// The saliency loss (thesis 4.4): with `rrr` it often halves after one step while the
+    /// attention has hardly moved.
+    SaliencyLoss,
+    /// The share of the marked images' attention on red pixels: stops once the model looks
+    /// half as much at what the expert marked red.
+    RedShare,
 }
 
 impl Default for RefineConfig {
@@ -52,7 +69,9 @@ impl Default for RefineConfig {
             time_budget_ms: Some(5_000),
             val_guard: Some(1.2),
             halve_saliency: true,
+            halve_on: HalveOn::RedShare,
             plateau_window: Some(3),
+            min_iterations: 5,
             val_images: 256,
         }
     }
@@ -161,6 +180,7 @@ pub fn refine(
     let marks_t = batch.mark_batch(&idx, device);
     check_marks(&x, &marks_t)?;
     let marks: Vec<Mask> = batch.marks.iter().flatten().cloned().collect();
+    let full_val = val;
     let val_idx: Vec<usize> = (0..val.len().min(cfg.val_images.max(1))).collect();
     let val = val.subset(&val_idx);
 
@@ -168,14 +188,14 @@ pub fn refine(
     let mut best = base.try_clone()?;
     let mut opt = cfg.optimizer.build(model.var_store(), cfg.lr)?;
     let saliency_before = maps_to_vecs(&saliency_maps(base, &x, &y, Method::Gradient)?)?;
-    let val_before = evaluate(base, &val, 256)?;
+    let guard_before = evaluate(base, &val, 256)?;
 
     let mut curve: Vec<ImpactPoint> = Vec::new();
     let mut scale = 1.0;
     let mut start_saliency = f64::NAN;
+    let mut start_red = f64::NAN;
     let mut best_loss = f64::INFINITY;
     let mut best_iteration = 0;
-    let mut best_val = val_before;
     let mut progress_best = f64::NEG_INFINITY;
     let mut since_progress = 0usize;
     let mut iteration = 0;
@@ -200,8 +220,11 @@ pub fn refine(
             maps_to_vecs(&saliency_maps(&model, &x, &y, Method::Gradient)?)?
         };
         let (share_red, share_green) = mean_shares(&maps, &marks);
+        if iteration == 0 {
+            start_red = share_red;
+        }
         let current_val = if iteration == 0 {
-            val_before
+            guard_before
         } else {
             evaluate(&model, &val, 256)?
         };
@@ -216,19 +239,22 @@ pub fn refine(
         let total = cfg.alpha * ce + cfg.beta * scale * sal;
         // (a) validation guard: these weights are not eligible.
         if let Some(g) = cfg.val_guard {
-            if iteration > 0 && current_val.loss >= g * val_before.loss {
+            if iteration > 0 && current_val.loss >= g * guard_before.loss {
                 break StopReason::ValidationGuard;
             }
         }
         if total < best_loss {
             best_loss = total;
             best_iteration = iteration;
-            best_val = current_val;
             best.copy_weights_from(&model)?;
         }
-        // (b) saliency loss fell by half of its starting magnitude.
-        if cfg.halve_saliency && iteration > 0 && sal <= start_saliency - start_saliency.abs() / 2.0
-        {
+        let may_stop = iteration > 0 && iteration + 1 >= cfg.min_iterations;
+        // (b) the saliency loss, or the red share, fell to half of its start.
+        let halved = match cfg.halve_on {
+            HalveOn::SaliencyLoss => sal <= start_saliency - start_saliency.abs() / 2.0,
+            HalveOn::RedShare => share_red <= start_red / 2.0,
+        };
+        if cfg.halve_saliency && may_stop && halved {
             break StopReason::SaliencyHalved;
         }
         // (c) green-vs-red share stopped improving.
@@ -239,7 +265,7 @@ pub fn refine(
                 since_progress = 0;
             } else {
                 since_progress += 1;
-                if since_progress >= w.max(1) {
+                if since_progress >= w.max(1) && may_stop {
                     break StopReason::Plateau;
                 }
             }
@@ -263,13 +289,22 @@ pub fn refine(
         iteration += 1;
     };
     let saliency_after = maps_to_vecs(&saliency_maps(&best, &x, &y, Method::Gradient)?)?;
+    // The reported figures: the whole validation set, like a model version's.
+    let (val_before, val_after) = if full_val.len() == val.len() {
+        (guard_before, evaluate(&best, &val, 256)?)
+    } else {
+        (
+            evaluate(base, full_val, 256)?,
+            evaluate(&best, full_val, 256)?,
+        )
+    };
     Ok(Proposal {
         base_version: base.spec.version,
         weights: best.to_bytes()?,
         saliency_before,
         saliency_after,
         val_before,
-        val_after: best_val,
+        val_after,
         curve,
         best_iteration,
         iterations: iteration + 1,

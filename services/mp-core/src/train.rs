@@ -1,15 +1,15 @@
 //! Training: plain cross-entropy, or guided — CE + λ·L_saliency over a sampled guidance set
-//! (persistent guidance), optionally with mark propagation (the human prior's predicted red
-//! mask applied to unmarked images).
+//! (persistent guidance), optionally with mark propagation (suggested marks, weighted by
+//! their confidence, applied to the unmarked images of every batch; see [`crate::suggest`]).
 
-use crate::align::HumanPrior;
-use crate::data::{Dataset, Mask};
+use crate::data::Dataset;
 use crate::error::{CoreError, Result};
 use crate::loss::{guided_forward, SaliencyLoss};
 use crate::model::Model;
 use crate::rng::Rng;
+use crate::suggest::{FitReport, Propagation, SuggestConfig, Suggester};
 use tch::nn::{self, OptimizerConfig};
-use tch::{Device, Kind, Tensor};
+use tch::{Kind, Tensor};
 
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -38,8 +38,22 @@ pub struct GuidanceConfig {
     pub lambda: f64,
     /// Marked images sampled (with replacement) per step.
     pub batch_size: usize,
-    /// Apply the human prior's predicted red mask to every unmarked image of each batch.
-    pub propagate: bool,
+    /// How marks reach the unmarked images of each batch.
+    pub propagation: Propagation,
+    #[serde(default)]
+    pub suggest: SuggestConfig,
+}
+
+impl GuidanceConfig {
+    pub fn new(loss: SaliencyLoss, lambda: f64, propagation: Propagation) -> Self {
+        GuidanceConfig {
+            loss,
+            lambda,
+            batch_size: 16,
+            propagation,
+            suggest: SuggestConfig::default(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -113,43 +127,80 @@ pub struct TrainReport {
     pub seconds: f64,
     pub final_ce: f64,
     pub guidance_images: usize,
+    /// The propagation mode used and how it was chosen (None without propagation).
+    pub propagation: Option<FitReport>,
 }
 
-/// The marks a guided batch is penalised on: the image's own mark where `marked` says so,
-/// else the prior's mask (propagation) or nothing.
-fn batch_marks(
+/// The marks a guided batch `x` is penalised on: the image's own mark where `marked` says
+/// so, else the suggester's confidence-weighted suggestion (propagation) or nothing.
+pub fn batch_marks(
     ds: &Dataset,
     idx: &[usize],
     marked: &[bool],
-    prior_mask: Option<&Mask>,
-    device: Device,
-) -> Tensor {
-    let hw = ds.height * ds.width;
-    let mut buf = vec![0f32; idx.len() * hw];
-    for (k, &i) in idx.iter().enumerate() {
-        let src = if marked[i] {
-            ds.marks[i].as_ref()
-        } else {
-            prior_mask
-        };
-        if let Some(m) = src {
-            for (d, &v) in buf[k * hw..(k + 1) * hw].iter_mut().zip(&m.values) {
-                *d = v as f32;
-            }
+    x: &Tensor,
+    suggester: Option<&Suggester>,
+) -> Result<Tensor> {
+    let device = x.device();
+    let own: Vec<usize> = idx.iter().copied().filter(|&i| marked[i]).collect();
+    let mut marks = ds.mark_batch(idx, device);
+    if own.len() < idx.len() {
+        // Zero the marks of images outside the guidance set (a benchmark's dataset may carry
+        // every image's ground truth), then fill in the suggestions.
+        let keep: Vec<f32> = idx.iter().map(|&i| marked[i] as u8 as f32).collect();
+        let keep = Tensor::from_slice(&keep)
+            .reshape([idx.len() as i64, 1, 1, 1])
+            .to_device(device);
+        marks = &marks * &keep;
+        if let Some(s) = suggester {
+            marks += s.weights(x)? * (1.0 - keep);
         }
     }
-    Tensor::from_slice(&buf)
-        .reshape([idx.len() as i64, 1, ds.height as i64, ds.width as i64])
-        .to_device(device)
+    Ok(marks)
 }
 
 /// Trains `model` on `ds`. `guidance_set` lists the indices of `ds` whose marks guide the
-/// training (ignored without `cfg.guidance`). The prior for propagation is built from them.
+/// training (ignored without `cfg.guidance`); with propagation, the suggester is fitted on
+/// them first ([`crate::suggest::fit`]) and its report returned.
 pub fn train(
     model: &mut Model,
     ds: &Dataset,
     guidance_set: &[usize],
     cfg: &TrainConfig,
+    progress: Progress<'_>,
+) -> Result<TrainReport> {
+    let fitted = match cfg.guidance.as_ref().filter(|_| !guidance_set.is_empty()) {
+        Some(g) => {
+            crate::suggest::fit(g.propagation, ds, guidance_set, &g.suggest, model.device())?
+        }
+        None => None,
+    };
+    let (suggester, report) = match fitted {
+        Some((s, r)) => (Some(s), Some(r)),
+        None => (None, None),
+    };
+    let mut out = train_with(model, ds, guidance_set, cfg, suggester.as_ref(), progress)?;
+    out.propagation = report;
+    Ok(out)
+}
+
+/// `guidance.batch_size` indices drawn with replacement from the guidance set.
+pub fn sample_guidance(rng: &mut Rng, guidance_set: &[usize], n: usize) -> Vec<usize> {
+    if guidance_set.is_empty() {
+        return Vec::new();
+    }
+    (0..n)
+        .map(|_| guidance_set[rng.below(guidance_set.len())])
+        .collect()
+}
+
+/// [`train`] with a suggester fitted by the caller (or none: no propagation, whatever
+/// `cfg.guidance.propagation` says).
+pub fn train_with(
+    model: &mut Model,
+    ds: &Dataset,
+    guidance_set: &[usize],
+    cfg: &TrainConfig,
+    suggester: Option<&Suggester>,
     progress: Progress<'_>,
 ) -> Result<TrainReport> {
     if ds.is_empty() || cfg.batch_size == 0 || !(cfg.lr > 0.0 && cfg.lr.is_finite()) {
@@ -185,18 +236,7 @@ pub fn train(
     let mut marked = vec![false; ds.len()];
     guidance_set.iter().for_each(|&i| marked[i] = true);
     let guidance = cfg.guidance.as_ref().filter(|_| !guidance_set.is_empty());
-    let prior_mask = match guidance {
-        Some(g) if g.propagate => {
-            let mut prior = HumanPrior::new(ds.classes.len(), ds.width, ds.height);
-            for &i in guidance_set {
-                if let Some(m) = &ds.marks[i] {
-                    prior.add(ds.labels[i] as usize, m)?;
-                }
-            }
-            prior.global_red_mask(0.0)
-        }
-        _ => None,
-    };
+    let suggester = suggester.filter(|_| guidance.is_some());
     let per_epoch = ds.len().div_ceil(cfg.batch_size);
     let (mut steps, mut last) = (0usize, f64::NAN);
     for epoch in 0..cfg.epochs {
@@ -207,17 +247,15 @@ pub fn train(
                 None => model.forward_t(&x, true).cross_entropy_for_logits(&y),
                 Some(g) => {
                     let mut total;
-                    if g.propagate {
-                        let marks = batch_marks(ds, chunk, &marked, prior_mask.as_ref(), device);
+                    if let Some(sg) = suggester {
+                        let marks = batch_marks(ds, chunk, &marked, &x, Some(sg))?;
                         let out = guided_forward(model, g.loss, &x, &y, &marks, true)?;
                         total = &out.ce + &out.saliency * g.lambda;
                     } else {
                         total = model.forward_t(&x, true).cross_entropy_for_logits(&y);
                     }
                     if g.batch_size > 0 {
-                        let pick: Vec<usize> = (0..g.batch_size)
-                            .map(|_| guidance_set[rng.below(guidance_set.len())])
-                            .collect();
+                        let pick = sample_guidance(&mut rng, guidance_set, g.batch_size);
                         let (gx, gy) = ds.batch(&pick, device);
                         let gm = ds.mark_batch(&pick, device);
                         let out = guided_forward(model, g.loss, &gx, &gy, &gm, true)?;
@@ -242,5 +280,82 @@ pub fn train(
         seconds: start.elapsed().as_secs_f64(),
         final_ce: last,
         guidance_images: guidance_set.len(),
+        propagation: None,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::{Mask, RED};
+    use crate::suggest::{SuggestMode, Suggester};
+    use tch::Device;
+
+    /// Three 2x2 images, each with its own mark: red on pixel i.
+    fn three() -> Dataset {
+        let mut ds = Dataset::new(vec!["a".into(), "b".into()], 1, 2, 2);
+        for i in 0..3 {
+            let mut m = Mask::empty(2, 2);
+            m.values[i] = RED;
+            m.values[3] = -1;
+            ds.push(
+                &[0.1, 0.2, 0.3, 0.4],
+                (i % 2) as i64,
+                Some(m),
+                format!("i{i}"),
+            );
+        }
+        ds
+    }
+
+    fn values(t: &Tensor) -> Vec<f32> {
+        Vec::<f32>::try_from(&t.flatten(0, -1)).unwrap()
+    }
+
+    #[test]
+    fn batch_marks_use_own_marks_of_the_guidance_set_only_and_suggestions_elsewhere() {
+        let ds = three();
+        let idx = [0usize, 1, 2];
+        let (x, _) = ds.batch(&idx, Device::Cpu);
+        let marked = [true, false, false];
+        // Without a suggester the unguided images get nothing, although the dataset has
+        // their ground truth.
+        let m = batch_marks(&ds, &idx, &marked, &x, None).unwrap();
+        assert_eq!(
+            values(&m),
+            vec![1., 0., 0., -1., 0., 0., 0., 0., 0., 0., 0., 0.]
+        );
+        // With the union of the guidance set's red marks, every other image gets red on
+        // pixel 0 (and green where every marked image had green).
+        let s = Suggester::fit_mode(
+            SuggestMode::Union,
+            &ds,
+            &[0],
+            &Default::default(),
+            Device::Cpu,
+        )
+        .unwrap();
+        let m = batch_marks(&ds, &idx, &marked, &x, Some(&s)).unwrap();
+        assert_eq!(
+            values(&m),
+            vec![1., 0., 0., -1., 1., 0., 0., -1., 1., 0., 0., -1.]
+        );
+        // Two images in the guidance set: each keeps its own mark.
+        let m = batch_marks(&ds, &idx, &[true, true, false], &x, Some(&s)).unwrap();
+        assert_eq!(&values(&m)[..8], &[1., 0., 0., -1., 0., 1., 0., -1.]);
+    }
+
+    #[test]
+    fn guidance_is_sampled_with_replacement_from_the_guidance_set_only() {
+        let mut rng = Rng::new(4);
+        assert!(sample_guidance(&mut rng, &[], 8).is_empty());
+        let set = [3usize, 7, 11];
+        let pick = sample_guidance(&mut rng, &set, 3000);
+        assert_eq!(pick.len(), 3000);
+        for v in set {
+            let n = pick.iter().filter(|&&p| p == v).count();
+            assert!((850..1150).contains(&n), "{v} drawn {n} times of 3000");
+        }
+        assert!(pick.iter().all(|p| set.contains(p)));
+    }
 }

@@ -147,6 +147,30 @@ impl Gateway {
     }
 }
 
+/// A stored suggestion as the API's: the mask (sign of each pixel's confidence) and the
+/// confidence scaled to 0–255. `None` when it does not fit the image (a forged record, or an
+/// image replaced since).
+pub fn suggestion_to_pb(
+    s: &mp_store::Suggestion,
+    width: u32,
+    height: u32,
+) -> Option<pb::Suggestion> {
+    if s.values.len() != width as usize * height as usize {
+        return None;
+    }
+    let signs: Vec<i8> = s.values.iter().map(|v| v.signum()).collect();
+    Some(pb::Suggestion {
+        mask: Some(mp_proto::rle::encode(width, height, &signs)),
+        confidence: s
+            .values
+            .iter()
+            .map(|&v| ((v.unsigned_abs() as u32 * 255 + 63) / 127).min(255) as u8)
+            .collect(),
+        mode: s.mode.clone(),
+        marks: s.marks,
+    })
+}
+
 pub fn proposal_to_pb(p: &ProposalRecord) -> pb::Proposal {
     use pb::ProposalStatus as S;
     let status = match p.status.as_str() {
@@ -380,6 +404,12 @@ impl pb::image_service_server::ImageService for Gateway {
                 body.model_version
             };
             let view = self.model_view(version, image.clone()).await?;
+            let suggestion = self
+                .store()?
+                .suggestion(version, &image.id)
+                .await
+                .map_err(status)?
+                .and_then(|s| suggestion_to_pb(&s, image.width, image.height));
             let prediction = view
                 .probabilities
                 .iter()
@@ -403,6 +433,7 @@ impl pb::image_service_server::ImageService for Gateway {
                 model_version: version,
                 classes: project.classes.clone(),
                 pixels: image.pixels,
+                suggestion,
             }))
         }
         .await;

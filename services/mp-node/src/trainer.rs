@@ -144,7 +144,10 @@ pub struct TrainerConfig {
     pub train: TrainConfig,
     pub guidance: GuidanceConfig,
     pub refine: RefineConfig,
-    pub val_images: usize,
+    /// Rescore every image of the serving version after this many commits of a round, so
+    /// that suggestions and priorities learn from the marks as they arrive (0 = only at the
+    /// start of a round).
+    pub rescore_every: usize,
     pub device: Device,
     pub health_listen: String,
     /// Images per score job (workers share the rescoring).
@@ -164,14 +167,13 @@ impl Default for TrainerConfig {
                 epochs: 2,
                 ..Default::default()
             },
-            guidance: GuidanceConfig {
-                loss: mp_core::loss::SaliencyLoss::Rrr,
-                lambda: 1.0,
-                batch_size: 16,
-                propagate: true,
-            },
+            guidance: GuidanceConfig::new(
+                mp_core::loss::SaliencyLoss::Rrr,
+                1.0,
+                mp_core::suggest::Propagation::Auto,
+            ),
             refine: RefineConfig::default(),
-            val_images: 256,
+            rescore_every: 3,
             device: Device::cuda_if_available(),
             health_listen: String::new(),
             score_chunk: 500,
@@ -187,7 +189,6 @@ struct Coordinator {
     train: Arc<Dataset>,
     index: HashMap<String, usize>,
     val: Arc<Dataset>,
-    val_guard: Arc<Dataset>,
     test: Option<Arc<Dataset>>,
     version: u64,
     round_commits: usize,
@@ -278,7 +279,7 @@ impl Coordinator {
             .core
             .send(Rebase {
                 batch,
-                val: self.val_guard.clone(),
+                val: self.val.clone(),
                 cfg: self.cfg.refine.clone(),
             })
             .await??;
@@ -352,9 +353,14 @@ impl Coordinator {
                 cfg,
             })
             .await??;
+        let propagation = r
+            .propagation
+            .as_ref()
+            .map(|p| format!(", propagation {}", p.summary()))
+            .unwrap_or_default();
         let v = self
             .publish(format!(
-                "guided training, {} marks, {:.0} s",
+                "guided training, {} marks{propagation}, {:.0} s",
                 guidance.len(),
                 r.seconds
             ))
@@ -365,6 +371,15 @@ impl Coordinator {
     /// Freezes `version` for the round and rescores every image with it.
     async fn start_round(&mut self, version: u64) -> Result<()> {
         self.store.set_serving_version(version).await?;
+        self.score_all(version).await?;
+        self.round_commits = 0;
+        self.round_started = Instant::now();
+        info!(version, "round started");
+        Ok(())
+    }
+
+    /// Score jobs for every image under `version` (the workers share them).
+    async fn score_all(&self, version: u64) -> Result<()> {
         let ids = self.store.image_ids().await?;
         for chunk in ids.chunks(self.cfg.score_chunk.max(1)) {
             self.store
@@ -379,9 +394,22 @@ impl Coordinator {
                 )
                 .await?;
         }
-        self.round_commits = 0;
-        self.round_started = Instant::now();
-        info!(version, "round started");
+        Ok(())
+    }
+
+    /// Mid-round: after every `rescore_every` commits (unless the round is about to end),
+    /// rescore under the serving version with the marks so far.
+    async fn maybe_rescore(&self) -> Result<()> {
+        let n = self.cfg.rescore_every;
+        if n > 0 && self.round_commits > 0 && self.round_commits % n == 0 && !self.round_over() {
+            let serving = self.store.serving_version().await?;
+            info!(
+                commits = self.round_commits,
+                version = serving,
+                "rescoring with the round's marks"
+            );
+            self.score_all(serving).await?;
+        }
         Ok(())
     }
 
@@ -406,7 +434,6 @@ pub async fn run(cfg: TrainerConfig, mut stop: tokio::sync::watch::Receiver<bool
         .map(|(i, n)| (n.clone(), i))
         .collect();
     let val = load_split(&store, &project, "val", None).await?;
-    let val_guard = Arc::new(val.subset(&(0..val.len().min(cfg.val_images)).collect::<Vec<_>>()));
     let test = load_split(&store, &project, "test", None).await?;
     let device = cfg.device;
     let core = SyncArbiter::start(1, move || TrainerCore {
@@ -435,7 +462,6 @@ pub async fn run(cfg: TrainerConfig, mut stop: tokio::sync::watch::Receiver<bool
         train: Arc::new(train),
         index,
         val: Arc::new(val),
-        val_guard,
         test: (!test.is_empty()).then(|| Arc::new(test)),
         version,
         round_commits: 0,
@@ -482,7 +508,10 @@ pub async fn run(cfg: TrainerConfig, mut stop: tokio::sync::watch::Receiver<bool
         for job in jobs {
             let pid = job.get("proposal")?.to_string();
             match co.apply_commit(&pid).await {
-                Ok(()) => store.ack(COMMIT_STREAM, "commit", &job.id).await?,
+                Ok(()) => {
+                    store.ack(COMMIT_STREAM, "commit", &job.id).await?;
+                    co.maybe_rescore().await?;
+                }
                 Err(NodeError::Store(e @ mp_store::StoreError::Redis(_))) => {
                     warn!(error = %e, "commit deferred")
                 }

@@ -6,12 +6,13 @@ use crate::data::{
 };
 use crate::{NodeError, Result};
 use actix::prelude::*;
-use mp_core::align::{priority, AlignConfig, HumanPrior};
-use mp_core::data::Dataset;
+use mp_core::align::{margin_score, priority, AlignConfig, HumanPrior, Ordering};
+use mp_core::data::{Dataset, Mask, GREEN, RED};
 use mp_core::model::Model;
 use mp_core::refine::{refine, Proposal, ProposalReport, RefineConfig};
 use mp_core::saliency::{maps_to_vecs, saliency_maps, Method};
-use mp_store::{Job, ProjectInfo, Store, REFINE_STREAM, SCORE_STREAM};
+use mp_core::suggest::{FitReport, Propagation, SuggestConfig, Suggester};
+use mp_store::{Job, ProjectInfo, Store, Suggestion, REFINE_STREAM, SCORE_STREAM};
 use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -30,24 +31,42 @@ pub struct RefineProposal {
     pub cfg: RefineConfig,
 }
 
-/// Priorities of images under a model version (lower = reviewed first).
+/// Priorities of images under a model version (lower = reviewed first) and their
+/// suggested marks.
 #[derive(Message)]
-#[rtype(result = "Result<Vec<f64>, NodeError>")]
+#[rtype(result = "Result<Scored, NodeError>")]
 pub struct ScoreImages {
     pub version: u64,
     pub checkpoint: PathBuf,
     pub images: Dataset,
     pub prior: Option<Arc<HumanPrior>>,
-    /// Share of images given a random priority (exploration).
+    /// The committed marks (their images with the marks), and a key that changes with them:
+    /// what the suggester learns from.
+    pub marked: Option<(u64, Arc<Dataset>)>,
+    pub propagation: Propagation,
+    pub suggest: SuggestConfig,
+    pub ordering: Ordering,
+    /// Share of images given a random priority (exploration, alignment ordering only).
     pub exploration: f64,
     pub seed: u64,
 }
 
-/// One thread's worker: its own libtorch thread setting and model cache.
+/// What scoring found: a priority per image and, once marks exist, a suggested mark per
+/// image (signed confidence, +127 red … −127 green) with the fit that chose the mode.
+#[derive(Debug)]
+pub struct Scored {
+    pub priorities: Vec<f64>,
+    pub suggestions: Vec<Option<Vec<i8>>>,
+    pub fit: Option<FitReport>,
+}
+
+/// One thread's worker: its own libtorch thread setting, model cache and suggester.
 pub struct Worker {
     models: VecDeque<(u64, Model)>,
     cache: usize,
     device: Device,
+    /// The suggester fitted on the marks of key `.0`.
+    suggester: Option<(u64, Suggester, FitReport)>,
 }
 
 impl Worker {
@@ -57,7 +76,28 @@ impl Worker {
             models: VecDeque::new(),
             cache: cache.max(1),
             device,
+            suggester: None,
         }
+    }
+
+    /// The suggester for the marks of `key`, fitted (with its cross-validated mode choice)
+    /// when the marks changed.
+    fn suggester(
+        &mut self,
+        key: u64,
+        marked: &Dataset,
+        propagation: Propagation,
+        cfg: &SuggestConfig,
+    ) -> Result<Option<(&Suggester, &FitReport)>> {
+        if self.suggester.as_ref().is_none_or(|(k, _, _)| *k != key) {
+            let idx: Vec<usize> = (0..marked.len()).collect();
+            self.suggester = mp_core::suggest::fit(propagation, marked, &idx, cfg, self.device)?
+                .map(|(s, r)| (key, s, r));
+            if let Some((_, _, r)) = &self.suggester {
+                info!(marks = marked.len(), choice = %r.summary(), "suggester fitted");
+            }
+        }
+        Ok(self.suggester.as_ref().map(|(_, s, r)| (s, r)))
     }
 
     fn model(&mut self, version: u64, path: &std::path::Path) -> Result<&Model> {
@@ -86,40 +126,108 @@ impl Handler<RefineProposal> for Worker {
     }
 }
 
+/// Suggestion weights in [−1, 1] as signed bytes; a suggested pixel never rounds to 0.
+pub fn quantise(w: &[f32]) -> Vec<i8> {
+    w.iter()
+        .map(|&v| {
+            if v == 0.0 || !v.is_finite() {
+                0
+            } else {
+                let q = (v.clamp(-1.0, 1.0) * 127.0).round() as i8;
+                if q == 0 {
+                    v.signum() as i8
+                } else {
+                    q
+                }
+            }
+        })
+        .collect()
+}
+
+fn sign_mask(width: usize, height: usize, q: &[i8]) -> Mask {
+    Mask {
+        width,
+        height,
+        values: q
+            .iter()
+            .map(|&v| match v.signum() {
+                1 => RED,
+                -1 => GREEN,
+                _ => 0,
+            })
+            .collect(),
+    }
+}
+
 impl Handler<ScoreImages> for Worker {
-    type Result = Result<Vec<f64>, NodeError>;
+    type Result = Result<Scored, NodeError>;
 
     fn handle(&mut self, msg: ScoreImages, _: &mut SyncContext<Self>) -> Self::Result {
-        let model = self.model(msg.version, &msg.checkpoint)?;
+        // Fit (or reuse) the suggester first: it needs `&mut self`, the model `&self`.
+        let fit = match &msg.marked {
+            Some((key, marked)) => self
+                .suggester(*key, marked, msg.propagation, &msg.suggest)?
+                .map(|(_, r)| r.clone()),
+            None => None,
+        };
+        self.model(msg.version, &msg.checkpoint)?;
+        let model = &self.models[0].1;
+        let suggester = self
+            .suggester
+            .as_ref()
+            .filter(|_| fit.is_some())
+            .map(|(_, s, _)| s);
         let ds = &msg.images;
         let mut rng = mp_core::rng::Rng::new(msg.seed);
         let cfg = AlignConfig::default();
-        let mut out = Vec::with_capacity(ds.len());
+        let hw = ds.width * ds.height;
+        let mut priorities = Vec::with_capacity(ds.len());
+        let mut suggestions = Vec::with_capacity(ds.len());
         let idx: Vec<usize> = (0..ds.len()).collect();
         for chunk in idx.chunks(64) {
             let (x, y) = ds.batch(chunk, model.device());
             let probs = mp_core::train::predict(model, &x);
             let maps = maps_to_vecs(&saliency_maps(model, &x, &y, Method::Gradient)?)?;
+            let weights = match suggester {
+                Some(s) => Some(
+                    Vec::<f32>::try_from(&s.weights(&x)?.flatten(0, -1).to_device(Device::Cpu))
+                        .map_err(mp_core::CoreError::from)?,
+                ),
+                None => None,
+            };
             for (k, &i) in chunk.iter().enumerate() {
                 let p =
                     Vec::<f32>::try_from(&probs.get(k as i64)).map_err(mp_core::CoreError::from)?;
-                let score = if rng.next_f64() < msg.exploration {
-                    2.0 * rng.next_f64() - 1.0
-                } else {
-                    priority(
-                        &maps[k],
-                        &p,
-                        ds.labels[i] as usize,
-                        None,
-                        msg.prior.as_deref(),
-                        &cfg,
-                    )
-                    .score
+                let q = weights.as_ref().map(|w| quantise(&w[k * hw..(k + 1) * hw]));
+                let suggested = q.as_ref().map(|q| sign_mask(ds.width, ds.height, q));
+                let score = match msg.ordering {
+                    Ordering::Random => 2.0 * rng.next_f64() - 1.0,
+                    Ordering::Margin => margin_score(&p),
+                    Ordering::Alignment if rng.next_f64() < msg.exploration => {
+                        2.0 * rng.next_f64() - 1.0
+                    }
+                    Ordering::Alignment => {
+                        priority(
+                            &maps[k],
+                            &p,
+                            ds.labels[i] as usize,
+                            None,
+                            suggested.as_ref(),
+                            msg.prior.as_deref(),
+                            &cfg,
+                        )
+                        .score
+                    }
                 };
-                out.push(score);
+                priorities.push(score);
+                suggestions.push(q);
             }
         }
-        Ok(out)
+        Ok(Scored {
+            priorities,
+            suggestions,
+            fit,
+        })
     }
 }
 
@@ -135,8 +243,12 @@ pub struct WorkerConfig {
     /// Jobs silent this long on another consumer are taken over.
     pub claim_idle_ms: u64,
     pub refine: RefineConfig,
+    /// How the review queue is ordered (alignment by default).
+    pub ordering: Ordering,
     pub exploration: f64,
-    pub val_images: usize,
+    /// How suggested marks are made from the committed marks.
+    pub propagation: Propagation,
+    pub suggest: SuggestConfig,
     pub device: Device,
     pub health_listen: String,
 }
@@ -161,8 +273,10 @@ impl Default for WorkerConfig {
             consumer: default_consumer(),
             claim_idle_ms: 30_000,
             refine: RefineConfig::default(),
+            ordering: Ordering::Alignment,
             exploration: 0.05,
-            val_images: 256,
+            propagation: Propagation::Auto,
+            suggest: SuggestConfig::default(),
             device: Device::cuda_if_available(),
             health_listen: String::new(),
         }
@@ -176,6 +290,8 @@ struct Ctx {
     val: Arc<Dataset>,
     addr: Addr<Worker>,
     prior: tokio::sync::Mutex<(usize, Option<Arc<HumanPrior>>)>,
+    /// The committed marks as a dataset, rebuilt when their number changed.
+    marked: tokio::sync::Mutex<(usize, Option<Arc<Dataset>>)>,
 }
 
 impl Ctx {
@@ -206,6 +322,23 @@ impl Ctx {
         let p = (!prior.is_empty()).then(|| Arc::new(prior));
         *cached = (ids.len(), p.clone());
         Ok(p)
+    }
+
+    /// The committed marks (the guidance set) with their images, for the suggester; the key
+    /// is their number (the guidance set only grows).
+    async fn marked(&self) -> Result<Option<(u64, Arc<Dataset>)>> {
+        let marks = self.store.guidance_marks().await?;
+        let mut cached = self.marked.lock().await;
+        if cached.0 != marks.len() {
+            let ids: Vec<String> = marks.iter().map(|m| m.image_id.clone()).collect();
+            let records = self.store.images(&ids).await?;
+            let mut ds = dataset_from_records(&records, &self.project)?;
+            for (i, m) in marks.iter().enumerate() {
+                ds.marks[i] = Some(mask_of(m)?);
+            }
+            *cached = (marks.len(), (!ds.is_empty()).then(|| Arc::new(ds)));
+        }
+        Ok(cached.1.clone().map(|d| (cached.0 as u64, d)))
     }
 
     async fn refine_job(&self, job: &Job) -> Result<()> {
@@ -284,25 +417,56 @@ impl Ctx {
             by_version.entry(v).or_default().extend(ids);
         }
         let prior = self.prior().await?;
+        let marked = self.marked().await?;
         for (version, ids) in by_version {
             let records = self.store.images(&ids).await?;
             let images = dataset_from_records(&records, &self.project)?;
             let checkpoint = self.checkpoint(version).await?;
             let seed = mp_store::now_ms();
-            let scores = self
+            let scored = self
                 .addr
                 .send(ScoreImages {
                     version,
                     checkpoint,
                     images,
                     prior: prior.clone(),
+                    marked: marked.clone(),
+                    propagation: self.cfg.propagation,
+                    suggest: self.cfg.suggest.clone(),
+                    ordering: self.cfg.ordering,
                     exploration: self.cfg.exploration,
                     seed,
                 })
                 .await??;
-            let items: Vec<(String, f64)> = ids.into_iter().zip(scores).collect();
+            // Suggestions first: an image must not be leased before its suggestion is there.
+            if let Some(fit) = &scored.fit {
+                let items: Vec<(String, Suggestion)> = ids
+                    .iter()
+                    .zip(&scored.suggestions)
+                    .filter_map(|(id, q)| {
+                        q.as_ref().map(|q| {
+                            (
+                                id.clone(),
+                                Suggestion {
+                                    mode: fit.chosen.name().to_string(),
+                                    marks: fit.marks as u32,
+                                    values: q.clone(),
+                                },
+                            )
+                        })
+                    })
+                    .collect();
+                self.store.put_suggestions(version, &items).await?;
+            }
+            let items: Vec<(String, f64)> = ids.into_iter().zip(scored.priorities).collect();
             let n = self.store.enqueue(&items).await?;
-            info!(version, scored = items.len(), queued = n, "scored");
+            info!(
+                version,
+                scored = items.len(),
+                queued = n,
+                suggestions = scored.fit.is_some(),
+                "scored"
+            );
         }
         Ok(())
     }
@@ -313,7 +477,9 @@ pub async fn run(cfg: WorkerConfig, mut stop: tokio::sync::watch::Receiver<bool>
     let Some((store, project)) = crate::connect(&cfg.redis_url, &cfg.prefix, &stop).await? else {
         return Ok(());
     };
-    let val = Arc::new(load_split(&store, &project, "val", Some(cfg.val_images)).await?);
+    // The whole val split: proposals report their figures on it, like model versions
+    // (the per-iteration guard uses the first `refine.val_images`).
+    let val = Arc::new(load_split(&store, &project, "val", None).await?);
     let (device, threads) = (cfg.device, cfg.threads.max(1));
     let addr = SyncArbiter::start(threads, move || Worker::new(device, 3));
     let (health_tx, health_rx) = tokio::sync::watch::channel(true);
@@ -331,6 +497,7 @@ pub async fn run(cfg: WorkerConfig, mut stop: tokio::sync::watch::Receiver<bool>
         val,
         addr,
         prior: tokio::sync::Mutex::new((usize::MAX, None)),
+        marked: tokio::sync::Mutex::new((usize::MAX, None)),
     });
     let permits = Arc::new(tokio::sync::Semaphore::new(threads));
     info!(consumer = %cfg.consumer, threads, "worker pool started");

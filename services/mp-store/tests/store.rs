@@ -224,3 +224,56 @@ async fn the_latency_monitor_records_a_slow_command() {
         .iter()
         .all(|&(_, ms)| ms >= 5));
 }
+
+#[tokio::test]
+async fn suggestions_round_trip_per_version_and_corrupt_ones_are_refused() {
+    let (_dir, _server, store, _) = setup().await;
+    let s = mp_store::Suggestion {
+        mode: "segmenter".into(),
+        marks: 12,
+        values: vec![0, 0, 0, 127, 127, -3, 0, 0],
+    };
+    let big = mp_store::Suggestion {
+        mode: "union".into(),
+        marks: 1,
+        values: vec![5; 300_000],
+    };
+    store
+        .put_suggestions(2, &[("a/1".into(), s.clone()), ("a/2".into(), big.clone())])
+        .await
+        .unwrap();
+    assert_eq!(store.suggestion(2, "a/1").await.unwrap(), Some(s.clone()));
+    assert_eq!(store.suggestion(2, "a/2").await.unwrap(), Some(big.clone()));
+    assert!(big.encode().len() < 16, "runs compress");
+    assert_eq!(store.suggestion(3, "a/1").await.unwrap(), None);
+    assert_eq!(store.suggestion(2, "a/0").await.unwrap(), None);
+    // Overwritten by a later scoring of the same version.
+    let newer = mp_store::Suggestion {
+        marks: 13,
+        ..s.clone()
+    };
+    store
+        .put_suggestions(2, &[("a/1".into(), newer.clone())])
+        .await
+        .unwrap();
+    assert_eq!(store.suggestion(2, "a/1").await.unwrap(), Some(newer));
+    // A forged or truncated record is an error, not a panic.
+    for bad in [
+        vec![],
+        vec![9, b'x'],
+        s.encode()[..s.encode().len() - 1].to_vec(),
+        vec![0, 0, 0, 0, 0, 1, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff],
+    ] {
+        let mut c = store.connection();
+        let _: () = redis::AsyncCommands::set(&mut c, "t:suggest:9:a/1", bad.clone())
+            .await
+            .unwrap();
+        assert!(
+            matches!(
+                store.suggestion(9, "a/1").await,
+                Err(StoreError::Corrupt(_))
+            ),
+            "{bad:?}"
+        );
+    }
+}

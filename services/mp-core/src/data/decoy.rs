@@ -6,7 +6,7 @@
 //! a model that reads the shade instead of the digit fails. The ground-truth mark of each
 //! image is red on the 16 patch pixels and green on the digit's own pixels (value > 0.3).
 
-use crate::data::{Dataset, Mask, GREEN, RED};
+use crate::data::{Dataset, Mask, ShortcutSplits, GREEN, RED};
 use crate::error::{CoreError, Result};
 use crate::rng::Rng;
 
@@ -14,20 +14,15 @@ pub const PATCH: usize = 4;
 pub const GREEN_THRESHOLD: f32 = 0.3;
 
 /// Which shade rule a split follows.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ShadeRule {
-    /// Shade encodes the label: the shortcut.
-    Label,
-    /// Shade of a random class: the shortcut is useless.
-    Random,
-}
+pub use crate::data::ShortcutRule as ShadeRule;
 
 #[derive(Debug, Clone)]
 pub struct DecoyConfig {
     pub seed: u64,
     /// Digits used for training (the rest of the pool minus `n_val` and `n_test`).
     pub n_train: usize,
-    /// Held-out digits for tuning and the refinement guard; shaded by `val_rule`.
+    /// Held-out digits for tuning and the refinement guard; shaded by `val_rule` (the
+    /// training rule by default: a real project's validation data carries its shortcut).
     pub n_val: usize,
     pub n_test: usize,
     pub val_rule: ShadeRule,
@@ -40,21 +35,13 @@ impl Default for DecoyConfig {
             n_train: 7000,
             n_val: 1000,
             n_test: 2000,
-            val_rule: ShadeRule::Random,
+            val_rule: ShadeRule::Label,
         }
     }
 }
 
 /// The decoy splits and their clean twins (same digits, no patch).
-#[derive(Debug, Clone)]
-pub struct DecoySplits {
-    pub train: Dataset,
-    pub val: Dataset,
-    pub test: Dataset,
-    pub clean_train: Dataset,
-    pub clean_val: Dataset,
-    pub clean_test: Dataset,
-}
+pub type DecoySplits = ShortcutSplits;
 
 /// The patch corner of one image: `(row0, col0)` of its top-left pixel.
 pub fn corner(rng: &mut Rng, side: usize) -> (usize, usize) {

@@ -5,6 +5,7 @@
 pub mod decoy;
 pub mod folder;
 pub mod mnist;
+pub mod moving;
 
 use crate::error::{CoreError, Result};
 use tch::{Device, Kind, Tensor};
@@ -71,6 +72,28 @@ impl Mask {
             .reshape([1, 1, self.height as i64, self.width as i64])
             .to_device(device)
     }
+}
+
+/// Which rule a split's shortcut follows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ShortcutRule {
+    /// The shortcut encodes the label (training data, and validation data as a real
+    /// project's would be).
+    Label,
+    /// The shortcut of a random class: useless (the deployment / test distribution).
+    Random,
+}
+
+/// A benchmark with a shortcut: its splits and their clean twins (the same images without
+/// the shortcut).
+#[derive(Debug, Clone)]
+pub struct ShortcutSplits {
+    pub train: Dataset,
+    pub val: Dataset,
+    pub test: Dataset,
+    pub clean_train: Dataset,
+    pub clean_val: Dataset,
+    pub clean_test: Dataset,
 }
 
 /// Images of one shape with their labels and optional marks.

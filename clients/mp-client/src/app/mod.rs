@@ -6,7 +6,14 @@ use crate::mask::{Brush, MarkLayer};
 use crate::net::{Cmd, Net, Reply};
 use crate::settings::Settings;
 use crate::view;
-use egui::{Color32, Key, Modifiers, PointerButton, Pos2, Rect, Vec2};
+
+mod choose;
+mod connect;
+mod input;
+mod marking;
+mod status;
+mod work;
+use egui::{Color32, Pos2, Rect, Vec2};
 use mp_proto::v1 as pb;
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -51,12 +58,47 @@ pub struct Banner {
 /// Information fades after this long; warnings and errors stay until dismissed.
 const INFO_SHOWN_FOR: Duration = Duration::from_secs(8);
 
+/// The platform's suggested mark for the leased image, ready to draw and to accept.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Suggested {
+    /// Row-major values at image resolution: +1 red, −1 green, 0 none.
+    pub values: Vec<i8>,
+    pub mode: String,
+    pub marks: u32,
+    /// Outline edges in image coordinates, red and green.
+    pub red_edges: Vec<([f32; 2], [f32; 2])>,
+    pub green_edges: Vec<([f32; 2], [f32; 2])>,
+}
+
+impl Suggested {
+    /// From the image view; `None` without a suggestion, or one that does not fit the image.
+    pub fn from_view(view: &pb::ImageView, width: u32, height: u32) -> Option<Suggested> {
+        let s = view.suggestion.as_ref()?;
+        let mask = s.mask.as_ref()?;
+        if (mask.width, mask.height) != (width, height) {
+            return None;
+        }
+        let values = mp_proto::rle::decode(mask).ok()?;
+        if values.iter().all(|&v| v == 0) {
+            return None;
+        }
+        Some(Suggested {
+            red_edges: crate::mask::outline(width, height, &values, 1),
+            green_edges: crate::mask::outline(width, height, &values, -1),
+            values,
+            mode: s.mode.clone(),
+            marks: s.marks,
+        })
+    }
+}
+
 /// The image being worked on.
 #[derive(Debug, Clone)]
 pub struct Marking {
     pub lease: pb::Lease,
     pub view: pb::ImageView,
     pub layer: MarkLayer,
+    pub suggested: Option<Suggested>,
     next_heartbeat: Instant,
     heartbeat_every: Duration,
 }
@@ -271,8 +313,6 @@ impl ClientApp {
             .unwrap_or(0)
     }
 
-    // ------------------------------------------------------------ replies
-
     fn drain(&mut self) {
         while let Some(r) = self.net.try_recv() {
             self.on_reply(r);
@@ -372,10 +412,12 @@ impl ClientApp {
         self.pan = Vec2::ZERO;
         self.stroke = None;
         self.marks_rev += 1;
+        let suggested = Suggested::from_view(&view, w, h);
         self.work = Work::Marking(Box::new(Marking {
             lease,
             view,
             layer,
+            suggested,
             next_heartbeat: Instant::now() + every,
             heartbeat_every: every,
         }));
@@ -495,8 +537,6 @@ impl ClientApp {
         };
     }
 
-    // ------------------------------------------------------------ actions
-
     pub fn lease(&mut self) {
         if self.connected() {
             self.work = Work::Leasing;
@@ -575,14 +615,27 @@ impl ClientApp {
         self.with_layer(|l| l.redo());
     }
 
+    /// Takes over the suggested mark (key A): one undoable step, the expert's own pixels
+    /// elsewhere stay; then edit it or submit it as it is.
+    pub fn accept_suggestion(&mut self) {
+        let Work::Marking(m) = &mut self.work else {
+            return;
+        };
+        let Some(s) = &m.suggested else {
+            self.say(Level::Info, "There is no suggested mark for this image.");
+            return;
+        };
+        if m.layer.accept(&s.values) {
+            self.marks_rev += 1;
+        }
+    }
+
     pub fn clear(&mut self) {
         self.with_layer(|l| {
             l.clear();
             true
         });
     }
-
-    // ------------------------------------------------------------ timers
 
     fn tick(&mut self, ctx: &egui::Context) {
         let now = Instant::now();
@@ -628,143 +681,6 @@ impl ClientApp {
         ctx.request_repaint_after(wake.max(Duration::from_millis(20)));
     }
 
-    // ------------------------------------------------------------ input
-
-    fn shortcuts(&mut self, ui: &egui::Ui) {
-        if ui.ctx().egui_wants_keyboard_input() {
-            return;
-        }
-        #[derive(PartialEq)]
-        enum A {
-            Red,
-            Green,
-            Eraser,
-            Smaller,
-            Bigger,
-            Undo,
-            Redo,
-            Submit,
-            Skip,
-        }
-        let mut actions = Vec::new();
-        ui.input_mut(|i| {
-            if i.consume_key(Modifiers::COMMAND | Modifiers::SHIFT, Key::Z) {
-                actions.push(A::Redo);
-            }
-            if i.consume_key(Modifiers::COMMAND, Key::Z) {
-                actions.push(A::Undo);
-            }
-            for (key, a) in [
-                (Key::R, A::Red),
-                (Key::G, A::Green),
-                (Key::E, A::Eraser),
-                (Key::OpenBracket, A::Smaller),
-                (Key::CloseBracket, A::Bigger),
-                (Key::Enter, A::Submit),
-                (Key::S, A::Skip),
-            ] {
-                if i.consume_key(Modifiers::NONE, key) {
-                    actions.push(a);
-                }
-            }
-        });
-        for a in actions {
-            match a {
-                A::Red => self.brush = Brush::Red,
-                A::Green => self.brush = Brush::Green,
-                A::Eraser => self.brush = Brush::Eraser,
-                A::Smaller => self.settings.radius = (self.settings.radius - 2.0).max(0.0),
-                A::Bigger => self.settings.radius = (self.settings.radius + 2.0).min(RADIUS_MAX),
-                A::Undo => self.undo(),
-                A::Redo => self.redo(),
-                A::Submit => self.submit(),
-                A::Skip => self.skip(),
-            }
-        }
-    }
-
-    /// Paints with the primary button and pans with the secondary or middle one; the
-    /// wheel zooms around the pointer. Raw pointer events are used so that every pointer
-    /// position of a stroke counts, however many arrive in one frame.
-    fn canvas_input(&mut self, ui: &egui::Ui, area: Rect, resp: &egui::Response) {
-        let Some(xf) = self.canvas else { return };
-        let radius = self.settings.radius / xf.scale;
-        let brush = self.brush;
-        let events = ui.input(|i| i.events.clone());
-        let mut changed = false;
-        if let Work::Marking(m) = &mut self.work {
-            for ev in events {
-                match ev {
-                    egui::Event::PointerButton {
-                        pos,
-                        button: PointerButton::Primary,
-                        pressed: true,
-                        ..
-                    } if area.contains(pos) => {
-                        let p = xf.to_image(pos);
-                        m.layer.begin_stroke();
-                        m.layer.paint_segment(p, p, radius, brush);
-                        self.stroke = Some(p);
-                        changed = true;
-                    }
-                    egui::Event::PointerMoved(pos) => {
-                        if let Some(last) = self.stroke {
-                            let p = xf.to_image(pos);
-                            m.layer.paint_segment(last, p, radius, brush);
-                            self.stroke = Some(p);
-                            changed = true;
-                        }
-                    }
-                    egui::Event::PointerButton {
-                        pos,
-                        button: PointerButton::Primary,
-                        pressed: false,
-                        ..
-                    } => {
-                        if let Some(last) = self.stroke.take() {
-                            m.layer.paint_segment(last, xf.to_image(pos), radius, brush);
-                            changed = true;
-                        }
-                    }
-                    egui::Event::PointerGone => self.stroke = None,
-                    _ => {}
-                }
-            }
-        }
-        if changed {
-            self.marks_rev += 1;
-        }
-        if resp.dragged_by(PointerButton::Secondary) || resp.dragged_by(PointerButton::Middle) {
-            self.pan += resp.drag_delta();
-        }
-        if resp.hovered() {
-            let (scroll, pinch, pointer) = ui.input(|i| {
-                (
-                    i.smooth_scroll_delta.y,
-                    i.zoom_delta(),
-                    i.pointer.hover_pos(),
-                )
-            });
-            let factor = pinch * (scroll * 0.002).exp();
-            if (factor - 1.0).abs() > 1e-4 {
-                let new_zoom = (self.zoom * factor).clamp(0.25, 40.0);
-                let f = new_zoom / self.zoom;
-                let p = pointer.unwrap_or(area.center());
-                let centre = xf.image_rect.center();
-                let new_centre = p - (p - centre) * f;
-                self.pan += new_centre - centre;
-                self.zoom = new_zoom;
-            }
-        }
-    }
-
-    pub fn fit(&mut self) {
-        self.zoom = 1.0;
-        self.pan = Vec2::ZERO;
-    }
-
-    // ------------------------------------------------------------ screens
-
     /// The whole client, for eframe or a test harness.
     pub fn ui(&mut self, ui: &mut egui::Ui) {
         self.drain();
@@ -799,380 +715,5 @@ impl ClientApp {
                 .show(ui, |ui| self.tools(ui));
         }
         egui::CentralPanel::default_margins().show(ui, |ui| self.work_screen(ui));
-    }
-
-    fn status_bar(&mut self, ui: &mut egui::Ui) {
-        ui.horizontal_wrapped(|ui| {
-            let (dot, text) = match &self.conn {
-                Conn::Offline => (Color32::GRAY, "Not connected".to_string()),
-                Conn::Connecting => (
-                    Color32::from_rgb(230, 170, 40),
-                    format!("Connecting to {}...", self.settings.addr),
-                ),
-                Conn::Up { addr, whoami } => (
-                    Color32::from_rgb(60, 200, 90),
-                    format!("Connected to {addr} as {whoami}"),
-                ),
-                Conn::Down { why, .. } => (
-                    Color32::from_rgb(235, 80, 70),
-                    format!("Connection lost, retrying ({why}); nothing drawn is lost"),
-                ),
-            };
-            let (r, _) = ui.allocate_exact_size(Vec2::splat(12.0), egui::Sense::hover());
-            ui.painter().circle_filled(r.center(), 5.0, dot);
-            ui.label(text);
-            if let Some(s) = &self.stats {
-                ui.separator();
-                ui.label(format!("Queue {}", s.queue_depth));
-                ui.separator();
-                ui.label(format!("Experts online {}", s.experts_online));
-                ui.separator();
-                ui.label(format!("My marks {}", self.my_marks()));
-                if let Some(v) = s.accuracy_history.last() {
-                    ui.separator();
-                    ui.label(format!(
-                        "Model v{} | val {:.1} %",
-                        v.version,
-                        100.0 * v.val_accuracy
-                    ));
-                }
-            }
-            if self.connected() {
-                ui.with_layout(egui::Layout::right_to_left(egui::Align::Center), |ui| {
-                    if ui.button("Disconnect").clicked() {
-                        self.disconnect();
-                    }
-                });
-            }
-        });
-    }
-
-    fn connect_screen(&mut self, ui: &mut egui::Ui) {
-        ui.vertical_centered(|ui| {
-            ui.add_space(40.0);
-            ui.heading("Machine Punishment");
-            ui.label("Show the model where to look.");
-            ui.add_space(20.0);
-        });
-        egui::Grid::new("connect").num_columns(2).show(ui, |ui| {
-            ui.label("Server");
-            ui.add(egui::TextEdit::singleline(&mut self.settings.addr).desired_width(320.0));
-            ui.end_row();
-            ui.label("Token");
-            ui.add(
-                egui::TextEdit::singleline(&mut self.settings.token)
-                    .password(true)
-                    .desired_width(320.0),
-            );
-            ui.end_row();
-        });
-        ui.add_space(8.0);
-        let busy = self.conn == Conn::Connecting;
-        ui.horizontal(|ui| {
-            if ui
-                .add_enabled(!busy, egui::Button::new("Connect"))
-                .clicked()
-            {
-                self.connect();
-            }
-            if busy {
-                ui.add(egui::Spinner::new());
-            }
-        });
-    }
-
-    fn tools(&mut self, ui: &mut egui::Ui) {
-        ui.heading("Brush");
-        ui.horizontal(|ui| {
-            ui.selectable_value(&mut self.brush, Brush::Red, "Red (R)")
-                .on_hover_text("Do not look here");
-            ui.selectable_value(&mut self.brush, Brush::Green, "Green (G)")
-                .on_hover_text("Look here");
-        });
-        ui.selectable_value(&mut self.brush, Brush::Eraser, "Eraser (E)");
-        ui.add(egui::Slider::new(&mut self.settings.radius, 0.0..=RADIUS_MAX).text("radius"))
-            .on_hover_text("[ and ] make the brush smaller and larger");
-        ui.horizontal(|ui| {
-            let (can_undo, can_redo) = self
-                .marking()
-                .map(|m| (m.layer.can_undo(), m.layer.can_redo()))
-                .unwrap_or((false, false));
-            if ui
-                .add_enabled(can_undo, egui::Button::new("Undo"))
-                .clicked()
-            {
-                self.undo();
-            }
-            if ui
-                .add_enabled(can_redo, egui::Button::new("Redo"))
-                .clicked()
-            {
-                self.redo();
-            }
-            if ui.button("Clear").clicked() {
-                self.clear();
-            }
-        });
-        if let Some(m) = self.marking() {
-            let (r, g) = m.layer.counts();
-            ui.label(format!("{r} red, {g} green pixels"));
-        }
-        ui.separator();
-        ui.heading("Saliency");
-        ui.checkbox(
-            &mut self.settings.show_saliency,
-            "Show the model's attention",
-        );
-        ui.add(egui::Slider::new(&mut self.settings.opacity, 0.0..=1.0).text("opacity"));
-        ui.separator();
-        ui.horizontal(|ui| {
-            ui.label(format!("Zoom {:.0} %", self.zoom * 100.0));
-            if ui.button("Fit").clicked() {
-                self.fit();
-            }
-        });
-        ui.separator();
-        if ui
-            .add(egui::Button::new("Submit (Enter)").fill(Color32::from_rgb(40, 110, 60)))
-            .clicked()
-        {
-            self.submit();
-        }
-        if ui.button("Skip (S)").clicked() {
-            self.skip();
-        }
-        ui.add_space(8.0);
-        ui.small(
-            "Left drag paints, right or middle drag pans, wheel zooms. \
-             [ ] brush size, Ctrl+Z undo, Ctrl+Shift+Z redo.",
-        );
-    }
-
-    fn work_screen(&mut self, ui: &mut egui::Ui) {
-        match &self.work {
-            Work::Idle | Work::Leasing => {
-                ui.horizontal(|ui| {
-                    ui.add(egui::Spinner::new());
-                    ui.label("Asking the queue for the next image...");
-                });
-            }
-            Work::Empty { retry_at } => {
-                let left = retry_at.saturating_duration_since(Instant::now());
-                ui.label(format!(
-                    "The queue is empty: every image is marked or leased. Checking again in {:.0} s.",
-                    left.as_secs_f32().ceil()
-                ));
-                if ui.button("Check now").clicked() {
-                    self.lease();
-                }
-            }
-            Work::Marking(_) => self.marking_screen(ui),
-            Work::Submitting { .. } | Work::Skipping { .. } => {
-                ui.horizontal(|ui| {
-                    ui.add(egui::Spinner::new());
-                    ui.label("Sending...");
-                });
-            }
-            Work::Refining { since, last, .. } => {
-                let status = last
-                    .as_ref()
-                    .and_then(|p| pb::ProposalStatus::try_from(p.status).ok())
-                    .map(|s| match s {
-                        pb::ProposalStatus::Running => "refining the model",
-                        pb::ProposalStatus::Rebasing => "recomputing on the newest model",
-                        _ => "waiting for a worker",
-                    })
-                    .unwrap_or("waiting for a worker");
-                let secs = since.elapsed().as_secs_f32();
-                ui.vertical_centered(|ui| {
-                    ui.add_space(60.0);
-                    ui.add(egui::Spinner::new().size(40.0));
-                    ui.label(format!("Mark stored. Proposal: {status} ({secs:.0} s)"));
-                });
-            }
-            Work::Choosing { .. } | Work::Deciding { .. } => self.chooser(ui),
-        }
-    }
-
-    fn marking_screen(&mut self, ui: &mut egui::Ui) {
-        let Work::Marking(m) = &self.work else { return };
-        let v = &m.view;
-        let p = v
-            .probabilities
-            .get(v.prediction as usize)
-            .copied()
-            .unwrap_or(0.0);
-        ui.horizontal_wrapped(|ui| {
-            ui.strong(format!("Image {}", v.name));
-            ui.separator();
-            ui.label(format!("label: {}", v.label_name));
-            ui.separator();
-            let verdict = if v.prediction == v.label {
-                "right"
-            } else {
-                "wrong"
-            };
-            ui.label(format!(
-                "prediction: {} ({:.0} %, {verdict})",
-                v.prediction_name,
-                100.0 * p
-            ));
-            ui.separator();
-            ui.label(format!("model v{}", m.lease.model_version));
-            let newest = self
-                .stats
-                .as_ref()
-                .and_then(|s| s.accuracy_history.iter().map(|v| v.version).max())
-                .unwrap_or(0);
-            if newest > m.lease.model_version {
-                ui.separator();
-                ui.colored_label(
-                    Color32::from_rgb(230, 170, 40),
-                    format!(
-                        "v{newest} is newer: this view is v{}'s; your marks still count \
-                         (the refinement is rebased on the newest model)",
-                        m.lease.model_version
-                    ),
-                );
-            }
-        });
-        let area = ui.available_rect_before_wrap();
-        let resp = ui.allocate_rect(area, egui::Sense::click_and_drag());
-        let (w, h) = (m.layer.width as f32, m.layer.height as f32);
-        let base = (area.width() / w).min(area.height() / h).max(1e-3);
-        let scale = base * self.zoom;
-        let image_rect = Rect::from_center_size(area.center() + self.pan, Vec2::new(w, h) * scale);
-        self.canvas = Some(CanvasXf { image_rect, scale });
-        self.canvas_input(ui, area, &resp);
-
-        let Work::Marking(m) = &self.work else { return };
-        let ctx = ui.ctx().clone();
-        let painter = ui.painter_at(area);
-        let xf = self.canvas.unwrap_or(CanvasXf { image_rect, scale });
-        let saliency = self
-            .settings
-            .show_saliency
-            .then_some((m.view.saliency.as_slice(), self.settings.opacity));
-        self.textures.draw_image(
-            &ctx,
-            &painter,
-            xf.image_rect,
-            &m.view,
-            saliency,
-            &m.layer,
-            self.marks_rev,
-        );
-        if let Some(pos) = resp.hover_pos() {
-            let color = match self.brush {
-                Brush::Red => Color32::from_rgb(240, 60, 60),
-                Brush::Green => Color32::from_rgb(60, 220, 90),
-                Brush::Eraser => Color32::WHITE,
-            };
-            painter.circle_stroke(
-                pos,
-                self.settings.radius.max(1.0),
-                egui::Stroke::new(1.5, color),
-            );
-        }
-    }
-
-    fn chooser(&mut self, ui: &mut egui::Ui) {
-        let (m, proposal, deciding) = match &self.work {
-            Work::Choosing { m, proposal } => (m, proposal, false),
-            Work::Deciding { m, proposal, .. } => (m, proposal, true),
-            _ => return,
-        };
-        ui.heading("Before and after: where the model looks");
-        ui.small(
-            "Each map is scaled to its own 99th percentile: compare where the model looks; \
-             the curves below show how its attention moved.",
-        );
-        let ctx = ui.ctx().clone();
-        let avail = ui.available_size();
-        let side = ((avail.x - 24.0) / 2.0).min(avail.y * 0.5).max(64.0);
-        let (w, h) = (m.layer.width as f32, m.layer.height as f32);
-        let size = Vec2::new(w, h) * (side / w.max(h));
-        ui.horizontal(|ui| {
-            for (title, sal, slot) in [
-                ("Before", &proposal.saliency_before, view::Slot::Before),
-                ("After", &proposal.saliency_after, view::Slot::After),
-            ] {
-                ui.vertical(|ui| {
-                    ui.label(title);
-                    let (rect, _) = ui.allocate_exact_size(size, egui::Sense::hover());
-                    self.textures.draw_overlay(
-                        &ctx,
-                        &ui.painter_at(rect),
-                        rect,
-                        &m.view,
-                        sal,
-                        &m.layer,
-                        slot,
-                        &proposal.proposal_id,
-                    );
-                });
-            }
-        });
-        egui::Grid::new("numbers")
-            .num_columns(3)
-            .striped(true)
-            .show(ui, |ui| {
-                ui.label("");
-                ui.strong("before");
-                ui.strong("after");
-                ui.end_row();
-                ui.label("validation accuracy");
-                ui.label(format!("{:.2} %", 100.0 * proposal.val_accuracy_before));
-                ui.label(format!("{:.2} %", 100.0 * proposal.val_accuracy_after));
-                ui.end_row();
-                ui.label("validation loss");
-                ui.label(format!("{:.4}", proposal.val_loss_before));
-                ui.label(format!("{:.4}", proposal.val_loss_after));
-                ui.end_row();
-            });
-        if let (Some(first), Some(last)) = (proposal.curve.first(), proposal.curve.last()) {
-            let why = match proposal.stop_reason.as_str() {
-                "" => String::new(),
-                r => format!("; stopped: {}", words(r)),
-            };
-            ui.label(format!(
-                "Saliency loss on your marks {:.4} -> {:.4} over {} iteration(s){why}",
-                first.saliency_loss, last.saliency_loss, last.iteration
-            ));
-        }
-        if !proposal.message.is_empty() {
-            ui.label(&proposal.message);
-        }
-        ui.label("Share of the model's attention on your marks during refinement:");
-        let plot_h = (ui.available_height() - 40.0).clamp(80.0, 220.0);
-        let (rect, _) = ui.allocate_exact_size(
-            Vec2::new(ui.available_width().min(520.0), plot_h),
-            egui::Sense::hover(),
-        );
-        view::impact_plot(&ui.painter_at(rect), rect, &proposal.curve, ui.visuals());
-        let mut decision = None;
-        ui.horizontal(|ui| {
-            if ui
-                .add_enabled(
-                    !deciding,
-                    egui::Button::new("Commit").fill(Color32::from_rgb(40, 110, 60)),
-                )
-                .clicked()
-            {
-                decision = Some(true);
-            }
-            if ui
-                .add_enabled(!deciding, egui::Button::new("Reject"))
-                .clicked()
-            {
-                decision = Some(false);
-            }
-            if deciding {
-                ui.add(egui::Spinner::new());
-            }
-        });
-        if let Some(commit) = decision {
-            self.decide(commit);
-        }
     }
 }

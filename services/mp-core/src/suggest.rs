@@ -1,0 +1,1002 @@
+//! Learned mark propagation: from the marks committed so far, suggest red ("not here") and
+//! green ("look here") masks for unmarked images, with a confidence per pixel.
+//!
+//! Three modes, all working on the *images* only, so that they serve any model (the
+//! built-in CNNs or a user's TorchScript module) without reaching into its layers:
+//! - [`SuggestMode::Union`]: every pixel that was red in some marked image is red everywhere
+//!   (confidence 1). Right for confounds at fixed pixels (Decoy-MNIST's corners, a bar at the
+//!   top); wrong as soon as the confound moves (it then lands on the object in other images).
+//! - [`SuggestMode::Prototype`]: per-pixel colour / texture descriptors ([`pixel_features`]:
+//!   the pixel, local mean and spread at two scales, chroma, edge strength), k-means
+//!   prototypes of the red, green and unmarked pixels of the marked images, and a pixel's
+//!   confidence for red (green) from its distances to the nearest prototype of each kind.
+//! - [`SuggestMode::Segmenter`]: a small fully convolutional network (dilated 3x3 convolutions,
+//!   a 15-pixel receptive field) on the same descriptors, trained few-shot on the marked
+//!   images with flips and translations, softmax over {unmarked, red, green}.
+//!
+//! [`fit`] with [`Propagation::Auto`] picks the mode by measured fit: k-fold cross-validation
+//! over the marked images (each mode fitted without the held-out images, its suggestion for
+//! them compared with their own marks), the threshold of each mode calibrated on those
+//! held-out suggestions, the mode with the best mean red IoU kept, and the choice reported
+//! ([`FitReport`]).
+
+use crate::data::{Dataset, Mask, GREEN, RED};
+use crate::error::{CoreError, Result};
+use crate::rng::Rng;
+use tch::nn::{self, Module, OptimizerConfig};
+use tch::{Device, Kind, Tensor};
+
+/// How marks reach unmarked images.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Propagation {
+    /// Only the marked images are guided.
+    Off,
+    Union,
+    Prototype,
+    Segmenter,
+    /// The mode with the best cross-validated fit on the marked images.
+    Auto,
+}
+
+impl Propagation {
+    pub const NAMES: [&'static str; 5] = ["off", "union", "prototype", "segmenter", "auto"];
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            Propagation::Off => "off",
+            Propagation::Union => "union",
+            Propagation::Prototype => "prototype",
+            Propagation::Segmenter => "segmenter",
+            Propagation::Auto => "auto",
+        }
+    }
+}
+
+impl std::str::FromStr for Propagation {
+    type Err = CoreError;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "off" => Ok(Propagation::Off),
+            "union" | "on" => Ok(Propagation::Union),
+            "prototype" => Ok(Propagation::Prototype),
+            "segmenter" => Ok(Propagation::Segmenter),
+            "auto" => Ok(Propagation::Auto),
+            _ => Err(CoreError::invalid(format!(
+                "unknown propagation {s:?} (off, union, prototype, segmenter, auto)"
+            ))),
+        }
+    }
+}
+
+impl std::fmt::Display for Propagation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A concrete suggestion mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SuggestMode {
+    Union,
+    Prototype,
+    Segmenter,
+}
+
+impl SuggestMode {
+    pub const ALL: [SuggestMode; 3] = [
+        SuggestMode::Union,
+        SuggestMode::Prototype,
+        SuggestMode::Segmenter,
+    ];
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            SuggestMode::Union => "union",
+            SuggestMode::Prototype => "prototype",
+            SuggestMode::Segmenter => "segmenter",
+        }
+    }
+}
+
+/// Parameters of the suggesters (defaults measured in BENCHMARKS.md).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct SuggestConfig {
+    /// Prototypes per kind of pixel (red, green, unmarked).
+    pub prototypes: usize,
+    /// Training steps of the segmenter.
+    pub steps: usize,
+    /// Channels of the segmenter's hidden layers.
+    pub hidden: i64,
+    /// Images per segmenter step (sampled with replacement, augmented).
+    pub batch: usize,
+    pub lr: f64,
+    /// Folds of the cross-validation that calibrates thresholds and picks the mode.
+    pub folds: usize,
+    /// Fewer marked images than this: union (nothing to cross-validate on).
+    pub min_marks: usize,
+    pub seed: u64,
+}
+
+impl Default for SuggestConfig {
+    fn default() -> Self {
+        SuggestConfig {
+            prototypes: 12,
+            steps: 250,
+            hidden: 16,
+            batch: 16,
+            lr: 1e-2,
+            folds: 5,
+            min_marks: 3,
+            seed: 0,
+        }
+    }
+}
+
+/// Per-pixel colour and texture descriptors of images (N, C, H, W) in [0, 1]:
+/// the pixel, the local mean and standard deviation over 3x3 and 7x7 windows (per channel),
+/// chroma (max − min over channels) and the Sobel edge strength of the channel mean —
+/// (N, 5·C + 2, H, W). No model is involved.
+pub fn pixel_features(x: &Tensor) -> Tensor {
+    let _g = tch::no_grad_guard();
+    let x = x.to_kind(Kind::Float);
+    let mut parts = vec![x.shallow_clone()];
+    for k in [3i64, 7] {
+        let pool = |t: &Tensor| t.avg_pool2d([k, k], [1, 1], [k / 2, k / 2], false, false, None);
+        let mean = pool(&x);
+        let sd = (pool(&(&x * &x)) - &mean * &mean).clamp_min(0.0).sqrt();
+        parts.push(mean);
+        parts.push(sd);
+    }
+    parts.push(x.amax(1, true) - x.amin(1, true));
+    let gray = x.mean_dim(1, true, Kind::Float);
+    let sobel = Tensor::from_slice(&[-1f32, 0., 1., -2., 0., 2., -1., 0., 1.])
+        .reshape([1, 1, 3, 3])
+        .to_device(x.device());
+    let gx = gray.conv2d(&sobel, None::<Tensor>, [1, 1], [1, 1], [1, 1], 1);
+    let gy = gray.conv2d(
+        &sobel.transpose(2, 3),
+        None::<Tensor>,
+        [1, 1],
+        [1, 1],
+        [1, 1],
+        1,
+    );
+    parts.push((gx.square() + gy.square()).sqrt() / 4.0);
+    Tensor::cat(&parts, 1)
+}
+
+/// Red and green confidence maps (N, 1, H, W) in [0, 1] for a batch of images.
+pub struct Confidence {
+    pub red: Tensor,
+    pub green: Tensor,
+}
+
+enum Fitted {
+    Union {
+        red: Tensor,
+        green: Tensor,
+    },
+    Prototype {
+        mean: Tensor,
+        sd: Tensor,
+        /// (P, D) prototypes of red, green and unmarked pixels.
+        protos: [Tensor; 3],
+        tau: f64,
+    },
+    Segmenter {
+        mean: Tensor,
+        sd: Tensor,
+        _vs: nn::VarStore,
+        net: nn::Sequential,
+    },
+}
+
+/// A fitted suggester with calibrated thresholds. Owns tensors: one thread at a time.
+pub struct Suggester {
+    pub mode: SuggestMode,
+    /// Pixels whose red (green) confidence is at least this are suggested red (green).
+    pub red_threshold: f64,
+    pub green_threshold: f64,
+    width: usize,
+    height: usize,
+    channels: usize,
+    fitted: Fitted,
+}
+
+/// Cross-validated fit of one mode.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct ModeFit {
+    pub mode: SuggestMode,
+    /// Mean IoU of the held-out images' suggested red with their own red marks.
+    pub red_iou: f64,
+    pub green_iou: f64,
+    pub red_threshold: f64,
+    pub green_threshold: f64,
+    pub seconds: f64,
+}
+
+/// What [`fit`] measured and chose.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct FitReport {
+    pub requested: Propagation,
+    pub chosen: SuggestMode,
+    pub marks: usize,
+    pub folds: usize,
+    /// One entry per mode measured (empty when there was nothing to cross-validate).
+    pub fits: Vec<ModeFit>,
+    pub reason: String,
+}
+
+impl FitReport {
+    /// e.g. "segmenter (cross-validated red IoU: union 0.12, prototype 0.71, segmenter 0.83)".
+    pub fn summary(&self) -> String {
+        if self.fits.is_empty() {
+            return format!("{} ({})", self.chosen.name(), self.reason);
+        }
+        let ious: Vec<String> = self
+            .fits
+            .iter()
+            .map(|f| format!("{} {:.2}", f.mode.name(), f.red_iou))
+            .collect();
+        format!(
+            "{} (cross-validated red IoU over {} marks, {} folds: {})",
+            self.chosen.name(),
+            self.marks,
+            self.folds,
+            ious.join(", ")
+        )
+    }
+}
+
+fn standardise(f: &Tensor, mean: &Tensor, sd: &Tensor) -> Tensor {
+    (f - mean) / sd
+}
+
+/// Per-channel mean and sd of features (N, D, H, W) as (1, D, 1, 1).
+fn moments(f: &Tensor) -> (Tensor, Tensor) {
+    let d = f.size()[1];
+    let flat = f.transpose(0, 1).reshape([d, -1]);
+    let mean = flat.mean_dim(1, false, Kind::Float).reshape([1, d, 1, 1]);
+    let sd = flat
+        .std_dim(1, true, false)
+        .clamp_min(1e-3)
+        .reshape([1, d, 1, 1]);
+    (mean, sd)
+}
+
+/// Pixel feature rows (M, D) of `f` (N, D, H, W) where `sel` (N, 1, H, W) is true.
+fn rows(f: &Tensor, sel: &Tensor) -> Tensor {
+    let d = f.size()[1];
+    let flat = f.permute([0, 2, 3, 1]).reshape([-1, d]);
+    let idx = sel.reshape([-1]).nonzero().squeeze_dim(1);
+    flat.index_select(0, &idx)
+}
+
+fn sq_dist(a: &Tensor, b: &Tensor) -> Tensor {
+    // |a|² + |b|² − 2ab, (M, P)
+    (a.square().sum_dim_intlist(1, true, Kind::Float)
+        + b.square()
+            .sum_dim_intlist(1, false, Kind::Float)
+            .unsqueeze(0)
+        - a.matmul(&b.tr()) * 2.0)
+        .clamp_min(0.0)
+}
+
+/// k-means++ seeded by `rng`, 15 Lloyd iterations; at most `k` centres, fewer for few points.
+fn kmeans(points: &Tensor, k: usize, rng: &mut Rng) -> Tensor {
+    let m = points.size()[0] as usize;
+    if m <= k {
+        return points.shallow_clone();
+    }
+    let mut chosen = vec![rng.below(m) as i64];
+    let mut d2 = sq_dist(points, &points.get(chosen[0]).unsqueeze(0)).squeeze_dim(1);
+    while chosen.len() < k {
+        let w = Vec::<f32>::try_from(&d2).unwrap_or_default();
+        let total: f64 = w.iter().map(|&v| v as f64).sum();
+        let next = if total <= 0.0 {
+            rng.below(m)
+        } else {
+            let mut r = rng.next_f64() * total;
+            let mut pick = m - 1;
+            for (i, &v) in w.iter().enumerate() {
+                r -= v as f64;
+                if r <= 0.0 {
+                    pick = i;
+                    break;
+                }
+            }
+            pick
+        };
+        chosen.push(next as i64);
+        let nd = sq_dist(points, &points.get(next as i64).unsqueeze(0)).squeeze_dim(1);
+        d2 = d2.minimum(&nd);
+    }
+    let mut centres =
+        points.index_select(0, &Tensor::from_slice(&chosen).to_device(points.device()));
+    for _ in 0..15 {
+        let assign = sq_dist(points, &centres).argmin(1, false);
+        let onehot = assign.one_hot(k as i64).to_kind(Kind::Float); // (M, k)
+        let counts = onehot.sum_dim_intlist(0, false, Kind::Float); // (k)
+        let sums = onehot.tr().matmul(points); // (k, D)
+        let keep = counts.gt(0.0).unsqueeze(1);
+        let new = &sums / counts.clamp_min(1.0).unsqueeze(1);
+        centres = new.where_self(&keep, &centres);
+    }
+    centres
+}
+
+/// Random flips, transpose and a translation (zero fill) of images and their marks, the same
+/// for both.
+fn augment(x: &Tensor, m: &Tensor, rng: &mut Rng) -> (Tensor, Tensor) {
+    let (h, w) = (x.size()[2], x.size()[3]);
+    let mut x = x.shallow_clone();
+    let mut m = m.shallow_clone();
+    if rng.coin() {
+        x = x.flip([3]);
+        m = m.flip([3]);
+    }
+    if rng.coin() {
+        x = x.flip([2]);
+        m = m.flip([2]);
+    }
+    if h == w && rng.coin() {
+        x = x.transpose(2, 3);
+        m = m.transpose(2, 3);
+    }
+    let (ph, pw) = (h / 4, w / 4);
+    if ph > 0 && pw > 0 {
+        let dy = rng.below(2 * ph as usize + 1) as i64;
+        let dx = rng.below(2 * pw as usize + 1) as i64;
+        let pad = |t: &Tensor| {
+            t.constant_pad_nd([pw, pw, ph, ph])
+                .narrow(2, dy, h)
+                .narrow(3, dx, w)
+        };
+        x = pad(&x);
+        m = pad(&m);
+    }
+    (x.contiguous(), m.contiguous())
+}
+
+fn seeded_init(vs: &nn::VarStore, rng: &mut Rng) {
+    let _g = tch::no_grad_guard();
+    for (name, mut t) in vs.variables() {
+        let size = t.size();
+        let numel: i64 = size.iter().product();
+        let vals: Vec<f32> = if name.ends_with("bias") {
+            vec![0.0; numel as usize]
+        } else {
+            let fan_in: i64 = size[1..].iter().product::<i64>().max(1);
+            let bound = (6.0 / fan_in as f64).sqrt();
+            (0..numel)
+                .map(|_| ((2.0 * rng.next_f64() - 1.0) * bound) as f32)
+                .collect()
+        };
+        t.copy_(
+            &Tensor::from_slice(&vals)
+                .reshape(&size)
+                .to_device(t.device()),
+        );
+    }
+}
+
+fn segmenter_net(p: &nn::Path, input: i64, hidden: i64) -> nn::Sequential {
+    let conv = |name: &str, i: i64, o: i64, dil: i64| {
+        nn::conv2d(
+            p / name,
+            i,
+            o,
+            3,
+            nn::ConvConfig {
+                padding: dil,
+                dilation: dil,
+                ..Default::default()
+            },
+        )
+    };
+    nn::seq()
+        .add(conv("c1", input, hidden, 1))
+        .add_fn(|t| t.relu())
+        .add(conv("c2", hidden, hidden, 2))
+        .add_fn(|t| t.relu())
+        .add(conv("c3", hidden, hidden, 4))
+        .add_fn(|t| t.relu())
+        .add(nn::conv2d(p / "out", hidden, 3, 1, Default::default()))
+}
+
+/// Class of every pixel of marks (N, 1, H, W): 0 unmarked, 1 red, 2 green.
+fn classes_of(marks: &Tensor) -> Tensor {
+    marks.gt(0.0).to_kind(Kind::Int64) + marks.lt(0.0).to_kind(Kind::Int64) * 2
+}
+
+impl Suggester {
+    /// Fits `mode` on the marked images `idx` of `ds` (thresholds left at 0.5; [`fit`]
+    /// calibrates them).
+    pub fn fit_mode(
+        mode: SuggestMode,
+        ds: &Dataset,
+        idx: &[usize],
+        cfg: &SuggestConfig,
+        device: Device,
+    ) -> Result<Suggester> {
+        if idx.is_empty() {
+            return Err(CoreError::invalid(
+                "suggestions need at least one marked image",
+            ));
+        }
+        if let Some(&i) = idx
+            .iter()
+            .find(|&&i| i >= ds.len() || ds.marks[i].is_none())
+        {
+            return Err(CoreError::invalid(format!(
+                "image {i} has no mark to learn from"
+            )));
+        }
+        let (x, _) = ds.batch(idx, device);
+        let marks = ds.mark_batch(idx, device);
+        let mut rng = Rng::new(cfg.seed ^ 0x5eed);
+        let fitted = match mode {
+            SuggestMode::Union => {
+                let _g = tch::no_grad_guard();
+                let red = marks.gt(0.0).to_kind(Kind::Float).amax(0, true);
+                let green = marks
+                    .lt(0.0)
+                    .to_kind(Kind::Float)
+                    .mean_dim(0, true, Kind::Float);
+                Fitted::Union { red, green }
+            }
+            SuggestMode::Prototype => {
+                let _g = tch::no_grad_guard();
+                let f = pixel_features(&x);
+                let (mean, sd) = moments(&f);
+                let f = standardise(&f, &mean, &sd);
+                let cls = classes_of(&marks);
+                let protos: Vec<Tensor> = (0..3)
+                    .map(|c| {
+                        let mut pts = rows(&f, &cls.eq(c));
+                        let n = pts.size()[0];
+                        if n > 4000 {
+                            let pick: Vec<i64> =
+                                (0..4000).map(|_| rng.below(n as usize) as i64).collect();
+                            pts = pts.index_select(0, &Tensor::from_slice(&pick).to_device(device));
+                        }
+                        if pts.size()[0] == 0 {
+                            // No pixel of this kind: a prototype nothing is near.
+                            Tensor::full([1, f.size()[1]], 1e3, (Kind::Float, device))
+                        } else {
+                            kmeans(&pts, cfg.prototypes.max(1), &mut rng)
+                        }
+                    })
+                    .collect();
+                // Temperature: the median distance of marked pixels to their own prototypes.
+                let all = rows(&f, &cls.ge(0));
+                let near = sq_dist(&all, &protos[0])
+                    .amin(1, false)
+                    .minimum(&sq_dist(&all, &protos[1]).amin(1, false))
+                    .minimum(&sq_dist(&all, &protos[2]).amin(1, false));
+                let tau = near.sqrt().median().double_value(&[]).max(1e-3);
+                // `classes_of` order: unmarked, red, green.
+                let [u, r, g]: [Tensor; 3] = protos
+                    .try_into()
+                    .map_err(|_| CoreError::invalid("prototypes"))?;
+                Fitted::Prototype {
+                    mean,
+                    sd,
+                    protos: [r, g, u],
+                    tau,
+                }
+            }
+            SuggestMode::Segmenter => {
+                let f0 = pixel_features(&x);
+                let (mean, sd) = moments(&f0);
+                let vs = nn::VarStore::new(device);
+                let net = segmenter_net(&vs.root(), f0.size()[1], cfg.hidden.max(4));
+                seeded_init(&vs, &mut rng);
+                let cls = classes_of(&marks);
+                let counts: Vec<f64> = (0..3)
+                    .map(|c| cls.eq(c).sum(Kind::Float).double_value(&[]))
+                    .collect();
+                let total: f64 = counts.iter().sum();
+                let weights: Vec<f32> = counts
+                    .iter()
+                    .map(|&n| {
+                        if n == 0.0 {
+                            1.0
+                        } else {
+                            (total / (3.0 * n)).sqrt().clamp(1.0, 10.0) as f32
+                        }
+                    })
+                    .collect();
+                let weights = Tensor::from_slice(&weights).to_device(device);
+                let mut opt = nn::Adam::default().build(&vs, cfg.lr)?;
+                let n = idx.len();
+                for _ in 0..cfg.steps {
+                    let pick: Vec<i64> =
+                        (0..cfg.batch.max(1)).map(|_| rng.below(n) as i64).collect();
+                    let pick = Tensor::from_slice(&pick).to_device(device);
+                    let (bx, bm) = augment(
+                        &x.index_select(0, &pick),
+                        &marks.index_select(0, &pick),
+                        &mut rng,
+                    );
+                    let feats = standardise(&pixel_features(&bx), &mean, &sd);
+                    let logits = net.forward(&feats);
+                    let target = classes_of(&bm).squeeze_dim(1);
+                    let loss = logits.log_softmax(1, Kind::Float).nll_loss_nd(
+                        &target,
+                        Some(&weights),
+                        tch::Reduction::Mean,
+                        -100,
+                    );
+                    opt.backward_step(&loss);
+                }
+                Fitted::Segmenter {
+                    mean,
+                    sd,
+                    _vs: vs,
+                    net,
+                }
+            }
+        };
+        Ok(Suggester {
+            mode,
+            red_threshold: 0.5,
+            green_threshold: 0.5,
+            width: ds.width,
+            height: ds.height,
+            channels: ds.channels,
+            fitted,
+        })
+    }
+
+    /// Red and green confidences (N, 1, H, W) for images (N, C, H, W).
+    pub fn confidence(&self, x: &Tensor) -> Result<Confidence> {
+        let size = x.size();
+        if size.len() != 4
+            || size[1] != self.channels as i64
+            || size[2] != self.height as i64
+            || size[3] != self.width as i64
+        {
+            return Err(CoreError::invalid(format!(
+                "images are {size:?}, the suggester was fitted on (N, {}, {}, {})",
+                self.channels, self.height, self.width
+            )));
+        }
+        let _g = tch::no_grad_guard();
+        let n = size[0];
+        Ok(match &self.fitted {
+            Fitted::Union { red, green } => Confidence {
+                red: red
+                    .to_device(x.device())
+                    .expand([n, 1, size[2], size[3]], false),
+                green: green
+                    .to_device(x.device())
+                    .expand([n, 1, size[2], size[3]], false),
+            },
+            Fitted::Prototype {
+                mean,
+                sd,
+                protos,
+                tau,
+            } => {
+                let f = standardise(&pixel_features(x), mean, sd);
+                let d = f.size()[1];
+                let flat = f.permute([0, 2, 3, 1]).reshape([-1, d]);
+                let dist: Vec<Tensor> = protos
+                    .iter()
+                    .map(|p| sq_dist(&flat, p).amin(1, true).sqrt())
+                    .collect();
+                let p = (Tensor::cat(&dist, 1) / -*tau).softmax(1, Kind::Float);
+                let shape = [n, 1, size[2], size[3]];
+                Confidence {
+                    red: p.select(1, 0).reshape(shape),
+                    green: p.select(1, 1).reshape(shape),
+                }
+            }
+            Fitted::Segmenter { mean, sd, net, .. } => {
+                let f = standardise(&pixel_features(x), mean, sd);
+                let p = net.forward(&f).softmax(1, Kind::Float);
+                Confidence {
+                    red: p.narrow(1, 1, 1),
+                    green: p.narrow(1, 2, 1),
+                }
+            }
+        })
+    }
+
+    /// Guidance weights (N, 1, H, W) in [−1, 1] for images: the red confidence where it
+    /// reaches the red threshold, minus the green confidence where that reaches the green
+    /// threshold and the pixel is not red — the marks that guided training applies to an
+    /// unmarked image, weighted by confidence.
+    pub fn weights(&self, x: &Tensor) -> Result<Tensor> {
+        let c = self.confidence(x)?;
+        let _g = tch::no_grad_guard();
+        let red_on = c.red.ge(self.red_threshold);
+        let red = c.red.where_self(&red_on, &c.red.zeros_like());
+        let green_on = c
+            .green
+            .ge(self.green_threshold)
+            .logical_and(&red_on.logical_not());
+        let green = c.green.where_self(&green_on, &c.green.zeros_like());
+        Ok(red - green)
+    }
+
+    /// The suggested mask and its confidence (0–255 per pixel) for one image (C·H·W values).
+    pub fn suggest_one(&self, image: &[f32], device: Device) -> Result<(Mask, Vec<u8>)> {
+        let x = Tensor::from_slice(image)
+            .reshape([
+                1,
+                self.channels as i64,
+                self.height as i64,
+                self.width as i64,
+            ])
+            .to_device(device);
+        let w = self.weights(&x)?.flatten(0, -1).to_device(Device::Cpu);
+        let w = Vec::<f32>::try_from(&w)?;
+        let mask = Mask {
+            width: self.width,
+            height: self.height,
+            values: w
+                .iter()
+                .map(|&v| {
+                    if v > 0.0 {
+                        RED
+                    } else if v < 0.0 {
+                        GREEN
+                    } else {
+                        0
+                    }
+                })
+                .collect(),
+        };
+        let conf = w
+            .iter()
+            .map(|&v| (v.abs().clamp(0.0, 1.0) * 255.0).round() as u8)
+            .collect();
+        Ok((mask, conf))
+    }
+}
+
+/// IoU of a predicted pixel set with a true one; 1 when both are empty.
+pub fn iou(pred: &[bool], truth: &[bool]) -> f64 {
+    let (mut inter, mut union) = (0usize, 0usize);
+    for (&p, &t) in pred.iter().zip(truth) {
+        inter += (p && t) as usize;
+        union += (p || t) as usize;
+    }
+    if union == 0 {
+        1.0
+    } else {
+        inter as f64 / union as f64
+    }
+}
+
+const THRESHOLDS: [f64; 12] = [
+    0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99,
+];
+
+/// Best threshold by mean IoU of `conf >= t` against `truth`, over held-out images.
+fn calibrate(conf: &[Vec<f32>], truth: &[Vec<bool>]) -> (f64, f64) {
+    let mut best = (f64::NEG_INFINITY, 0.5);
+    for &t in &THRESHOLDS {
+        let mean = conf
+            .iter()
+            .zip(truth)
+            .map(|(c, tr)| {
+                let p: Vec<bool> = c.iter().map(|&v| v as f64 >= t).collect();
+                iou(&p, tr)
+            })
+            .sum::<f64>()
+            / conf.len().max(1) as f64;
+        if mean > best.0 + 1e-9 {
+            best = (mean, t);
+        }
+    }
+    best
+}
+
+/// Cross-validated fit of `mode` over `folds` folds of the marked images: each fold's images
+/// get the suggestion of a suggester fitted without them; thresholds are calibrated on those
+/// held-out suggestions.
+pub fn cross_validate(
+    mode: SuggestMode,
+    ds: &Dataset,
+    marked: &[usize],
+    folds: usize,
+    cfg: &SuggestConfig,
+    device: Device,
+) -> Result<ModeFit> {
+    let t = std::time::Instant::now();
+    let (mut red_c, mut green_c, mut red_t, mut green_t) = (vec![], vec![], vec![], vec![]);
+    for f in 0..folds {
+        let held: Vec<usize> = marked.iter().copied().skip(f).step_by(folds).collect();
+        let fit_on: Vec<usize> = marked
+            .iter()
+            .enumerate()
+            .filter(|(k, _)| k % folds != f)
+            .map(|(_, &i)| i)
+            .collect();
+        let s = Suggester::fit_mode(mode, ds, &fit_on, cfg, device)?;
+        let (x, _) = ds.batch(&held, device);
+        let c = s.confidence(&x)?;
+        let red = Vec::<f32>::try_from(&c.red.contiguous().flatten(0, -1).to_device(Device::Cpu))?;
+        let green =
+            Vec::<f32>::try_from(&c.green.contiguous().flatten(0, -1).to_device(Device::Cpu))?;
+        let hw = ds.width * ds.height;
+        for (k, &i) in held.iter().enumerate() {
+            let m = ds.marks[i].as_ref().expect("marked");
+            red_c.push(red[k * hw..(k + 1) * hw].to_vec());
+            green_c.push(green[k * hw..(k + 1) * hw].to_vec());
+            red_t.push(m.values.iter().map(|&v| v == RED).collect());
+            green_t.push(m.values.iter().map(|&v| v == GREEN).collect());
+        }
+    }
+    let (red_iou, red_threshold) = calibrate(&red_c, &red_t);
+    let (green_iou, green_threshold) = calibrate(&green_c, &green_t);
+    Ok(ModeFit {
+        mode,
+        red_iou,
+        green_iou,
+        red_threshold,
+        green_threshold,
+        seconds: t.elapsed().as_secs_f64(),
+    })
+}
+
+/// The mode with the best cross-validated red IoU; ties go to the earlier (simpler) mode.
+pub fn best_fit(fits: &[ModeFit]) -> Option<&ModeFit> {
+    fits.iter().fold(None::<&ModeFit>, |b, f| match b {
+        Some(b) if b.red_iou >= f.red_iou - 1e-9 => Some(b),
+        _ => Some(f),
+    })
+}
+
+/// The suggester of `fit.mode` fitted on every marked image, with `fit`'s thresholds.
+pub fn calibrated(
+    fit: &ModeFit,
+    ds: &Dataset,
+    marked: &[usize],
+    cfg: &SuggestConfig,
+    device: Device,
+) -> Result<Suggester> {
+    let mut s = Suggester::fit_mode(fit.mode, ds, marked, cfg, device)?;
+    s.red_threshold = fit.red_threshold;
+    s.green_threshold = fit.green_threshold;
+    Ok(s)
+}
+
+/// Fits the suggester `propagation` asks for on the marked images `marked` of `ds`, with
+/// thresholds calibrated by cross-validation; `None` for [`Propagation::Off`].
+pub fn fit(
+    propagation: Propagation,
+    ds: &Dataset,
+    marked: &[usize],
+    cfg: &SuggestConfig,
+    device: Device,
+) -> Result<Option<(Suggester, FitReport)>> {
+    let modes: Vec<SuggestMode> = match propagation {
+        Propagation::Off => return Ok(None),
+        Propagation::Union => vec![SuggestMode::Union],
+        Propagation::Prototype => vec![SuggestMode::Prototype],
+        Propagation::Segmenter => vec![SuggestMode::Segmenter],
+        Propagation::Auto => SuggestMode::ALL.to_vec(),
+    };
+    if marked.is_empty() {
+        return Ok(None);
+    }
+    let folds = cfg.folds.min(marked.len());
+    if marked.len() < cfg.min_marks.max(2) || folds < 2 {
+        // Too few marks to measure anything: the first mode asked for (union under auto),
+        // uncalibrated.
+        let mode = modes[0];
+        let s = Suggester::fit_mode(mode, ds, marked, cfg, device)?;
+        let report = FitReport {
+            requested: propagation,
+            chosen: mode,
+            marks: marked.len(),
+            folds: 0,
+            fits: vec![],
+            reason: format!("{} marks: too few to cross-validate", marked.len()),
+        };
+        return Ok(Some((s, report)));
+    }
+    let mut fits = Vec::new();
+    for &m in &modes {
+        fits.push(cross_validate(m, ds, marked, folds, cfg, device)?);
+    }
+    let best = best_fit(&fits).expect("at least one mode").clone();
+    let s = calibrated(&best, ds, marked, cfg, device)?;
+    let report = FitReport {
+        requested: propagation,
+        chosen: best.mode,
+        marks: marked.len(),
+        folds,
+        reason: format!("best cross-validated red IoU {:.2}", best.red_iou),
+        fits,
+    };
+    Ok(Some((s, report)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// 16x16 images: a thin noisy stroke (green) and a flat 3x3 square (red), the square at a
+    /// random place (`moving`) or always in the top-left corner.
+    fn squares(n: usize, moving: bool, seed: u64) -> Dataset {
+        let side = 16;
+        let mut ds = Dataset::new(vec!["a".into(), "b".into()], 1, side, side);
+        let mut rng = Rng::new(seed);
+        for i in 0..n {
+            let mut img: Vec<f32> = (0..side * side)
+                .map(|_| 0.1 * rng.next_f64() as f32)
+                .collect();
+            let mut m = Mask::empty(side, side);
+            let row = 8 + rng.below(6);
+            for c in 4..12 {
+                img[row * side + c] = 0.5 + 0.5 * rng.next_f64() as f32;
+                m.values[row * side + c] = GREEN;
+            }
+            let (r0, c0) = if moving {
+                (rng.below(5), rng.below(side - 3))
+            } else {
+                (0, 0)
+            };
+            let shade = 0.4 + 0.6 * rng.next_f64() as f32;
+            for r in r0..r0 + 3 {
+                for c in c0..c0 + 3 {
+                    img[r * side + c] = shade;
+                    m.values[r * side + c] = RED;
+                }
+            }
+            ds.push(&img, (i % 2) as i64, Some(m), format!("s{i}"));
+        }
+        ds
+    }
+
+    fn true_iou(s: &Suggester, ds: &Dataset, idx: &[usize]) -> f64 {
+        let (x, _) = ds.batch(idx, Device::Cpu);
+        let w = Vec::<f32>::try_from(&s.weights(&x).unwrap().flatten(0, -1)).unwrap();
+        let hw = ds.width * ds.height;
+        idx.iter()
+            .enumerate()
+            .map(|(k, &i)| {
+                let pred: Vec<bool> = w[k * hw..(k + 1) * hw].iter().map(|&v| v > 0.0).collect();
+                let truth: Vec<bool> = ds.marks[i]
+                    .as_ref()
+                    .unwrap()
+                    .values
+                    .iter()
+                    .map(|&v| v == RED)
+                    .collect();
+                iou(&pred, &truth)
+            })
+            .sum::<f64>()
+            / idx.len() as f64
+    }
+
+    #[test]
+    fn iou_by_hand() {
+        assert_eq!(iou(&[true, true, false], &[true, false, false]), 0.5);
+        assert_eq!(iou(&[false, false], &[false, false]), 1.0);
+        assert_eq!(iou(&[true, false], &[false, true]), 0.0);
+    }
+
+    #[test]
+    fn learned_modes_find_a_moving_square_that_the_union_misses() {
+        let ds = squares(60, true, 1);
+        let marked: Vec<usize> = (0..8).collect();
+        let others: Vec<usize> = (8..60).collect();
+        let cfg = SuggestConfig::default();
+        let mut ious = Vec::new();
+        for mode in SuggestMode::ALL {
+            let f = cross_validate(mode, &ds, &marked, 4, &cfg, Device::Cpu).unwrap();
+            let s = calibrated(&f, &ds, &marked, &cfg, Device::Cpu).unwrap();
+            let t = true_iou(&s, &ds, &others);
+            eprintln!(
+                "{}: cv {:.3} true {:.3} threshold {}",
+                mode.name(),
+                f.red_iou,
+                t,
+                f.red_threshold
+            );
+            ious.push((mode, f.red_iou, t));
+        }
+        let (_, union_cv, union_true) = ious[0];
+        for &(mode, cv, t) in &ious[1..] {
+            assert!(t > 0.6, "{}: true IoU {t}", mode.name());
+            assert!(
+                t > union_true + 0.3,
+                "{}: {t} vs union {union_true}",
+                mode.name()
+            );
+            assert!(
+                cv > union_cv,
+                "{}: cv {cv} vs union {union_cv}",
+                mode.name()
+            );
+        }
+        let (s, report) = fit(Propagation::Auto, &ds, &marked, &cfg, Device::Cpu)
+            .unwrap()
+            .unwrap();
+        assert_ne!(report.chosen, SuggestMode::Union, "{}", report.summary());
+        assert_eq!(report.fits.len(), 3);
+        assert_eq!(s.mode, report.chosen);
+        // Confidences are probabilities; weights stay in [-1, 1].
+        let (x, _) = ds.batch(&others, Device::Cpu);
+        let c = s.confidence(&x).unwrap();
+        for t in [&c.red, &c.green] {
+            assert!(t.min().double_value(&[]) >= 0.0 && t.max().double_value(&[]) <= 1.0);
+        }
+        let w = s.weights(&x).unwrap();
+        assert!(w.abs().max().double_value(&[]) <= 1.0);
+        // The suggestion of one image as a mask and 0-255 confidence.
+        let (mask, conf) = s.suggest_one(ds.image(9), Device::Cpu).unwrap();
+        assert_eq!((mask.width, mask.height, conf.len()), (16, 16, 256));
+        assert!(mask.red_count() > 0);
+        for (v, c) in mask.values.iter().zip(&conf) {
+            assert_eq!(*v == 0, *c == 0);
+        }
+    }
+
+    #[test]
+    fn auto_keeps_the_union_for_a_square_that_never_moves() {
+        let ds = squares(40, false, 2);
+        let marked: Vec<usize> = (0..8).collect();
+        let (s, report) = fit(
+            Propagation::Auto,
+            &ds,
+            &marked,
+            &SuggestConfig::default(),
+            Device::Cpu,
+        )
+        .unwrap()
+        .unwrap();
+        // A fixed square: the union is exact, and ties go to the simpler mode.
+        let union = report
+            .fits
+            .iter()
+            .find(|f| f.mode == SuggestMode::Union)
+            .unwrap();
+        assert!(union.red_iou > 0.99, "{}", report.summary());
+        assert!(true_iou(&s, &ds, &(8..40).collect::<Vec<_>>()) > 0.9);
+    }
+
+    #[test]
+    fn too_few_marks_fall_back_and_bad_input_is_refused() {
+        let ds = squares(10, true, 3);
+        let cfg = SuggestConfig::default();
+        assert!(fit(Propagation::Off, &ds, &[0, 1], &cfg, Device::Cpu)
+            .unwrap()
+            .is_none());
+        assert!(fit(Propagation::Auto, &ds, &[], &cfg, Device::Cpu)
+            .unwrap()
+            .is_none());
+        let (_, r) = fit(Propagation::Auto, &ds, &[0, 1], &cfg, Device::Cpu)
+            .unwrap()
+            .unwrap();
+        assert_eq!((r.chosen, r.folds), (SuggestMode::Union, 0));
+        assert!(r.reason.contains("too few"), "{}", r.reason);
+        let mut unmarked = ds.clone();
+        unmarked.marks[1] = None;
+        assert!(Suggester::fit_mode(
+            SuggestMode::Prototype,
+            &unmarked,
+            &[0, 1],
+            &cfg,
+            Device::Cpu
+        )
+        .is_err());
+        let s = Suggester::fit_mode(SuggestMode::Prototype, &ds, &[0, 1, 2], &cfg, Device::Cpu)
+            .unwrap();
+        let wrong = Tensor::zeros([1, 1, 8, 8], (Kind::Float, Device::Cpu));
+        let e = s.confidence(&wrong).err().unwrap();
+        assert!(e.to_string().contains("fitted on"), "{e}");
+        assert!("bogus".parse::<Propagation>().is_err());
+        for n in Propagation::NAMES {
+            assert_eq!(n.parse::<Propagation>().unwrap().name(), n);
+        }
+    }
+}

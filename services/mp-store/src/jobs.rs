@@ -1,0 +1,162 @@
+//! The job streams (refine, score, commit) with consumer groups, and the counters behind the stats.
+
+use super::*;
+
+impl Store {
+    /// Appends a job to a stream (`jobs:refine`, `jobs:score`, `jobs:commit`).
+    pub async fn add_job(&self, stream: &str, fields: &[(&str, String)]) -> Result<String> {
+        let mut c = self.conn.clone();
+        Ok(c.xadd(self.k(stream), "*", fields).await?)
+    }
+
+    /// New jobs for `consumer` of `group`, waiting up to `block_ms`.
+    pub async fn read_jobs(
+        &self,
+        stream: &str,
+        group: &str,
+        consumer: &str,
+        count: usize,
+        block_ms: usize,
+    ) -> Result<Vec<Job>> {
+        let mut c = self.conn.clone();
+        let opts = redis::streams::StreamReadOptions::default()
+            .group(group, consumer)
+            .count(count)
+            .block(block_ms);
+        let r: Option<redis::streams::StreamReadReply> =
+            c.xread_options(&[self.k(stream)], &[">"], &opts).await?;
+        Ok(r.map(|r| {
+            r.keys
+                .into_iter()
+                .flat_map(|k| k.ids)
+                .map(Job::from_stream_id)
+                .collect()
+        })
+        .unwrap_or_default())
+    }
+
+    /// Takes over jobs delivered to a consumer that has been silent for `min_idle_ms`
+    /// (a worker that died mid-job).
+    pub async fn reclaim_jobs(
+        &self,
+        stream: &str,
+        group: &str,
+        consumer: &str,
+        min_idle_ms: u64,
+        count: usize,
+    ) -> Result<Vec<Job>> {
+        let mut c = self.conn.clone();
+        let r: redis::Value = redis::cmd("XAUTOCLAIM")
+            .arg(self.k(stream))
+            .arg(group)
+            .arg(consumer)
+            .arg(min_idle_ms)
+            .arg("0-0")
+            .arg("COUNT")
+            .arg(count)
+            .query_async(&mut c)
+            .await?;
+        let mut out = Vec::new();
+        if let redis::Value::Array(parts) = r {
+            if let Some(redis::Value::Array(entries)) = parts.get(1) {
+                for e in entries {
+                    if let redis::Value::Array(pair) = e {
+                        if let (Some(id), Some(redis::Value::Array(kv))) =
+                            (pair.first(), pair.get(1))
+                        {
+                            let mut fields = HashMap::new();
+                            for ch in kv.chunks(2) {
+                                if let [k, v] = ch {
+                                    fields.insert(value_string(k), value_string(v));
+                                }
+                            }
+                            out.push(Job {
+                                id: value_string(id),
+                                fields,
+                            });
+                        }
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    pub async fn ack(&self, stream: &str, group: &str, id: &str) -> Result<()> {
+        let mut c = self.conn.clone();
+        let _: u64 = c.xack(self.k(stream), group, &[id]).await?;
+        Ok(())
+    }
+
+    /// Creates the job streams and their consumer groups if missing.
+    pub async fn ensure_job_groups(&self) -> Result<()> {
+        let mut c = self.conn.clone();
+        for (stream, group) in [
+            (REFINE_STREAM, "refine"),
+            (SCORE_STREAM, "score"),
+            (COMMIT_STREAM, "commit"),
+        ] {
+            let r: redis::RedisResult<()> = redis::cmd("XGROUP")
+                .arg("CREATE")
+                .arg(self.k(stream))
+                .arg(group)
+                .arg("0")
+                .arg("MKSTREAM")
+                .query_async(&mut c)
+                .await;
+            if let Err(e) = r {
+                if e.code() != Some("BUSYGROUP") {
+                    return Err(e.into());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub async fn counts(&self) -> Result<Counts> {
+        let mut c = self.conn.clone();
+        let since = now_ms().saturating_sub(ONLINE_WINDOW_MS);
+        let (queue_depth, leases_out, experts_online, marks_total): (u64, u64, u64, u64) =
+            redis::pipe()
+                .zcard(self.k("queue"))
+                .zcard(self.k("leases"))
+                .zcount(self.k("online"), since, "+inf")
+                .llen(self.k("marks"))
+                .query_async(&mut c)
+                .await?;
+        let refine_pending = self
+            .stream_backlog(REFINE_STREAM, "refine")
+            .await
+            .unwrap_or(0);
+        Ok(Counts {
+            queue_depth,
+            leases_out,
+            experts_online,
+            marks_total,
+            refine_pending,
+        })
+    }
+
+    /// Entries not yet delivered plus delivered but unacknowledged, for a stream's group.
+    pub async fn stream_backlog(&self, stream: &str, group: &str) -> Result<u64> {
+        let mut c = self.conn.clone();
+        let groups: Vec<HashMap<String, redis::Value>> = redis::cmd("XINFO")
+            .arg("GROUPS")
+            .arg(self.k(stream))
+            .query_async(&mut c)
+            .await
+            .unwrap_or_default();
+        for g in groups {
+            if g.get("name").map(value_string).as_deref() == Some(group) {
+                let num = |k: &str| {
+                    g.get(k)
+                        .map(value_string)
+                        .and_then(|s| s.parse::<u64>().ok())
+                        .unwrap_or(0)
+                };
+                return Ok(num("lag") + num("pending"));
+            }
+        }
+        Ok(0)
+    }
+}

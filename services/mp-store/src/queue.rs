@@ -1,0 +1,162 @@
+//! The review queue: priorities, leases (atomic Lua claims), heartbeats, skips, submits and the return of expired leases.
+
+use super::*;
+
+impl Store {
+    /// Queues (or re-prioritises) images that are neither leased nor marked.
+    pub async fn enqueue(&self, items: &[(String, f64)]) -> Result<u64> {
+        let mut c = self.conn.clone();
+        let mut total = 0u64;
+        for chunk in items.chunks(1000) {
+            let mut inv = self.scripts.enqueue.prepare_invoke();
+            inv.arg(&self.prefix);
+            for (id, p) in chunk {
+                inv.arg(id).arg(*p);
+            }
+            let r: (String, u64) = inv.invoke_async(&mut c).await?;
+            total += r.1;
+        }
+        Ok(total)
+    }
+
+    /// Claims the lowest-priority image for `expert` for `ttl_ms`; `None` when the queue is empty.
+    pub async fn lease(&self, expert: &str, ttl_ms: u64) -> Result<Option<LeaseGrant>> {
+        let mut c = self.conn.clone();
+        let lease_id = new_id();
+        let v: Vec<redis::Value> = self
+            .scripts
+            .lease
+            .arg(&self.prefix)
+            .arg(&lease_id)
+            .arg(expert)
+            .arg(ttl_ms)
+            .invoke_async(&mut c)
+            .await?;
+        let words: Vec<String> = v.iter().map(value_string).collect();
+        match words.first().map(String::as_str) {
+            Some("ok") if words.len() == 8 => Ok(Some(LeaseGrant {
+                lease_id,
+                image_id: words[1].clone(),
+                priority: words[2].parse().unwrap_or(0.0),
+                deadline_ms: words[3].parse().unwrap_or(0),
+                seq: words[4].parse().unwrap_or(0),
+                model_version: words[5].parse().unwrap_or(0),
+                width: words[6].parse().unwrap_or(0),
+                height: words[7].parse().unwrap_or(0),
+            })),
+            Some("empty") => Ok(None),
+            other => Err(StoreError::Corrupt(format!(
+                "lease script answered {other:?}"
+            ))),
+        }
+    }
+
+    pub async fn heartbeat(&self, lease_id: &str, expert: &str, ttl_ms: u64) -> Result<u64> {
+        let mut c = self.conn.clone();
+        let v: Vec<redis::Value> = self
+            .scripts
+            .heartbeat
+            .arg(&self.prefix)
+            .arg(lease_id)
+            .arg(expert)
+            .arg(ttl_ms)
+            .invoke_async(&mut c)
+            .await?;
+        number_answer(&v, lease_id)
+    }
+
+    pub async fn skip(&self, lease_id: &str, expert: &str) -> Result<u64> {
+        let mut c = self.conn.clone();
+        let v: Vec<redis::Value> = self
+            .scripts
+            .skip
+            .arg(&self.prefix)
+            .arg(lease_id)
+            .arg(expert)
+            .invoke_async(&mut c)
+            .await?;
+        number_answer(&v, lease_id)
+    }
+
+    /// What a lease refers to (any state), or NotFound.
+    pub async fn lease_info(&self, lease_id: &str) -> Result<LeaseInfo> {
+        let mut c = self.conn.clone();
+        let h: HashMap<String, Vec<u8>> = c.hgetall(self.k(&format!("lease:{lease_id}"))).await?;
+        if h.is_empty() {
+            return Err(StoreError::NotFound(format!(
+                "lease {lease_id} does not exist"
+            )));
+        }
+        Ok(LeaseInfo {
+            image_id: text(&h, "image"),
+            expert_id: text(&h, "expert"),
+            state: text(&h, "state"),
+            seq: field(&h, "seq").unwrap_or(0),
+            release_seq: field(&h, "release_seq").unwrap_or(0),
+        })
+    }
+
+    /// Stores `values` (one per pixel, row-major) as the mark for the leased image, atomically
+    /// with the lease release, the queued proposal and its refine job. A repeat of
+    /// `idempotency_key` by the same expert returns the first result and stores nothing.
+    pub async fn submit(
+        &self,
+        lease_id: &str,
+        expert: &str,
+        idempotency_key: &str,
+        width: u32,
+        height: u32,
+        values: &[i8],
+    ) -> Result<SubmitResult> {
+        if idempotency_key.is_empty() || idempotency_key.len() > 128 {
+            return Err(StoreError::InvalidArgument(
+                "idempotency_key must hold 1 to 128 characters".into(),
+            ));
+        }
+        let mut c = self.conn.clone();
+        let bytes: Vec<u8> = values.iter().map(|&v| v as u8).collect();
+        let v: Vec<redis::Value> = self
+            .scripts
+            .submit
+            .arg(&self.prefix)
+            .arg(lease_id)
+            .arg(expert)
+            .arg(idempotency_key)
+            .arg(new_id())
+            .arg(new_id())
+            .arg(width)
+            .arg(height)
+            .arg(bytes)
+            .arg(IDEMPOTENCY_TTL_S)
+            .invoke_async(&mut c)
+            .await?;
+        let words: Vec<String> = v.iter().map(value_string).collect();
+        match words.first().map(String::as_str) {
+            Some(w @ ("ok" | "dup")) if words.len() == 5 => Ok(SubmitResult {
+                mark_id: words[1].clone(),
+                proposal_id: words[2].clone(),
+                release_seq: words[3].parse().unwrap_or(0),
+                image_id: words[4].clone(),
+                duplicate: w == "dup",
+            }),
+            Some("bad_size") if words.len() == 4 => Err(StoreError::InvalidArgument(format!(
+                "mask is {width}x{height} but image {} is {}x{}",
+                words[1], words[2], words[3]
+            ))),
+            Some(w) => Err(lease_error(w, lease_id)),
+            None => Err(StoreError::Corrupt("empty submit answer".into())),
+        }
+    }
+
+    /// Returns expired leases to the queue; how many.
+    pub async fn reclaim(&self) -> Result<u64> {
+        let mut c = self.conn.clone();
+        let r: (String, u64) = self
+            .scripts
+            .reclaim
+            .arg(&self.prefix)
+            .invoke_async(&mut c)
+            .await?;
+        Ok(r.1)
+    }
+}
