@@ -26,7 +26,7 @@ pub fn shortcut_dataset(n: usize, shortcut: bool, seed: u64) -> Dataset {
         let row = 4 + 2 * label as usize + rng.below(2);
         let col = 3 + rng.below(5);
         for c in col..col + 5 {
-            img[row * SIDE + c] += 0.4;
+            img[row * SIDE + c] += 0.3;
         }
         let shade_class = if shortcut { label } else { rng.below(4) as i64 };
         let shade = 0.3 + 0.2 * shade_class as f32;

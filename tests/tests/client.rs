@@ -276,7 +276,11 @@ fn an_expired_lease_is_explained_and_the_drawing_comes_back() {
     let image = leased_image(h.state()).unwrap();
     stroke(&mut h, 2, 6, 4);
     let drawn = h.state().marking().unwrap().layer.values().to_vec();
-    std::thread::sleep(Duration::from_millis(2_500));
+    // Past the lease's own deadline, then submit.
+    let deadline = h.state().marking().unwrap().lease.deadline_ms;
+    while mp_store::now_ms() <= deadline + 20 {
+        std::thread::sleep(Duration::from_millis(20));
+    }
     h.key_press(Key::Enter);
     h.step();
     wait_until(&mut h, "the expiry message", t, |app| {

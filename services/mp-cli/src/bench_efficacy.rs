@@ -40,9 +40,15 @@ pub struct EfficacyArgs {
     /// Numbers of marked training images
     #[arg(long, default_value = "10,20", value_delimiter = ',')]
     pub ks: Vec<usize>,
-    /// Saliency losses to compare (clip, squared, rrr)
-    #[arg(long, default_value = "rrr", value_delimiter = ',')]
+    /// Saliency losses to compare (clip, squared, rrr, rrr-jacobian)
+    #[arg(long, default_value = "rrr-jacobian", value_delimiter = ',')]
     pub losses: Vec<String>,
+    /// Confound-swap probability of the propagation rows (0 = none)
+    #[arg(long, default_value_t = 0.5)]
+    pub swap: f64,
+    /// Ablation rows at the first K: rrr vs rrr-jacobian, with and without the swap
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub ablation: bool,
     /// Propagation modes to run (off, union, prototype, segmenter); with two or more of
     /// union / prototype / segmenter, auto's rows follow from the mode it picks per seed
     #[arg(
@@ -62,7 +68,7 @@ pub struct EfficacyArgs {
     #[arg(long, value_delimiter = ',')]
     pub lambda: Vec<String>,
     /// λ candidates, each tried per loss, K and propagation mode on the validation split
-    #[arg(long, default_value = "0.1,1,10", value_delimiter = ',')]
+    #[arg(long, default_value = "0,0.01,0.1,1", value_delimiter = ',')]
     pub tune_lambdas: Vec<f64>,
     /// Marked images sampled per step
     #[arg(long, default_value_t = 16)]
@@ -95,6 +101,8 @@ struct Row {
     k: Option<usize>,
     mode: Option<Propagation>,
     lambda: Vec<f64>,
+    /// Confound-swap probability of the run (0 = none).
+    swap: f64,
     test: Vec<f64>,
     val: Vec<f64>,
     seconds: Vec<f64>,
@@ -109,6 +117,7 @@ impl Row {
             k,
             mode,
             lambda: vec![],
+            swap: 0.0,
             test: vec![],
             val: vec![],
             seconds: vec![],
@@ -379,7 +388,7 @@ pub fn run(args: EfficacyArgs) -> Result<()> {
     let mut rows: Vec<Row> = Vec::new();
     let mut tuning: Vec<String> = Vec::new();
     let mut baselines: Vec<Model> = Vec::new();
-    let n_main = losses.len() * args.ks.len() * modes.len();
+    let n_main = losses.len() * args.ks.len() * modes.len() + if args.ablation { 3 } else { 0 };
     let pb = bar(
         (args.seeds as usize * (2 + n_main) + n_main * args.tune_lambdas.len()) as u64,
         "efficacy",
@@ -410,69 +419,81 @@ pub fn run(args: EfficacyArgs) -> Result<()> {
     }
     rows.push(r);
 
-    for loss in &losses {
+    let run_config = |loss: SaliencyLoss,
+                      k: usize,
+                      mode: Propagation,
+                      swap: f64,
+                      method: String,
+                      tuning: &mut Vec<String>|
+     -> Result<Row> {
         let name = loss.name();
-        let fixed = fixed_lambda(&args, name)?;
-        for &k in &args.ks {
-            for &mode in &modes {
-                let guidance = |lambda: f64| GuidanceConfig {
-                    batch_size: args.guidance_batch,
-                    ..GuidanceConfig::new(*loss, lambda, mode)
-                };
-                let sugg = |seed: u64| learned(mode).and_then(|m| suggesters.get(&(k, seed, m)));
-                // λ on the choice split, seed 0; the chosen λ's run is seed 0's result.
-                let (lambda, seed0) = match fixed {
-                    Some(l) => (l, None),
-                    None => {
-                        let mut best: Option<(f64, RunResult)> = None;
-                        for &l in &args.tune_lambdas {
-                            let (_, res) = runner.run(
-                                &splits.train,
-                                &splits.test,
-                                0,
-                                k,
-                                Some(guidance(l)),
-                                sugg(0),
-                            )?;
-                            tuning.push(format!(
-                                "| {name} | {k} | {mode} | {l} | {:.2} |",
-                                100.0 * res.val
-                            ));
-                            if best.is_none_or(|(_, b)| res.val > b.val) {
-                                best = Some((l, res));
-                            }
-                            pb.inc(1);
-                        }
-                        let (l, res) = best.context("--tune-lambdas is empty")?;
-                        (l, Some(res))
+        let guidance = |lambda: f64| GuidanceConfig {
+            batch_size: args.guidance_batch,
+            swap,
+            ..GuidanceConfig::new(loss, lambda, mode)
+        };
+        let sugg = |seed: u64| learned(mode).and_then(|m| suggesters.get(&(k, seed, m)));
+        // λ on the choice split, seed 0; the chosen λ's run is seed 0's result.
+        let (lambda, seed0) = match fixed_lambda(&args, name)? {
+            Some(l) => (l, None),
+            None => {
+                let mut best: Option<(f64, RunResult)> = None;
+                // λ = 0 without the swap is no guidance at all, not a configuration of it.
+                for &l in args.tune_lambdas.iter().filter(|&&l| l > 0.0 || swap > 0.0) {
+                    let (_, res) = runner.run(
+                        &splits.train,
+                        &splits.test,
+                        0,
+                        k,
+                        Some(guidance(l)),
+                        sugg(0),
+                    )?;
+                    tuning.push(format!(
+                        "| {name} | {k} | {mode} | {swap} | {l} | {:.2} |",
+                        100.0 * res.val
+                    ));
+                    if best.is_none_or(|(_, b)| res.val > b.val) {
+                        best = Some((l, res));
                     }
-                };
-                let method = match mode {
-                    Propagation::Off => "own marks only".to_string(),
-                    m => format!("own marks + {m} propagation"),
-                };
-                let mut r = Row::new(&method, name, Some(k), Some(mode));
-                for seed in 0..args.seeds {
-                    let res = match (seed, seed0) {
-                        (0, Some(res)) => res,
-                        _ => {
-                            runner
-                                .run(
-                                    &splits.train,
-                                    &splits.test,
-                                    seed,
-                                    k,
-                                    Some(guidance(lambda)),
-                                    sugg(seed),
-                                )?
-                                .1
-                        }
-                    };
-                    r.lambda.push(lambda);
-                    r.push(&res);
                     pb.inc(1);
                 }
-                rows.push(r);
+                let (l, res) = best.context("--tune-lambdas is empty")?;
+                (l, Some(res))
+            }
+        };
+        let mut r = Row::new(&method, name, Some(k), Some(mode));
+        r.swap = swap;
+        for seed in 0..args.seeds {
+            let res = match (seed, seed0) {
+                (0, Some(res)) => res,
+                _ => {
+                    runner
+                        .run(
+                            &splits.train,
+                            &splits.test,
+                            seed,
+                            k,
+                            Some(guidance(lambda)),
+                            sugg(seed),
+                        )?
+                        .1
+                }
+            };
+            r.lambda.push(lambda);
+            r.push(&res);
+            pb.inc(1);
+        }
+        Ok(r)
+    };
+    for loss in &losses {
+        let name = loss.name();
+        for &k in &args.ks {
+            for &mode in &modes {
+                let (method, swap) = match mode {
+                    Propagation::Off => ("own marks only".to_string(), 0.0),
+                    m => (format!("own marks + {m} propagation"), args.swap),
+                };
+                rows.push(run_config(*loss, k, mode, swap, method, &mut tuning)?);
             }
             // Auto: per seed, the run of the mode the cross-validated fit picked.
             if let Some(p) = picks.get(&k) {
@@ -482,6 +503,7 @@ pub fn run(args: EfficacyArgs) -> Result<()> {
                     Some(k),
                     Some(Propagation::Auto),
                 );
+                r.swap = args.swap;
                 for (seed, m) in p.iter().enumerate() {
                     let src = rows
                         .iter()
@@ -501,6 +523,38 @@ pub fn run(args: EfficacyArgs) -> Result<()> {
                 counts.sort();
                 r.note = format!("picked {}", counts.join(", "));
                 rows.push(r);
+            }
+        }
+    }
+    // Ablation at the first K with the mode auto picked most: which part of the guidance
+    // does the work — the loss (rrr's sum of log-probabilities vs the whole Jacobian) and the
+    // confound swap.
+    if args.ablation {
+        let k = args.ks[0];
+        let picked = picks.get(&k).and_then(|p| {
+            learned_modes
+                .iter()
+                .copied()
+                .max_by_key(|m| p.iter().filter(|x| *x == m).count())
+        });
+        if let Some(m) = picked.or(learned_modes.first().copied()) {
+            let mode = mode_of(m);
+            for (loss, swap) in [
+                (SaliencyLoss::Rrr, 0.0),
+                (SaliencyLoss::Rrr, args.swap),
+                (SaliencyLoss::RrrJacobian, 0.0),
+                (SaliencyLoss::RrrJacobian, args.swap),
+            ] {
+                let done = rows.iter().any(|r| {
+                    r.loss == loss.name()
+                        && r.k == Some(k)
+                        && r.mode == Some(mode)
+                        && r.swap == swap
+                });
+                if !done {
+                    let method = format!("ablation: own marks + {mode} propagation");
+                    rows.push(run_config(loss, k, mode, swap, method, &mut tuning)?);
+                }
             }
         }
     }
@@ -625,14 +679,19 @@ fn render(
         args.tune_lambdas.iter().map(|l| l.to_string()).collect::<Vec<_>>().join(", "),
         splits.notes.iter().map(|n| format!(" {n}.")).collect::<String>(),
     ));
-    s.push_str("| method | loss | K marked | λ | val acc % | test acc % | s per run | note |\n|---|---|---|---|---|---|---|---|\n");
+    s.push_str("| method | loss | swap | K marked | λ | val acc % | test acc % | s per run | note |\n|---|---|---|---|---|---|---|---|---|\n");
     for r in rows {
         let mut lambdas = r.lambda.clone();
         lambdas.dedup();
         s.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {} | {:.0} | {} |\n",
+            "| {} | {} | {} | {} | {} | {} | {} | {:.0} | {} |\n",
             r.method,
             r.loss,
+            if r.mode.is_some() {
+                r.swap.to_string()
+            } else {
+                "-".into()
+            },
             r.k.map(|k| k.to_string()).unwrap_or_else(|| "-".into()),
             if lambdas.is_empty() {
                 "-".into()
@@ -673,7 +732,7 @@ fn render(
     s.push_str(&verdict(rows));
     if !tuning.is_empty() {
         s.push_str(&format!(
-            "\n<details><summary>λ on the choice split (seed 0)</summary>\n\n| loss | K | propagation | λ | val acc % |\n|---|---|---|---|---|\n{}\n\n</details>\n",
+            "\n<details><summary>λ on the choice split (seed 0)</summary>\n\n| loss | K | propagation | swap | λ | val acc % |\n|---|---|---|---|---|---|\n{}\n\n</details>\n",
             tuning.join("\n")
         ));
     }
@@ -733,7 +792,10 @@ fn plot(name: &str, path: &std::path::Path, rows: &[Row], ks: &[usize]) -> Resul
         });
     }
     let mut keys: Vec<(String, Option<Propagation>)> = Vec::new();
-    for r in rows.iter().filter(|r| r.mode.is_some()) {
+    for r in rows
+        .iter()
+        .filter(|r| r.mode.is_some() && !r.method.starts_with("ablation"))
+    {
         if !keys.contains(&(r.loss.clone(), r.mode)) {
             keys.push((r.loss.clone(), r.mode));
         }
@@ -741,7 +803,7 @@ fn plot(name: &str, path: &std::path::Path, rows: &[Row], ks: &[usize]) -> Resul
     for (loss, mode) in keys {
         let mut pts: Vec<(f64, f64, f64)> = rows
             .iter()
-            .filter(|r| r.loss == loss && r.mode == mode)
+            .filter(|r| r.loss == loss && r.mode == mode && !r.method.starts_with("ablation"))
             .map(|r| {
                 let (m, sd) = mean_sd(&r.test);
                 (r.k.unwrap_or(0) as f64, 100.0 * m, 100.0 * sd)

@@ -431,7 +431,7 @@ fn render(
          redis-server, gateway, trainer and {} workers as separate processes on this machine; {} simulated experts lease through the gRPC API, \
          answer with the dataset's ground-truth marks (red on the shortcut, green on the digit){}, wait for each proposal and commit it. \
          A round ends after {} committed marks; the trainer then fine-tunes the current model for {} epochs with CE + persistent guidance \
-         (rrr, λ = 1, propagation auto: the suggester with the best cross-validated fit on the committed marks) and publishes the next version. \
+         (rrr-jacobian, λ = 0.1, confound swap 0.5, propagation auto: the suggester with the best cross-validated fit on the committed marks) and publishes the next version. \
          Every run starts from the same base model (trained on the training split, shortcut included) in a fresh Redis; base model and data {:.0} s.\n\n",
         std::env::args().skip(3).collect::<Vec<_>>().join(" "),
         today(),

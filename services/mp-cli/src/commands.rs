@@ -178,6 +178,9 @@ pub struct GuidanceArgs {
     /// segmenter, or auto (the best cross-validated fit)
     #[arg(long, default_value = "off")]
     pub propagation: String,
+    /// Probability that an image of a propagated batch trades its red region with another's
+    #[arg(long, default_value_t = 0.0)]
+    pub swap: f64,
 }
 
 impl GuidanceArgs {
@@ -209,6 +212,7 @@ impl GuidanceArgs {
             batch_size: self.guidance_batch,
             propagation: self.propagation.parse()?,
             suggest: Default::default(),
+            swap: self.swap,
         })
     }
 }

@@ -2,6 +2,7 @@
 
 mod bench_efficacy;
 mod bench_platform;
+mod bench_proposals;
 mod bench_queue;
 mod bench_speed;
 mod commands;
@@ -71,8 +72,11 @@ enum BenchCmd {
     Speed(bench_speed::SpeedArgs),
     /// Lease -> submit round trip and leases per second with concurrent simulated experts
     Queue(bench_queue::QueueArgs),
-    /// The whole loop on Decoy-MNIST: accuracy vs committed marks, wall-clock, worker throughput
+    /// The whole loop (Decoy-MNIST or --data): accuracy vs committed marks per queue ordering,
+    /// expert effort, worker throughput
     Platform(bench_platform::PlatformArgs),
+    /// Refinement proposals per marked image: iterations, attention moved, earlier vs current defaults
+    Proposals(bench_proposals::ProposalsArgs),
 }
 
 fn main() {
@@ -99,6 +103,7 @@ fn main() {
         Command::Bench(BenchCmd::Speed(a)) => bench_speed::run(a),
         Command::Bench(BenchCmd::Queue(a)) => bench_queue::run(a),
         Command::Bench(BenchCmd::Platform(a)) => bench_platform::run(a),
+        Command::Bench(BenchCmd::Proposals(a)) => bench_proposals::run(a),
         Command::Gateway(a) => platform::gateway(a),
         Command::Project(platform::ProjectCmd::Init(a)) => {
             platform::project_init(a).map(|t| println!("admin token: {t}"))

@@ -134,11 +134,14 @@ pub struct TrainerArgs {
     /// Seconds after which a round with at least one commit ends (0 = none)
     #[arg(long, default_value_t = 0)]
     pub round_seconds: u64,
-    /// Saliency loss of persistent guidance
-    #[arg(long, default_value = "rrr")]
+    /// Saliency loss of persistent guidance (clip, squared, rrr, rrr-jacobian)
+    #[arg(long, default_value = "rrr-jacobian")]
     pub loss: String,
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 0.1)]
     pub lambda: f64,
+    /// Probability that an image of a propagated batch trades its confound with another's
+    #[arg(long, default_value_t = 0.5)]
+    pub swap: f64,
     /// How committed marks reach unmarked images: off, union, prototype, segmenter, or auto
     /// (the mode with the best cross-validated fit on the marks)
     #[arg(long, default_value = "auto")]
@@ -165,6 +168,7 @@ pub fn trainer(a: TrainerArgs) -> Result<()> {
     cfg.guidance.loss = a.loss.parse()?;
     cfg.guidance.lambda = a.lambda;
     cfg.guidance.propagation = a.propagation.parse()?;
+    cfg.guidance.swap = a.swap;
     actix_main(move |stop| mp_node::trainer::run(cfg, stop))
 }
 

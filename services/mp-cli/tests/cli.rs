@@ -186,6 +186,153 @@ fn data_train_eval_saliency_refine_round_trip() {
 }
 
 #[test]
+fn moving_shortcut_data_suggestions_and_the_efficacy_benchmark_end_to_end() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    fake_mnist(t);
+    let mnist = t.join("package");
+    let data = t.join("moving-sticker");
+    let d = data.to_str().unwrap();
+    let out = ok(&[
+        "data",
+        "moving-sticker",
+        "--out",
+        d,
+        "--mnist",
+        mnist.to_str().unwrap(),
+        "--n-train",
+        "300",
+        "--n-val",
+        "100",
+        "--n-test",
+        "100",
+    ]);
+    assert!(
+        out.contains("300 train") && out.contains("clean twins"),
+        "{out}"
+    );
+    for split in [
+        "clean/train",
+        "clean/val",
+        "clean/test",
+        "train",
+        "val",
+        "test",
+    ] {
+        assert!(
+            data.join(split).join("3").read_dir().unwrap().count() > 0,
+            "{split}"
+        );
+    }
+    let png = image::open(
+        data.join("train/3")
+            .read_dir()
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap()
+            .path(),
+    )
+    .unwrap();
+    assert_eq!(
+        (png.width(), png.height(), png.color().channel_count()),
+        (36, 36, 3)
+    );
+    // The clean twin trains and scores on the clean test split.
+    let model = t.join("clean.safetensors");
+    ok(&[
+        "train",
+        "--data",
+        d,
+        "--clean",
+        "--epochs",
+        "1",
+        "--out",
+        model.to_str().unwrap(),
+    ]);
+    let out = ok(&[
+        "eval",
+        "--data",
+        d,
+        "--model",
+        model.to_str().unwrap(),
+        "--split",
+        "clean-test",
+    ]);
+    assert!(out.contains("clean-test (100 images)"), "{out}");
+    // Suggestions from 8 marks: every mode is cross-validated and the sticker is found.
+    let pic = t.join("s.png");
+    let out = ok(&[
+        "suggest",
+        "--data",
+        d,
+        "--marks",
+        "8",
+        "--out",
+        pic.to_str().unwrap(),
+    ]);
+    for m in ["union", "prototype", "segmenter"] {
+        assert!(out.contains(&format!("  {m}")), "{out}");
+    }
+    let iou: f64 = out
+        .split("red IoU with their ground truth ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!(iou > 0.5, "a coloured sticker is easy to find: {out}");
+    assert!(image::open(&pic).is_ok());
+    // The efficacy benchmark on it, smallest settings: every row and the verdict are written.
+    let md = t.join("B.md");
+    let out = ok(&[
+        "bench",
+        "efficacy",
+        "--data",
+        d,
+        "--seeds",
+        "1",
+        "--ks",
+        "6",
+        "--epochs",
+        "1",
+        "--propagation",
+        "off,union,segmenter",
+        "--tune-lambdas",
+        "0.1",
+        "--thesis-k",
+        "2",
+        "--thesis-iterations",
+        "3",
+        "--check-images",
+        "50",
+        "--out",
+        md.to_str().unwrap(),
+        "--plot",
+        t.join("e.png").to_str().unwrap(),
+    ]);
+    let text = std::fs::read_to_string(&md).unwrap();
+    assert!(
+        text.contains("<!-- efficacy-moving-sticker:start -->"),
+        "{text}"
+    );
+    for row in [
+        "clean-trained (scored on the clean test)",
+        "unguided (K = 0)",
+        "own marks only",
+        "own marks + union propagation",
+        "own marks + segmenter propagation",
+        "own marks + auto propagation",
+        "ablation: own marks +",
+        "thesis refinement loop",
+        "| 6 | segmenter |",
+        "within 2 points",
+    ] {
+        assert!(text.contains(row), "missing {row:?} in {out}");
+    }
+    assert!(image::open(t.join("e.png")).is_ok());
+}
+
+#[test]
 fn every_subcommand_has_help() {
     for args in [
         vec!["--help"],
@@ -197,6 +344,11 @@ fn every_subcommand_has_help() {
         vec!["bench", "efficacy", "--help"],
         vec!["bench", "speed", "--help"],
         vec!["bench", "queue", "--help"],
+        vec!["bench", "platform", "--help"],
+        vec!["bench", "proposals", "--help"],
+        vec!["data", "moving-sticker", "--help"],
+        vec!["data", "moving-shapes", "--help"],
+        vec!["suggest", "--help"],
     ] {
         let out = ok(&args);
         assert!(out.contains("Usage"), "{args:?}: {out}");

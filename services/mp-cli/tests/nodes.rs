@@ -123,8 +123,9 @@ async fn a_worker_killed_mid_refinement_does_not_lose_the_proposal() {
     let mut a = spawn(&worker_args("doomed"), &dir.path().join("a.log"));
     let c = mp_e2e::expert(&addr, &admin, "ann").await;
     let pid = mark_one(&c, "k1").await;
+    // "running" is written before the refinement starts, and the refinement runs its whole
+    // 4 s budget: a kill now lands mid-refinement (checked below: still "running").
     wait_status(&store, &pid, &["running"], Duration::from_secs(30)).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
     a.0.kill().unwrap(); // SIGKILL mid-refinement
     a.0.wait().unwrap();
     assert_eq!(store.proposal(&pid).await.unwrap().status, "running");
@@ -348,4 +349,251 @@ fn up_starts_everything_prints_address_and_token_and_stops_cleanly() {
             "port {port} still open"
         );
     }
+}
+
+/// Learned propagation through the real processes: after a few committed marks on data whose
+/// shortcut moves, the trainer's training phase reports the propagation mode it chose, the
+/// workers write suggested marks, the image view carries them, and a simulated expert who
+/// accepts them submits exactly the suggestion.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn suggested_marks_reach_the_image_view_and_can_be_accepted() {
+    use mp_api::sim::{self, MarkSource, Outcome, SimConfig};
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let ds = mp_e2e::shortcut_dataset(160, true, 5);
+    mp_core::data::folder::write_split(&data, "train", &ds, true).unwrap();
+    let held = mp_e2e::shortcut_dataset(60, false, 6);
+    mp_core::data::folder::write_split(&data, "val", &held, false).unwrap();
+    let redis = RedisServer::start_free(&dir.path().join("redis")).unwrap();
+    let ck = dir.path().join("ck");
+    let (url, ckp) = (redis.url(), ck.to_str().unwrap().to_string());
+    let init = Command::new(env!("CARGO_BIN_EXE_mp"))
+        .args([
+            "project",
+            "init",
+            "--redis-url",
+            &url,
+            "--checkpoints",
+            &ckp,
+        ])
+        .args(["--epochs", "2", "--data"])
+        .arg(&data)
+        .env("MP_THREADS", "1")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&init.stdout).to_string();
+    assert!(
+        init.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&init.stderr)
+    );
+    let admin = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("admin token: "))
+        .unwrap()
+        .trim()
+        .to_string();
+    let store = Store::connect(&url, "mp").await.unwrap();
+    let gw = gateway(&url, &ck).await;
+    let _w = spawn(
+        &["worker", "--redis-url", &url, "--checkpoints", &ckp],
+        &dir.path().join("w.log"),
+    );
+    let _t = spawn(
+        &[
+            "trainer",
+            "--redis-url",
+            &url,
+            "--checkpoints",
+            &ckp,
+            "--round-marks",
+            "6",
+            "--epochs-per-round",
+            "1",
+            "--rescore-every",
+            "3",
+        ],
+        &dir.path().join("t.log"),
+    );
+    let experts = |n: usize, tag: &'static str| {
+        let (addr, admin) = (gw.addr.clone(), admin.clone());
+        async move {
+            let mut v = Vec::new();
+            for k in 0..n {
+                v.push(mp_e2e::expert(&addr, &admin, &format!("{tag}{k}")).await);
+            }
+            v
+        }
+    };
+    // Round 1: six ground-truth marks, committed.
+    let r = sim::run(
+        experts(2, "a").await,
+        SimConfig {
+            experts: 2,
+            leases: 6,
+            marks: MarkSource::Folder(data.clone()),
+            commit: true,
+            reject_below: 1.0,
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(r.count(Outcome::Submitted), 6, "{:?}", r.errors);
+    // The training phase names the propagation mode it chose and how each mode fitted.
+    let start = Instant::now();
+    let trained = loop {
+        let v = store.versions().await.unwrap();
+        if let Some(t) = v.iter().find(|x| x.reason.starts_with("guided training")) {
+            break t.clone();
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "no training phase"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(
+        trained.val_loss.is_finite() && trained.val_accuracy > 0.0,
+        "{trained:?}"
+    );
+    assert!(
+        trained.reason.contains("propagation")
+            && trained.reason.contains("cross-validated red IoU")
+            && trained.reason.contains("segmenter"),
+        "{}",
+        trained.reason
+    );
+    // The next round's scoring writes a suggestion for the unmarked images.
+    let marked: Vec<String> = store
+        .guidance_marks()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|m| m.image_id)
+        .collect();
+    let unmarked: Vec<String> = store
+        .image_ids()
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|i| !marked.contains(i))
+        .collect();
+    let start = Instant::now();
+    let (image, s) = loop {
+        if store.serving_version().await.unwrap() == trained.version {
+            if let Some(s) = store
+                .suggestion(trained.version, &unmarked[0])
+                .await
+                .unwrap()
+            {
+                break (unmarked[0].clone(), s);
+            }
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "no suggestion written"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(s.marks, 6);
+    assert!(["union", "prototype", "segmenter"].contains(&s.mode.as_str()));
+    // Through the API, as the client sees it.
+    let c = mp_e2e::expert(&gw.addr, &admin, "viewer").await;
+    let view = c
+        .images
+        .clone()
+        .get_image(pb::GetImageRequest {
+            image_id: image,
+            model_version: trained.version,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let sug = view.suggestion.expect("the view carries the suggestion");
+    let mask = rle::decode(sug.mask.as_ref().unwrap()).unwrap();
+    let side = mp_e2e::SIDE * mp_e2e::SIDE;
+    assert_eq!((mask.len(), sug.confidence.len()), (side, side));
+    for (m, c) in mask.iter().zip(&sug.confidence) {
+        assert_eq!(*m == 0, *c == 0, "confidence only where suggested");
+    }
+    // Wait for the new version's scoring to be through.
+    let start = Instant::now();
+    for id in &unmarked {
+        while store
+            .suggestion(trained.version, id)
+            .await
+            .unwrap()
+            .is_none()
+        {
+            assert!(
+                start.elapsed() < Duration::from_secs(120),
+                "{id} never scored"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    // The suggestions find the moving patch in most images the experts never marked.
+    let truth: std::collections::HashMap<String, Vec<i8>> = (0..ds.len())
+        .map(|i| {
+            (
+                format!("{}/{}", ds.classes[ds.labels[i] as usize], ds.names[i]),
+                ds.marks[i].clone().unwrap().values,
+            )
+        })
+        .collect();
+    let mut found = 0;
+    for id in &unmarked {
+        let s = store
+            .suggestion(trained.version, id)
+            .await
+            .unwrap()
+            .unwrap();
+        if mp_api::sim::red_iou(&s.values, &truth[id]) >= 0.3 {
+            found += 1;
+        }
+    }
+    assert!(
+        found * 10 >= unmarked.len() * 6,
+        "the patch found in {found} of {} images ({}; {})",
+        unmarked.len(),
+        s.mode,
+        trained.reason
+    );
+    // An expert who accepts every suggestion submits it unchanged and paints nothing; where
+    // the suggester found nothing, they paint.
+    let r = sim::run(
+        experts(1, "b").await,
+        SimConfig {
+            experts: 1,
+            leases: 8,
+            marks: MarkSource::Folder(data.clone()),
+            accept: 1.0,
+            accept_min_iou: 0.0,
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(r.count(Outcome::Submitted), 8, "{:?}", r.errors);
+    let mut accepted = 0;
+    for e in &r.events {
+        let mark = store.mark(e.mark_id.as_ref().unwrap()).await.unwrap();
+        if !e.suggested {
+            assert!(e.painted > 0 && e.accepted == 0, "{e:?}");
+            continue;
+        }
+        accepted += 1;
+        assert!(e.accepted > 0 && e.painted == 0, "{e:?}");
+        let stored = store
+            .suggestion(trained.version, &e.image_id)
+            .await
+            .unwrap()
+            .unwrap();
+        let signs: Vec<i8> = stored.values.iter().map(|v| v.signum()).collect();
+        assert_eq!(mark.values, signs, "the submitted mark is the suggestion");
+    }
+    assert!(
+        accepted > 0,
+        "no leased image had a suggestion: {:?}",
+        r.events
+    );
 }

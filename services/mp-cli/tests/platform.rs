@@ -395,7 +395,10 @@ async fn every_bad_request_gets_a_clear_status_and_health_follows_redis() {
         .into_inner()
         .lease
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(700)).await;
+    // Past the lease's own deadline (server time, same machine).
+    while mp_store::now_ms() <= l2.deadline_ms + 20 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let (c, m) = code(
         bob.queue
             .heartbeat(pb::HeartbeatRequest {
@@ -588,8 +591,9 @@ enum Victim {
     Redis,
 }
 
-/// 8 experts take 2,500 leases against a gateway process; 0.7 s in, the victim is killed
-/// with SIGKILL and restarted half a second later. Afterwards every acknowledged submit is
+/// 8 experts take 2,500 leases against a gateway process; once 200 marks are stored (and
+/// while the experts are still at work) the victim is killed with SIGKILL and restarted half
+/// a second later. Afterwards every acknowledged submit is
 /// stored exactly once and no image was ever held twice.
 async fn kill_mid_run(victim: Victim) {
     let dir = tempfile::tempdir().unwrap();
@@ -612,8 +616,20 @@ async fn kill_mid_run(victim: Victim) {
         ..Default::default()
     };
     let run = tokio::spawn(sim::run(clients, cfg));
-    tokio::time::sleep(Duration::from_millis(700)).await;
-    let before = store.mark_ids().await.unwrap().len();
+    // Wait for the event, not for a time: 200 stored marks.
+    let start = Instant::now();
+    let before = loop {
+        let n = store.mark_ids().await.unwrap().len();
+        if n >= 200 {
+            break n;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "only {n} marks after a minute"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert!(!run.is_finished(), "the kill must land mid-run");
     match victim {
         Victim::Gateway => {
             child.kill().unwrap(); // SIGKILL

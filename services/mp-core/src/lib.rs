@@ -13,6 +13,8 @@
 //! - [`suggest`]: learned mark propagation — suggested red / green masks with a confidence
 //!   per pixel (union, colour/texture prototypes, a few-shot segmenter), the mode chosen by
 //!   cross-validated fit.
+//! - [`counterfactual`]: the confound swap — marked (or suggested) red regions traded between
+//!   the images of a batch, so a shortcut comes with a random label.
 //! - [`train`]: CE and guided training (persistent guidance, mark propagation), evaluation.
 //!
 //! What this crate deliberately does not do: no network IO, no protobuf, no async, no
@@ -21,6 +23,7 @@
 //! (image, label, marks); the services convert their wire types at the edge.
 
 pub mod align;
+pub mod counterfactual;
 pub mod data;
 pub mod error;
 pub mod loss;

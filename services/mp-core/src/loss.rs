@@ -17,15 +17,22 @@ pub enum SaliencyLoss {
     /// Ross et al. 2017: Σ (R ⊙ ∂(Σ_k log p_k)/∂x)², R the red mask; per image, mean over
     /// the batch. Green marks are ignored.
     Rrr,
+    /// `rrr` on the whole Jacobian of the log-probabilities, estimated with one random
+    /// projection per step (Hutchinson): Σ (R ⊙ ∂(Σ_k v_k log p_k)/∂x)², v ~ N(0, I). The sum
+    /// of log-probabilities leaves every direction orthogonal to it free, so a model can keep
+    /// using a red region by shifting probability between classes that sum does not see;
+    /// this penalises all of them, at the cost of `rrr`.
+    RrrJacobian,
 }
 
 impl SaliencyLoss {
-    pub const NAMES: [&'static str; 3] = ["clip", "squared", "rrr"];
+    pub const NAMES: [&'static str; 4] = ["clip", "squared", "rrr", "rrr-jacobian"];
 
     /// The scalar whose input gradient this loss constrains.
     pub fn target(&self) -> Target {
         match self {
             SaliencyLoss::Rrr => Target::SumLogProbs,
+            SaliencyLoss::RrrJacobian => Target::ProjectedLogProbs,
             _ => Target::CrossEntropy,
         }
     }
@@ -35,6 +42,7 @@ impl SaliencyLoss {
             SaliencyLoss::Clip { .. } => "clip",
             SaliencyLoss::Squared => "squared",
             SaliencyLoss::Rrr => "rrr",
+            SaliencyLoss::RrrJacobian => "rrr-jacobian",
         }
     }
 
@@ -58,7 +66,7 @@ impl SaliencyLoss {
                 let green_term = mean_over(&green, (g2 + 1.0).reciprocal());
                 red_term + green_term
             }
-            SaliencyLoss::Rrr => {
+            SaliencyLoss::Rrr | SaliencyLoss::RrrJacobian => {
                 let red = marks.clamp_min(0.0);
                 (g.square() * red).sum(Kind::Float) / n
             }
@@ -73,8 +81,9 @@ impl std::str::FromStr for SaliencyLoss {
             "clip" => Ok(SaliencyLoss::Clip { max: 0.5 }),
             "squared" => Ok(SaliencyLoss::Squared),
             "rrr" => Ok(SaliencyLoss::Rrr),
+            "rrr-jacobian" => Ok(SaliencyLoss::RrrJacobian),
             _ => Err(CoreError::invalid(format!(
-                "unknown saliency loss {s:?} (clip, squared, rrr)"
+                "unknown saliency loss {s:?} (clip, squared, rrr, rrr-jacobian)"
             ))),
         }
     }

@@ -14,6 +14,11 @@ pub enum Target {
     LogProb,
     /// Σ_n Σ_k log p_k(x_n): the "right reasons" gradient of Ross et al. 2017.
     SumLogProbs,
+    /// Σ_n Σ_k v_nk log p_k(x_n) with a fresh standard normal v at every call: its input
+    /// gradient squared is, in expectation, the squared Frobenius norm of the Jacobian of all
+    /// log-probabilities — every direction in which the input moves the prediction, not only
+    /// the one the sum of log-probabilities sees.
+    ProjectedLogProbs,
 }
 
 /// How a displayed saliency map is computed.
@@ -94,6 +99,10 @@ pub fn target_score(logits: &Tensor, y: &Tensor, target: Target) -> Tensor {
             .gather(1, &y.unsqueeze(1), false)
             .sum(Kind::Float),
         Target::SumLogProbs => logits.log_softmax(-1, Kind::Float).sum(Kind::Float),
+        Target::ProjectedLogProbs => {
+            let v = tch::no_grad(|| logits.randn_like());
+            (logits.log_softmax(-1, Kind::Float) * v).sum(Kind::Float)
+        }
     }
 }
 
@@ -257,6 +266,47 @@ mod tests {
         let _ = nan.get(0).get(0).get(0).get(0).fill_(f64::NAN);
         let e = saliency_maps(&m, &nan, &y, Method::Gradient).unwrap_err();
         assert!(e.to_string().contains("NaN"), "{e}");
+    }
+
+    #[test]
+    fn projected_log_probs_estimate_the_whole_jacobian() {
+        // E over v of |∂(Σ_k v_k log p_k)/∂x|² = Σ_k |∂ log p_k/∂x|² (Hutchinson).
+        let m = tiny();
+        tch::manual_seed(9);
+        let x = Tensor::rand([1, 1, 8, 8], (Kind::Float, Device::Cpu));
+        let y = Tensor::from_slice(&[0i64]);
+        let grad_of = |f: &dyn Fn(&Tensor) -> Tensor| {
+            let xg = x.detach().set_requires_grad(true);
+            let logits = m.forward_t(&xg, false);
+            let s = f(&logits);
+            Tensor::run_backward(&[&s], &[&xg], false, false).remove(0)
+        };
+        let frobenius: f64 = (0..3)
+            .map(|k| {
+                let g = grad_of(&|l: &Tensor| l.log_softmax(-1, Kind::Float).get(0).get(k));
+                g.square().sum(Kind::Float).double_value(&[])
+            })
+            .sum();
+        let draws = 4000;
+        let mean: f64 = (0..draws)
+            .map(|_| {
+                let (_, g) = forward_with_input_gradient(
+                    &m,
+                    &x,
+                    &y,
+                    Target::ProjectedLogProbs,
+                    false,
+                    false,
+                )
+                .unwrap();
+                g.square().sum(Kind::Float).double_value(&[])
+            })
+            .sum::<f64>()
+            / draws as f64;
+        assert!(
+            (mean / frobenius - 1.0).abs() < 0.1,
+            "estimate {mean} vs Frobenius norm² {frobenius}"
+        );
     }
 
     #[test]

@@ -42,6 +42,10 @@ pub struct GuidanceConfig {
     pub propagation: Propagation,
     #[serde(default)]
     pub suggest: SuggestConfig,
+    /// Probability that an image of a propagated batch trades its red region (own mark or
+    /// suggestion) with another image's ([`crate::counterfactual`]); 0 = off.
+    #[serde(default)]
+    pub swap: f64,
 }
 
 impl GuidanceConfig {
@@ -52,6 +56,7 @@ impl GuidanceConfig {
             batch_size: 16,
             propagation,
             suggest: SuggestConfig::default(),
+            swap: 0.0,
         }
     }
 }
@@ -183,6 +188,31 @@ pub fn train(
     Ok(out)
 }
 
+/// The batch with its confounds swapped ([`crate::counterfactual::swap_confounds`]).
+fn swapped(x: &Tensor, marks: &Tensor, p: f64, rng: &mut Rng) -> Result<(Tensor, Tensor)> {
+    let size = x.size();
+    let (n, c, h, w) = (size[0], size[1], size[2], size[3]);
+    let device = x.device();
+    let mut xv = Vec::<f32>::try_from(&x.to_device(tch::Device::Cpu).contiguous().flatten(0, -1))?;
+    let mut mv = Vec::<f32>::try_from(
+        &marks
+            .to_device(tch::Device::Cpu)
+            .contiguous()
+            .flatten(0, -1),
+    )?;
+    crate::counterfactual::swap_confounds(
+        &mut xv, &mut mv, n as usize, c as usize, h as usize, w as usize, p, rng,
+    );
+    Ok((
+        Tensor::from_slice(&xv)
+            .reshape([n, c, h, w])
+            .to_device(device),
+        Tensor::from_slice(&mv)
+            .reshape([n, 1, h, w])
+            .to_device(device),
+    ))
+}
+
 /// `guidance.batch_size` indices drawn with replacement from the guidance set.
 pub fn sample_guidance(rng: &mut Rng, guidance_set: &[usize], n: usize) -> Vec<usize> {
     if guidance_set.is_empty() {
@@ -249,6 +279,11 @@ pub fn train_with(
                     let mut total;
                     if let Some(sg) = suggester {
                         let marks = batch_marks(ds, chunk, &marked, &x, Some(sg))?;
+                        let (x, marks) = if g.swap > 0.0 {
+                            swapped(&x, &marks, g.swap, &mut rng)?
+                        } else {
+                            (x.shallow_clone(), marks)
+                        };
                         let out = guided_forward(model, g.loss, &x, &y, &marks, true)?;
                         total = &out.ce + &out.saliency * g.lambda;
                     } else {

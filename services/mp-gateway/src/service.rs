@@ -404,12 +404,15 @@ impl pb::image_service_server::ImageService for Gateway {
                 body.model_version
             };
             let view = self.model_view(version, image.clone()).await?;
-            let suggestion = self
-                .store()?
-                .suggestion(version, &image.id)
-                .await
-                .map_err(status)?
-                .and_then(|s| suggestion_to_pb(&s, image.width, image.height));
+            // A suggestion is an extra: a damaged one is logged and left out, not an error.
+            let suggestion = match self.store()?.suggestion(version, &image.id).await {
+                Ok(s) => s.and_then(|s| suggestion_to_pb(&s, image.width, image.height)),
+                Err(mp_store::StoreError::Corrupt(e)) => {
+                    tracing::warn!(image = %image.id, version, error = %e, "unreadable suggestion ignored");
+                    None
+                }
+                Err(e) => return Err(status(e)),
+            };
             let prediction = view
                 .probabilities
                 .iter()

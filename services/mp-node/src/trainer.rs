@@ -167,11 +167,16 @@ impl Default for TrainerConfig {
                 epochs: 2,
                 ..Default::default()
             },
-            guidance: GuidanceConfig::new(
-                mp_core::loss::SaliencyLoss::Rrr,
-                1.0,
-                mp_core::suggest::Propagation::Auto,
-            ),
+            // Measured in BENCHMARKS.md ("Efficacy"): rrr on the whole Jacobian, λ = 0.1, and
+            // the confound swap on half the images carried the moving shortcuts furthest.
+            guidance: GuidanceConfig {
+                swap: 0.5,
+                ..GuidanceConfig::new(
+                    mp_core::loss::SaliencyLoss::RrrJacobian,
+                    0.1,
+                    mp_core::suggest::Propagation::Auto,
+                )
+            },
             refine: RefineConfig::default(),
             rescore_every: 3,
             device: Device::cuda_if_available(),

@@ -171,11 +171,21 @@ pub struct ModelVersionRecord {
     pub parent: u64,
     pub created_ms: u64,
     pub reason: String,
+    /// NaN (stored as JSON null) when the model's outputs were not finite.
+    #[serde(deserialize_with = "nan_if_null")]
     pub val_accuracy: f64,
+    #[serde(deserialize_with = "nan_if_null")]
     pub val_loss: f64,
+    /// NaN for a project without a test split (stored as JSON null).
+    #[serde(deserialize_with = "nan_if_null")]
     pub test_accuracy: f64,
     /// Checkpoint file name inside the shared checkpoint directory.
     pub file: String,
+}
+
+/// JSON has no NaN: serde_json writes it as `null`; read `null` back as NaN.
+fn nan_if_null<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<f64, D::Error> {
+    Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
 }
 
 /// One stream entry.

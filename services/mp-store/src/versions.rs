@@ -66,13 +66,8 @@ impl Store {
     pub async fn versions(&self) -> Result<Vec<ModelVersionRecord>> {
         let mut c = self.conn.clone();
         let h: HashMap<u64, String> = c.hgetall(self.k("model:versions")).await?;
-        let mut v: Vec<ModelVersionRecord> = h
-            .into_values()
-            .map(|s| {
-                serde_json::from_str(&s)
-                    .map_err(|e| StoreError::Corrupt(format!("model version: {e}")))
-            })
-            .collect::<Result<_>>()?;
+        let mut v: Vec<ModelVersionRecord> =
+            h.into_values().map(|s| decode(&s)).collect::<Result<_>>()?;
         v.sort_by_key(|r| r.version);
         Ok(v)
     }
@@ -83,6 +78,13 @@ impl Store {
         let s = s.ok_or_else(|| {
             StoreError::NotFound(format!("model version {version} does not exist"))
         })?;
-        serde_json::from_str(&s).map_err(|e| StoreError::Corrupt(format!("model version: {e}")))
+        decode(&s)
     }
+}
+
+fn decode(s: &str) -> Result<ModelVersionRecord> {
+    serde_json::from_str(s).map_err(|e| {
+        let head: String = s.chars().take(200).collect();
+        StoreError::Corrupt(format!("model version: {e} in {head}"))
+    })
 }

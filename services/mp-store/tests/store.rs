@@ -277,3 +277,24 @@ async fn suggestions_round_trip_per_version_and_corrupt_ones_are_refused() {
         );
     }
 }
+
+#[tokio::test]
+async fn a_version_without_a_test_accuracy_or_with_a_diverged_loss_reads_back_as_nan() {
+    let (_dir, _server, store, _) = setup().await;
+    store
+        .publish_version(&ModelVersionRecord {
+            version: 2,
+            parent: 1,
+            created_ms: 1,
+            reason: "no test split, loss diverged".into(),
+            val_accuracy: f64::NAN,
+            val_loss: f64::NAN,
+            test_accuracy: f64::NAN,
+            file: "v2.safetensors".into(),
+        })
+        .await
+        .unwrap();
+    let v = store.version(2).await.unwrap();
+    assert!(v.test_accuracy.is_nan() && v.val_loss.is_nan() && v.val_accuracy.is_nan());
+    assert_eq!(store.versions().await.unwrap().len(), 2);
+}
