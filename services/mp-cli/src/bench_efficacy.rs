@@ -754,12 +754,22 @@ fn verdict(rows: &[Row]) -> String {
     ks.sort_unstable();
     ks.dedup();
     for k in ks {
-        let auto = best_at(k, &|r| r.mode == Some(Propagation::Auto));
+        // Auto's row when several modes ran; with one learned mode, that mode's row.
+        let auto = best_at(k, &|r| r.mode == Some(Propagation::Auto)).or_else(|| {
+            best_at(k, &|r| {
+                r.mode.is_some_and(|m| m != Propagation::Off) && !r.method.starts_with("ablation")
+            })
+        });
         let own = best_at(k, &|r| r.mode == Some(Propagation::Off));
+        let name = |r: &Row| match r.mode {
+            Some(m) => format!("{m} propagation"),
+            None => r.method.clone(),
+        };
         if let (Some(a), Some(c)) = (auto, clean) {
             let gap = mean(c) - mean(a);
             s.push_str(&format!(
-                "- K = {k}: auto propagation {:.2} % vs clean-trained {:.2} %: {:.2} points {} — within 2 points: **{}**.\n",
+                "- K = {k}: {} {:.2} % vs clean-trained {:.2} %: {:.2} points {} — within 2 points: **{}**.\n",
+                name(a),
                 mean(a),
                 mean(c),
                 gap.abs(),
@@ -770,7 +780,8 @@ fn verdict(rows: &[Row]) -> String {
         if let (Some(a), Some(o)) = (auto, own) {
             let d = mean(a) - mean(o);
             s.push_str(&format!(
-                "- K = {k}: auto propagation {:+.2} points over own marks only ({:.2} %) — at least +5: **{}**.\n",
+                "- K = {k}: {} {:+.2} points over own marks only ({:.2} %) — at least +5: **{}**.\n",
+                name(a),
                 d,
                 mean(o),
                 if d >= 5.0 { "met" } else { "missed" }

@@ -163,6 +163,10 @@ fn run_once(env: &Env, ordering: &str, seed: u64) -> Result<Run> {
                 commit: true,
                 reject_below: 1.0,
                 accept: a.accept,
+                // A simulated expert waits as long as the platform needs: on a loaded CPU a
+                // proposal can queue behind the workers' suggester fits for minutes, and an
+                // expert who gives up would leave the round short of its committed marks.
+                proposal_timeout: Duration::from_secs(1800),
                 seed: seed * 1000 + round as u64,
                 ..Default::default()
             };

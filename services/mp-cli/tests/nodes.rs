@@ -481,10 +481,12 @@ async fn suggested_marks_reach_the_image_view_and_can_be_accepted() {
     let start = Instant::now();
     let (image, s) = loop {
         if store.serving_version().await.unwrap() == trained.version {
+            // Mid-round scoring left suggestions from fewer marks: wait for the round's six.
             if let Some(s) = store
                 .suggestion(trained.version, &unmarked[0])
                 .await
                 .unwrap()
+                .filter(|s| s.marks == 6)
             {
                 break (unmarked[0].clone(), s);
             }
@@ -523,7 +525,7 @@ async fn suggested_marks_reach_the_image_view_and_can_be_accepted() {
             .suggestion(trained.version, id)
             .await
             .unwrap()
-            .is_none()
+            .is_none_or(|s| s.marks != 6)
         {
             assert!(
                 start.elapsed() < Duration::from_secs(120),

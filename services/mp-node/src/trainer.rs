@@ -197,6 +197,9 @@ struct Coordinator {
     test: Option<Arc<Dataset>>,
     version: u64,
     round_commits: usize,
+    /// Proposals already counted towards the round: one sent back for review after a rebase
+    /// and committed again counts once.
+    counted: std::collections::HashSet<String>,
     round_started: Instant,
 }
 
@@ -251,7 +254,9 @@ impl Coordinator {
             return Ok(());
         }
         self.store.add_guidance(&p.mark_id).await?;
-        self.round_commits += 1;
+        if self.counted.insert(pid.to_string()) {
+            self.round_commits += 1;
+        }
         if p.base_version == self.version {
             let path = self.cfg.checkpoints.join(proposal_file(pid));
             let bytes = tokio::fs::read(&path)
@@ -288,12 +293,11 @@ impl Coordinator {
                 cfg: self.cfg.refine.clone(),
             })
             .await??;
-        let improved = proposal.best_iteration > 0
-            && self
-                .cfg
-                .refine
-                .val_guard
-                .is_none_or(|g| proposal.val_after.loss < g * proposal.val_before.loss);
+        // The refinement's own validation guard already kept every ineligible iterate out
+        // of the choice: any best iteration past the start passed it, on the same images.
+        // (Comparing the reported whole-split figures here instead refused rebased proposals
+        // that the guard had passed.)
+        let improved = proposal.best_iteration > 0;
         let base = self.version;
         let file = proposal_file(pid);
         write_atomic(&self.cfg.checkpoints.join(&file), &proposal.weights).await?;
@@ -470,6 +474,7 @@ pub async fn run(cfg: TrainerConfig, mut stop: tokio::sync::watch::Receiver<bool
         test: (!test.is_empty()).then(|| Arc::new(test)),
         version,
         round_commits: 0,
+        counted: Default::default(),
         round_started: Instant::now(),
     };
     info!(version, "trainer started");

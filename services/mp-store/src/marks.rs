@@ -62,9 +62,18 @@ impl Store {
     ) -> Result<()> {
         let mut pipe = redis::pipe();
         for (image, s) in items {
+            let bytes = s.encode();
             pipe.set_ex(
                 self.k(&format!("suggest:{version}:{image}")),
-                s.encode(),
+                &bytes,
+                SUGGESTION_TTL_S,
+            )
+            .ignore();
+            // Suggestions come from the images and the committed marks, not from the model:
+            // the newest one also serves leases of versions that were never scored.
+            pipe.set_ex(
+                self.k(&format!("suggest:last:{image}")),
+                bytes,
                 SUGGESTION_TTL_S,
             )
             .ignore();
@@ -74,11 +83,17 @@ impl Store {
         Ok(())
     }
 
-    /// The suggested mark of an image under a model version, if one was computed.
+    /// The suggested mark of an image under a model version, else the newest one computed
+    /// for the image under any version (a mid-round commit publishes versions that scoring
+    /// never saw), if any.
     pub async fn suggestion(&self, version: u64, image: &str) -> Result<Option<Suggestion>> {
         let mut c = self.conn.clone();
-        let raw: Option<Vec<u8>> = c.get(self.k(&format!("suggest:{version}:{image}"))).await?;
-        raw.map(|b| Suggestion::decode(&b)).transpose()
+        let (exact, last): (Option<Vec<u8>>, Option<Vec<u8>>) = redis::pipe()
+            .get(self.k(&format!("suggest:{version}:{image}")))
+            .get(self.k(&format!("suggest:last:{image}")))
+            .query_async(&mut c)
+            .await?;
+        exact.or(last).map(|b| Suggestion::decode(&b)).transpose()
     }
 }
 
