@@ -410,7 +410,11 @@ impl Coordinator {
     /// rescore under the serving version with the marks so far.
     async fn maybe_rescore(&self) -> Result<()> {
         let n = self.cfg.rescore_every;
-        if n > 0 && self.round_commits > 0 && self.round_commits % n == 0 && !self.round_over() {
+        if n > 0
+            && self.round_commits > 0
+            && self.round_commits.is_multiple_of(n)
+            && !self.round_over()
+        {
             let serving = self.store.serving_version().await?;
             info!(
                 commits = self.round_commits,
