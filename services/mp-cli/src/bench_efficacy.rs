@@ -159,7 +159,8 @@ fn fixed_lambda(args: &EfficacyArgs, loss: &str) -> Result<Option<f64>> {
     Ok(None)
 }
 
-fn fresh_model(ds: &Dataset, seed: u64) -> Result<Model> {
+/// A freshly initialised small CNN for `ds`'s images and classes, seeded.
+pub(crate) fn fresh_model(ds: &Dataset, seed: u64) -> Result<Model> {
     tch::manual_seed(seed as i64);
     Ok(Model::new(
         ModelSpec {

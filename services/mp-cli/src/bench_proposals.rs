@@ -9,12 +9,10 @@ use crate::common::{load_splits, DataArgs};
 use crate::report::{machine_line, today, write_section};
 use anyhow::{bail, Result};
 use clap::Args;
-use mp_core::model::{Arch, Model, ModelSpec};
 use mp_core::refine::{refine, HalveOn, Proposal, RefineConfig};
 use mp_core::train::{train, TrainConfig};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use tch::Device;
 
 #[derive(Args)]
 pub struct ProposalsArgs {
@@ -79,19 +77,8 @@ pub fn run(a: ProposalsArgs) -> Result<()> {
             marked.len()
         );
     }
-    tch::manual_seed(0);
     let ds = &splits.train;
-    let mut base = Model::new(
-        ModelSpec {
-            arch: Arch::SmallCnn,
-            classes: ds.classes.clone(),
-            channels: ds.channels,
-            height: ds.height,
-            width: ds.width,
-            version: 1,
-        },
-        Device::cuda_if_available(),
-    )?;
+    let mut base = crate::bench_efficacy::fresh_model(ds, 0)?;
     let cfg = TrainConfig {
         epochs: a.epochs,
         ..Default::default()
