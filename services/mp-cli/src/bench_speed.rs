@@ -1,6 +1,7 @@
 //! `mp bench speed`: this engine against `benches/torch_reference.py` doing the same
-//! computations (same model, sizes and thread count), timed in the same run, plus the
-//! product-level proposal latency on real Decoy-MNIST marks.
+//! computations (same model, sizes, device and thread count), timed in the same run, plus the
+//! product-level proposal latency on real Decoy-MNIST marks. `--arch resnet18 --side 224`
+//! gives the rows for a real architecture; `--device cuda` the same rows on a GPU.
 
 use crate::common::{load_splits, DataArgs};
 use crate::report::{machine_line, today, write_section};
@@ -39,8 +40,63 @@ pub struct SpeedArgs {
     /// Proposals timed for the latency percentiles
     #[arg(long, default_value_t = 30)]
     pub proposals: usize,
+    /// cpu, cuda or cuda:N, for both engines
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// small-cnn or resnet18 (the same layout in the reference script)
+    #[arg(long, default_value = "small-cnn")]
+    pub arch: String,
+    /// Input side in pixels
+    #[arg(long, default_value_t = 28)]
+    pub side: i64,
+    /// Input channels (default: 1 for small-cnn, 3 for resnet18)
+    #[arg(long)]
+    pub channels: Option<i64>,
+    /// Iterations of the fixed-length refinement row
+    #[arg(long, default_value_t = 20)]
+    pub refine_iterations: usize,
+    /// Validation images of the fixed-length refinement row
+    #[arg(long, default_value_t = 256)]
+    pub val_images: i64,
     #[arg(long, default_value = "BENCHMARKS.md")]
     pub out: PathBuf,
+}
+
+impl SpeedArgs {
+    fn arch(&self) -> Result<Arch> {
+        Ok(self.arch.parse::<Arch>()?)
+    }
+    fn channels(&self) -> Result<i64> {
+        Ok(self.channels.unwrap_or(match self.arch()? {
+            Arch::SmallCnn => 1,
+            Arch::Resnet18 => 3,
+        }))
+    }
+    fn device(&self) -> Result<Device> {
+        Ok(mp_core::device::parse(&self.device)?)
+    }
+    fn spec(&self) -> Result<ModelSpec> {
+        Ok(ModelSpec {
+            arch: self.arch()?,
+            classes: (0..10).map(|d| d.to_string()).collect(),
+            channels: self.channels()? as usize,
+            height: self.side as usize,
+            width: self.side as usize,
+            version: 1,
+        })
+    }
+    /// The default configuration keeps the historical section name.
+    fn section(&self) -> Result<String> {
+        let d = self.device()?;
+        Ok(
+            if d == Device::Cpu && self.arch()? == Arch::SmallCnn && self.side == 28 {
+                "speed".into()
+            } else {
+                let dev = if d == Device::Cpu { "cpu" } else { "cuda" };
+                format!("speed-{dev}-{}-{}", self.arch, self.side)
+            },
+        )
+    }
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -58,17 +114,25 @@ fn percentile(v: &[f64], q: f64) -> f64 {
     v[((v.len() - 1) as f64 * q).round() as usize]
 }
 
-fn timed(warmup: usize, reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+/// Median seconds of `f`; on a GPU each repetition waits for its kernels before the clock
+/// is read.
+fn timed(d: Device, warmup: usize, reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
     for _ in 0..warmup {
         f()?;
     }
+    sync(d);
     let mut out = Vec::with_capacity(reps);
     for _ in 0..reps {
         let t = Instant::now();
         f()?;
+        sync(d);
         out.push(t.elapsed().as_secs_f64());
     }
     Ok(median(out))
+}
+
+fn sync(d: Device) {
+    mp_core::device::synchronize(d)
 }
 
 const OPS: [&str; 5] = [
@@ -93,67 +157,86 @@ fn small_spec() -> ModelSpec {
 /// The Rust side of every operation, on random inputs, as the reference script does it.
 fn rust_round(a: &SpeedArgs) -> Result<Vec<f64>> {
     tch::manual_seed(0);
-    let model = Model::new(small_spec(), Device::Cpu)?;
+    let d = a.device()?;
+    let spec = a.spec()?;
+    let (c, side) = (a.channels()?, a.side);
+    let model = Model::new(spec.clone(), d)?;
     let mut opt = tch::nn::Adam::default().build(model.var_store(), 1e-3)?;
     let b = a.batch;
-    let x = Tensor::rand([b, 1, 28, 28], (Kind::Float, Device::Cpu));
-    let y = Tensor::randint(10, [b], (Kind::Int64, Device::Cpu));
-    let marks = Tensor::zeros([b, 1, 28, 28], (Kind::Float, Device::Cpu));
-    let _ = marks.narrow(2, 0, 4).narrow(3, 0, 4).fill_(1.0);
-    let ce = timed(5, a.reps, || {
+    let x = Tensor::rand([b, c, side, side], (Kind::Float, d));
+    let y = Tensor::randint(10, [b], (Kind::Int64, d));
+    // The red mark: the top-left square of a seventh of the side (4 px at 28).
+    let m = (side / 7).max(1);
+    let marks = Tensor::zeros([b, 1, side, side], (Kind::Float, d));
+    let _ = marks.narrow(2, 0, m).narrow(3, 0, m).fill_(1.0);
+    let ce = timed(d, 5, a.reps, || {
         let loss = model.forward_t(&x, true).cross_entropy_for_logits(&y);
         opt.backward_step(&loss);
         Ok(())
     })?;
-    let guided = timed(5, a.reps, || {
+    let guided = timed(d, 5, a.reps, || {
         let out = guided_forward(&model, SaliencyLoss::Rrr, &x, &y, &marks, true)?;
         opt.backward_step(&(&out.ce + &out.saliency * 10.0));
         Ok(())
     })?;
     let (x1, y1) = (x.narrow(0, 0, 1), y.narrow(0, 0, 1));
-    let s1 = timed(5, a.reps * 4, || {
+    let s1 = timed(d, 5, a.reps * 4, || {
         saliency_maps(&model, &x1, &y1, Method::Gradient)
             .map(|_| ())
             .map_err(Into::into)
     })?;
-    let s64 = timed(5, a.reps, || {
+    let s64 = timed(d, 5, a.reps, || {
         saliency_maps(&model, &x, &y, Method::Gradient)
             .map(|_| ())
             .map_err(Into::into)
     })?;
-    // A fixed-length refinement on one random image, validation on 256 random images.
-    let mut batch = mp_core::data::Dataset::new(model.spec.classes.clone(), 1, 28, 28);
-    let img = Vec::<f32>::try_from(&x1.flatten(0, -1))?;
-    let mut mask = mp_core::data::Mask::empty(28, 28);
-    for r in 0..4 {
-        for c in 0..4 {
-            mask.values[r * 28 + c] = 1;
+    // A fixed-length refinement on one random image, validation on random images.
+    let (cu, su) = (c as usize, side as usize);
+    let px = cu * su * su;
+    let mut batch = mp_core::data::Dataset::new(spec.classes.clone(), cu, su, su);
+    let img = Vec::<f32>::try_from(&x1.to_device(Device::Cpu).flatten(0, -1))?;
+    let mut mask = mp_core::data::Mask::empty(su, su);
+    for r in 0..m as usize {
+        for col in 0..m as usize {
+            mask.values[r * su + col] = 1;
         }
     }
     batch.push(&img, y1.int64_value(&[0]), Some(mask), "x".into());
-    let mut val = mp_core::data::Dataset::new(model.spec.classes.clone(), 1, 28, 28);
-    let vx = Vec::<f32>::try_from(&Tensor::rand([256 * 784], (Kind::Float, Device::Cpu)))?;
-    let vy = Vec::<i64>::try_from(&Tensor::randint(10, [256], (Kind::Int64, Device::Cpu)))?;
-    for i in 0..256 {
-        val.push(&vx[i * 784..(i + 1) * 784], vy[i], None, format!("v{i}"));
+    let nv = a.val_images;
+    let mut val = mp_core::data::Dataset::new(spec.classes.clone(), cu, su, su);
+    let vx = Vec::<f32>::try_from(&Tensor::rand([nv * px as i64], (Kind::Float, Device::Cpu)))?;
+    let vy = Vec::<i64>::try_from(&Tensor::randint(10, [nv], (Kind::Int64, Device::Cpu)))?;
+    for i in 0..nv as usize {
+        val.push(&vx[i * px..(i + 1) * px], vy[i], None, format!("v{i}"));
     }
     let cfg = RefineConfig {
         loss: SaliencyLoss::Rrr,
         normalise: false,
-        max_iterations: 20,
+        max_iterations: a.refine_iterations,
         time_budget_ms: None,
         val_guard: Some(1e9),
         halve_saliency: false,
         plateau_window: None,
-        val_images: 256,
+        val_images: nv as usize,
         ..Default::default()
     };
-    let prop = timed(1, (a.reps / 6).max(3), || {
+    let prop = timed(d, 1, (a.reps / 6).max(3), || {
         refine(&model, &batch, &val, &cfg)
             .map(|_| ())
             .map_err(Into::into)
     })?;
     Ok(vec![ce, guided, s1, s64, prop])
+}
+
+/// The GPU's name as the reference's torch reports it (for the report line).
+fn gpu_name(python: &str) -> Option<String> {
+    let out = Command::new(python)
+        .args(["-c", "import torch; print(torch.cuda.get_device_name(0))"])
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
 fn torch_round(a: &SpeedArgs) -> Result<(Vec<f64>, String)> {
@@ -166,6 +249,18 @@ fn torch_round(a: &SpeedArgs) -> Result<(Vec<f64>, String)> {
             &a.batch.to_string(),
             "--reps",
             &a.reps.to_string(),
+            "--device",
+            &a.device,
+            "--arch",
+            &a.arch,
+            "--side",
+            &a.side.to_string(),
+            "--channels",
+            &a.channels()?.to_string(),
+            "--refine-iterations",
+            &a.refine_iterations.to_string(),
+            "--val-images",
+            &a.val_images.to_string(),
         ])
         .output()
         .with_context(|| format!("running {} {}", a.python, a.script.display()))?;
@@ -189,10 +284,14 @@ fn torch_round(a: &SpeedArgs) -> Result<(Vec<f64>, String)> {
 
 /// Proposal latency with the product's default refinement settings, on real marked images
 /// and a briefly trained decoy model.
-fn proposal_latency(a: &SpeedArgs) -> Result<Option<(Vec<f64>, f64)>> {
+fn proposal_latency(a: &SpeedArgs) -> Result<Option<Latency>> {
+    if a.arch()? != Arch::SmallCnn {
+        return Ok(None);
+    }
     let Ok(splits) = load_splits(&a.data) else {
         return Ok(None);
     };
+    let d = a.device()?;
     tch::manual_seed(0);
     let spec = ModelSpec {
         classes: splits.train.classes.clone(),
@@ -201,13 +300,16 @@ fn proposal_latency(a: &SpeedArgs) -> Result<Option<(Vec<f64>, f64)>> {
         width: splits.train.width,
         ..small_spec()
     };
-    let mut model = Model::new(spec, Device::Cpu)?;
+    let mut model = Model::new(spec, d)?;
     let cfg = TrainConfig {
         epochs: 1,
         optimizer: OptimizerKind::Adam,
         ..Default::default()
     };
+    let t = Instant::now();
     train(&mut model, &splits.train, &[], &cfg, &mut |_, _, _, _| {})?;
+    sync(d);
+    let epoch_s = t.elapsed().as_secs_f64();
     let marked = splits.train.marked_indices();
     let mut lat = Vec::new();
     let mut iters = 0usize;
@@ -226,11 +328,25 @@ fn proposal_latency(a: &SpeedArgs) -> Result<Option<(Vec<f64>, f64)>> {
         return Ok(None);
     }
     let mean_iters = iters as f64 / lat.len() as f64;
-    Ok(Some((lat, mean_iters)))
+    Ok(Some(Latency {
+        lat,
+        iters: mean_iters,
+        epoch_s,
+        train_images: splits.train.len(),
+    }))
+}
+
+struct Latency {
+    lat: Vec<f64>,
+    iters: f64,
+    epoch_s: f64,
+    train_images: usize,
 }
 
 pub fn run(a: SpeedArgs) -> Result<()> {
     tch::set_num_threads(a.bench_threads);
+    let d = a.device()?;
+    let section = a.section()?;
     let mut rust = [f64::INFINITY; 5];
     let mut torch = [f64::INFINITY; 5];
     let mut version = String::new();
@@ -251,18 +367,33 @@ pub fn run(a: SpeedArgs) -> Result<()> {
         "guided step, rrr double backprop (batch {b})",
         "saliency map, batch 1",
         "saliency maps, batch {b}",
-        "refinement proposal, 20 fixed iterations, 1 image, val 256",
+        "refinement proposal, {it} fixed iterations, 1 image, val {nv}",
     ];
+    let where_ = match d {
+        Device::Cpu => format!("both engines on CPU with {} threads", a.bench_threads),
+        _ => format!(
+            "both engines on {} (CUDA), host threads {}",
+            gpu_name(&a.python).unwrap_or_else(|| "the GPU".into()),
+            a.bench_threads
+        ),
+    };
+    let model_line = match a.arch()? {
+        Arch::SmallCnn => "small CNN (thesis 3.1.3)".to_string(),
+        Arch::Resnet18 => "ResNet-18 (the same layout in both: 3x3 stem up to 64 px, else the ImageNet stem; batch norm in training mode for steps, evaluation mode for saliency)".to_string(),
+    };
     let mut s = format!(
-        "## Speed: engine (tch) vs PyTorch {version}\n\nCommand: `mp bench speed {}`  \nDate: {}; machine: {}; both engines on CPU with {} threads, \
-         median of {} repetitions, best of {} interleaved rounds. Same small CNN (thesis 3.1.3), 28x28 inputs, random data.\n\n\
+        "## Speed: engine (tch) vs PyTorch {version}{}\n\nCommand: `mp bench speed {}`  \nDate: {}; machine: {}; {where_}, \
+         median of {} repetitions, best of {} interleaved rounds. Same {model_line}, {}x{}x{} inputs, random data.\n\n\
          | operation | engine ms | PyTorch ms | ratio engine/PyTorch | engine per second |\n|---|---|---|---|---|\n",
+        if section == "speed" { String::new() } else { format!(" ({})", &section["speed-".len()..]) },
         std::env::args().skip(3).collect::<Vec<_>>().join(" "),
         today(),
         machine_line(),
-        a.bench_threads,
         a.reps,
-        a.rounds.max(1)
+        a.rounds.max(1),
+        a.channels()?,
+        a.side,
+        a.side,
     );
     for (i, n) in names.iter().enumerate() {
         let per_s = match i {
@@ -272,7 +403,9 @@ pub fn run(a: SpeedArgs) -> Result<()> {
         };
         s.push_str(&format!(
             "| {} | {:.2} | {:.2} | {:.2} | {} |\n",
-            n.replace("{b}", &a.batch.to_string()),
+            n.replace("{b}", &a.batch.to_string())
+                .replace("{it}", &a.refine_iterations.to_string())
+                .replace("{nv}", &a.val_images.to_string()),
             1e3 * rust[i],
             1e3 * torch[i],
             rust[i] / torch[i],
@@ -280,18 +413,23 @@ pub fn run(a: SpeedArgs) -> Result<()> {
         ));
     }
     match &latency {
-        Some((lat, iters)) => s.push_str(&format!(
-            "\nProposal latency with the default refinement settings (rrr, early stops on, val guard on 256 images) on {} real Decoy-MNIST marked images, \
-             model trained 1 epoch: p50 {:.0} ms, p90 {:.0} ms, max {:.0} ms; {:.1} iterations on average.\n",
-            lat.len(),
-            1e3 * percentile(lat, 0.5),
-            1e3 * percentile(lat, 0.9),
-            1e3 * percentile(lat, 1.0),
-            iters
+        Some(l) => s.push_str(&format!(
+            "\nOne epoch of CE training on {} real Decoy-MNIST images (batch 64, Adam): {:.1} s ({:.0} images/s). \
+             Proposal latency with the default refinement settings (rrr, early stops on, val guard on 256 images) on {} real Decoy-MNIST marked images, \
+             that model: p50 {:.0} ms, p90 {:.0} ms, max {:.0} ms; {:.1} iterations on average.\n",
+            l.train_images,
+            l.epoch_s,
+            l.train_images as f64 / l.epoch_s,
+            l.lat.len(),
+            1e3 * percentile(&l.lat, 0.5),
+            1e3 * percentile(&l.lat, 0.9),
+            1e3 * percentile(&l.lat, 1.0),
+            l.iters
         )),
+        None if a.arch()? != Arch::SmallCnn => {}
         None => s.push_str("\nProposal latency on real data skipped: no dataset (pass --data or --mnist).\n"),
     }
     println!("{s}");
-    write_section(&a.out, "speed", &s)?;
+    write_section(&a.out, &section, &s)?;
     Ok(())
 }

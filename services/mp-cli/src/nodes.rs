@@ -11,12 +11,7 @@ use std::time::Duration;
 use tch::Device;
 
 fn device(s: &str) -> Result<Device> {
-    Ok(match s {
-        "auto" => Device::cuda_if_available(),
-        "cpu" => Device::Cpu,
-        "cuda" => Device::Cuda(0),
-        o => bail!("--device {o:?}: auto, cpu or cuda"),
-    })
+    mp_core::device::parse(s).map_err(|e| anyhow::anyhow!("--device: {e}"))
 }
 
 /// Runs `f` inside an actix System on a multi-threaded tokio runtime until Ctrl-C.
@@ -53,7 +48,7 @@ pub struct NodeArgs {
     /// Shared checkpoint directory (a volume in Kubernetes)
     #[arg(long, env = "MP_CHECKPOINTS", default_value = "checkpoints")]
     pub checkpoints: PathBuf,
-    /// auto (CUDA when present), cpu or cuda
+    /// auto (CUDA when present), cpu, cuda or cuda:N
     #[arg(long, env = "MP_DEVICE", default_value = "auto")]
     pub device: String,
     /// gRPC health endpoint (empty = none)

@@ -15,6 +15,8 @@
 //!   cross-validated fit.
 //! - [`counterfactual`]: the confound swap — marked (or suggested) red regions traded between
 //!   the images of a batch, so a shortcut comes with a random label.
+//! - [`device`]: the compute device by name; loads libtorch's CUDA half when a GPU is
+//!   present, since the linker drops it from binaries that name none of its symbols.
 //! - [`train`]: CE and guided training (persistent guidance, mark propagation), evaluation.
 //!
 //! What this crate deliberately does not do: no network IO, no protobuf, no async, no
@@ -25,6 +27,7 @@
 pub mod align;
 pub mod counterfactual;
 pub mod data;
+pub mod device;
 pub mod error;
 pub mod loss;
 pub mod model;

@@ -183,12 +183,14 @@ pub fn refine(
     let full_val = val;
     let val_idx: Vec<usize> = (0..val.len().min(cfg.val_images.max(1))).collect();
     let val = val.subset(&val_idx);
+    // The guard's images stay on the device for the whole loop (evaluated every iteration).
+    let guard_set = crate::train::EvalSet::new(&val, device, 256)?;
 
     let model = base.try_clone()?;
     let mut best = base.try_clone()?;
     let mut opt = cfg.optimizer.build(model.var_store(), cfg.lr)?;
     let saliency_before = maps_to_vecs(&saliency_maps(base, &x, &y, Method::Gradient)?)?;
-    let guard_before = evaluate(base, &val, 256)?;
+    let guard_before = guard_set.evaluate(base)?;
 
     let mut curve: Vec<ImpactPoint> = Vec::new();
     let mut scale = 1.0;
@@ -226,7 +228,7 @@ pub fn refine(
         let current_val = if iteration == 0 {
             guard_before
         } else {
-            evaluate(&model, &val, 256)?
+            guard_set.evaluate(&model)?
         };
         curve.push(ImpactPoint {
             iteration,
@@ -291,7 +293,7 @@ pub fn refine(
     let saliency_after = maps_to_vecs(&saliency_maps(&best, &x, &y, Method::Gradient)?)?;
     // The reported figures: the whole validation set, like a model version's.
     let (val_before, val_after) = if full_val.len() == val.len() {
-        (guard_before, evaluate(&best, &val, 256)?)
+        (guard_before, guard_set.evaluate(&best)?)
     } else {
         (
             evaluate(base, full_val, 256)?,
