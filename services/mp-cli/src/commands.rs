@@ -75,6 +75,14 @@ pub enum DataCmd {
         #[arg(long, default_value_t = 36)]
         size: usize,
     },
+    /// RGB 64x64 and up: the digit enlarged in a random colour on a textured background, and a
+    /// coloured sticker whose hue gives the label away at a different place in every image
+    DecoyColor {
+        #[command(flatten)]
+        gen: GenArgs,
+        #[arg(long, default_value_t = 64)]
+        size: usize,
+    },
 }
 
 /// Writes a generated benchmark: `train/`, `val/` (with marks in `marks/`), `test/`, and the
@@ -147,6 +155,13 @@ pub fn data(cmd: DataCmd) -> Result<()> {
         DataCmd::MovingShapes { gen: g, size } => {
             let s = moving(&g, MovingKind::Shapes, size)?;
             (g, s, MovingKind::Shapes.name())
+        }
+        DataCmd::DecoyColor { gen: g, size } => {
+            if size < 64 {
+                anyhow::bail!("decoy-color is at least 64x64 (--size {size})");
+            }
+            let s = moving(&g, MovingKind::Color, size)?;
+            (g, s, MovingKind::Color.name())
         }
     };
     write_benchmark(&gen.out, &splits)?;

@@ -8,6 +8,9 @@
 //!   square, disc, triangle up, triangle down, diamond, ring, plus, cross, hollow square,
 //!   stripes — drawn at a random gray level like the digit's strokes. Only its form gives it
 //!   away: an object, not a colour.
+//! - [`MovingKind::Color`] (RGB, 64 px and up): the digit enlarged, in a random colour, on a
+//!   textured background (random coloured gratings and grain), with a coloured sticker
+//!   (6–11 px) whose hue is `36° · class`: a colour benchmark for real architectures.
 //!
 //! Training and validation images follow the shortcut rule (kind = label), as a real
 //! project's would; test images get the kind of a random class. The ground-truth mark of an
@@ -37,6 +40,7 @@ pub const SHAPES: [&str; 10] = [
 pub enum MovingKind {
     Sticker,
     Shapes,
+    Color,
 }
 
 impl MovingKind {
@@ -44,12 +48,13 @@ impl MovingKind {
         match self {
             MovingKind::Sticker => "moving-sticker",
             MovingKind::Shapes => "moving-shapes",
+            MovingKind::Color => "decoy-color",
         }
     }
 
     fn channels(&self) -> usize {
         match self {
-            MovingKind::Sticker => 3,
+            MovingKind::Sticker | MovingKind::Color => 3,
             MovingKind::Shapes => 1,
         }
     }
@@ -59,6 +64,15 @@ impl MovingKind {
         match self {
             MovingKind::Sticker => (4, 7),
             MovingKind::Shapes => (5, 9),
+            MovingKind::Color => (6, 11),
+        }
+    }
+
+    /// The default canvas side.
+    pub fn default_size(&self) -> usize {
+        match self {
+            MovingKind::Sticker | MovingKind::Shapes => 36,
+            MovingKind::Color => 64,
         }
     }
 }
@@ -83,7 +97,7 @@ impl MovingConfig {
             n_train: 7000,
             n_val: 1000,
             n_test: 2000,
-            size: 36,
+            size: kind.default_size(),
             val_rule: ShortcutRule::Label,
         }
     }
@@ -128,7 +142,12 @@ pub fn shape_contains(kind: usize, y: usize, x: usize, s: usize) -> bool {
 
 /// RGB of hue `36° · class` at full saturation and brightness `value`.
 pub fn class_colour(class: usize, value: f32) -> [f32; 3] {
-    let h = (class % 10) as f32 * 36.0 / 60.0;
+    hue_colour((class % 10) as f32 * 36.0 / 60.0, value)
+}
+
+/// RGB of hue `60° · h` (h in [0, 6)) at full saturation and brightness `value`.
+fn hue_colour(h: f32, value: f32) -> [f32; 3] {
+    let h = h.rem_euclid(6.0);
     let x = 1.0 - ((h % 2.0) - 1.0).abs();
     let (r, g, b) = match h as usize {
         0 => (1.0, x, 0.0),
@@ -141,6 +160,66 @@ pub fn class_colour(class: usize, value: f32) -> [f32; 3] {
     [r * value, g * value, b * value]
 }
 
+/// A textured RGB background (3 planes): a muted random colour, two random gratings with a
+/// random amplitude per channel, and grain.
+fn texture(side: usize, rng: &mut Rng) -> Vec<f32> {
+    let hw = side * side;
+    let base: Vec<f32> = (0..3).map(|_| 0.2 + 0.3 * rng.next_f64() as f32).collect();
+    let mut out = vec![0f32; 3 * hw];
+    for k in 0..3 {
+        out[k * hw..(k + 1) * hw].fill(base[k]);
+    }
+    for _ in 0..2 {
+        let f = 0.03 + 0.2 * rng.next_f64();
+        let th = std::f64::consts::PI * rng.next_f64();
+        let ph = 2.0 * std::f64::consts::PI * rng.next_f64();
+        let amp: Vec<f32> = (0..3).map(|_| 0.04 + 0.1 * rng.next_f64() as f32).collect();
+        let (ct, st) = (th.cos(), th.sin());
+        for y in 0..side {
+            for x in 0..side {
+                let v = (2.0 * std::f64::consts::PI * f * (x as f64 * ct + y as f64 * st) + ph)
+                    .sin() as f32;
+                for k in 0..3 {
+                    out[k * hw + y * side + x] += amp[k] * v;
+                }
+            }
+        }
+    }
+    for v in out.iter_mut() {
+        *v = (*v + 0.06 * (rng.next_f64() as f32 - 0.5)).clamp(0.0, 1.0);
+    }
+    out
+}
+
+/// The `h`×`w` box of a 28-pixel digit at `(br, bc)` resampled (bilinear) to `nh`×`nw`.
+fn resample(
+    digit: &[f32],
+    (br, bc, h, w): (usize, usize, usize, usize),
+    nh: usize,
+    nw: usize,
+) -> Vec<f32> {
+    let at = |r: isize, c: isize| -> f32 {
+        if r < 0 || c < 0 || r >= h as isize || c >= w as isize {
+            0.0
+        } else {
+            digit[(br + r as usize) * 28 + bc + c as usize]
+        }
+    };
+    let mut out = vec![0f32; nh * nw];
+    for y in 0..nh {
+        for x in 0..nw {
+            let sy = (y as f32 + 0.5) * h as f32 / nh as f32 - 0.5;
+            let sx = (x as f32 + 0.5) * w as f32 / nw as f32 - 0.5;
+            let (y0, x0) = (sy.floor(), sx.floor());
+            let (fy, fx) = (sy - y0, sx - x0);
+            let (y0, x0) = (y0 as isize, x0 as isize);
+            out[y * nw + x] = (1.0 - fy) * ((1.0 - fx) * at(y0, x0) + fx * at(y0, x0 + 1))
+                + fy * ((1.0 - fx) * at(y0 + 1, x0) + fx * at(y0 + 1, x0 + 1));
+        }
+    }
+    out
+}
+
 /// One decorated image, its clean twin and its ground-truth mark.
 struct Made {
     image: Vec<f32>,
@@ -150,7 +229,21 @@ struct Made {
 
 fn make(digit: &[f32], label: i64, rule: ShortcutRule, cfg: &MovingConfig, rng: &mut Rng) -> Made {
     let (s_side, d_side) = (cfg.size, 28usize);
-    let (br, bc, bh, bw) = bbox(digit, d_side, 0.1).unwrap_or((0, 0, 1, 1));
+    let (br, bc, dh, dw) = bbox(digit, d_side, 0.1).unwrap_or((0, 0, 1, 1));
+    // The colour benchmark enlarges the digit (1.4–2x, kept inside the canvas).
+    let (bh, bw, boxed) = if cfg.kind == MovingKind::Color {
+        let f = (1.4 + 0.6 * rng.next_f64()).min((s_side - 2) as f64 / dh.max(dw) as f64);
+        let (nh, nw) = (
+            ((dh as f64 * f) as usize).max(1),
+            ((dw as f64 * f) as usize).max(1),
+        );
+        (nh, nw, resample(digit, (br, bc, dh, dw), nh, nw))
+    } else {
+        let b: Vec<f32> = (0..dh * dw)
+            .map(|i| digit[(br + i / dw) * d_side + bc + i % dw])
+            .collect();
+        (dh, dw, b)
+    };
     // The digit's tight box at a random place on the canvas.
     let r0 = rng.below(s_side - bh + 1);
     let c0 = rng.below(s_side - bw + 1);
@@ -158,7 +251,7 @@ fn make(digit: &[f32], label: i64, rule: ShortcutRule, cfg: &MovingConfig, rng: 
     let mut gray = vec![0f32; hw];
     for r in 0..bh {
         for c in 0..bw {
-            gray[(r0 + r) * s_side + c0 + c] = digit[(br + r) * d_side + bc + c];
+            gray[(r0 + r) * s_side + c0 + c] = boxed[r * bw + c];
         }
     }
     let mut mark = Mask::empty(s_side, s_side);
@@ -193,12 +286,26 @@ fn make(digit: &[f32], label: i64, rule: ShortcutRule, cfg: &MovingConfig, rng: 
     };
     let channels = cfg.kind.channels();
     let mut clean = vec![0f32; channels * hw];
-    for k in 0..channels {
-        clean[k * hw..(k + 1) * hw].copy_from_slice(&gray);
+    if cfg.kind == MovingKind::Color {
+        // A random colour for the digit, blended over the texture by its stroke intensity.
+        let bg = texture(s_side, rng);
+        let ink = hue_colour(
+            6.0 * rng.next_f64() as f32,
+            0.85 + 0.15 * rng.next_f64() as f32,
+        );
+        for k in 0..3 {
+            for (p, &a) in gray.iter().enumerate() {
+                clean[k * hw + p] = bg[k * hw + p] * (1.0 - a) + ink[k] * a;
+            }
+        }
+    } else {
+        for k in 0..channels {
+            clean[k * hw..(k + 1) * hw].copy_from_slice(&gray);
+        }
     }
     let mut image = clean.clone();
     match cfg.kind {
-        MovingKind::Sticker => {
+        MovingKind::Sticker | MovingKind::Color => {
             let colour = class_colour(class, 0.85 + 0.15 * rng.next_f64() as f32);
             let disc = rng.coin();
             for y in 0..size {
@@ -337,6 +444,15 @@ mod tests {
         ds
     }
 
+    fn cfg(kind: MovingKind, n_train: usize, n_val: usize, n_test: usize) -> MovingConfig {
+        MovingConfig {
+            n_train,
+            n_val,
+            n_test,
+            ..MovingConfig::new(kind)
+        }
+    }
+
     fn red_box(m: &Mask) -> (usize, usize, usize, usize) {
         let red: Vec<f32> = m.values.iter().map(|&v| (v == RED) as u8 as f32).collect();
         bbox(&red, m.width, 0.5).expect("a red box")
@@ -344,16 +460,12 @@ mod tests {
 
     #[test]
     fn objects_move_keep_off_the_digit_and_follow_the_rule() {
-        for kind in [MovingKind::Sticker, MovingKind::Shapes] {
-            let cfg = MovingConfig {
-                n_train: 120,
-                n_val: 30,
-                n_test: 50,
-                ..MovingConfig::new(kind)
-            };
+        for kind in [MovingKind::Sticker, MovingKind::Shapes, MovingKind::Color] {
+            let cfg = cfg(kind, 120, 30, 50);
             let s = moving_shortcut(&fake_digits(), &cfg).unwrap();
+            let side = kind.default_size();
             assert_eq!(s.train.channels, kind.channels());
-            assert_eq!((s.train.width, s.train.height), (36, 36));
+            assert_eq!((s.train.width, s.train.height), (side, side));
             let mut places = std::collections::HashSet::new();
             let mut sizes = std::collections::HashSet::new();
             for i in 0..s.train.len() {
@@ -364,7 +476,7 @@ mod tests {
                 places.insert((r, c));
                 sizes.insert(h);
                 // Outside the box the image is its clean twin; green is the digit there.
-                let hw = 36 * 36;
+                let hw = side * side;
                 for p in 0..hw {
                     let inside = m.values[p] == RED;
                     for k in 0..kind.channels() {
@@ -375,7 +487,7 @@ mod tests {
                             );
                         }
                     }
-                    if !inside {
+                    if !inside && kind != MovingKind::Color {
                         assert_eq!(
                             m.values[p] == GREEN,
                             s.clean_train.image(i)[p] > GREEN_THRESHOLD
@@ -396,15 +508,40 @@ mod tests {
     #[test]
     fn sticker_hue_and_shape_kind_encode_the_label_in_train_and_val_only() {
         // Sticker: the colour of the box's most saturated pixel is the label's hue.
-        let cfg = MovingConfig {
-            n_train: 100,
-            n_val: 50,
-            n_test: 50,
-            ..MovingConfig::new(MovingKind::Sticker)
-        };
+        for kind in [MovingKind::Sticker, MovingKind::Color] {
+            sticker_hue_is_the_label_in_train_and_val_only(kind);
+        }
+
+        // Shapes: the drawn pixels inside the box are exactly the label's shape.
+        let cfg = cfg(MovingKind::Shapes, 100, 50, 50);
         let s = moving_shortcut(&fake_digits(), &cfg).unwrap();
+        let kind_of = |ds: &Dataset, i: usize| -> Option<usize> {
+            let m = ds.marks[i].as_ref().unwrap();
+            let (r, c, n, _) = red_box(m);
+            (0..10).find(|&k| {
+                (0..n).all(|y| {
+                    (0..n).all(|x| {
+                        shape_contains(k, y, x, n) == (ds.image(i)[(r + y) * 36 + c + x] > 0.5)
+                    })
+                })
+            })
+        };
+        for ds in [&s.train, &s.val] {
+            for i in 0..ds.len() {
+                assert_eq!(kind_of(ds, i), Some(ds.labels[i] as usize), "image {i}");
+            }
+        }
+        let off = (0..s.test.len())
+            .filter(|&i| kind_of(&s.test, i) != Some(s.test.labels[i] as usize))
+            .count();
+        assert!(off > s.test.len() / 2, "{off}");
+    }
+
+    fn sticker_hue_is_the_label_in_train_and_val_only(kind: MovingKind) {
+        let s = moving_shortcut(&fake_digits(), &cfg(kind, 100, 50, 50)).unwrap();
+        let side = kind.default_size();
         let hue_class = |ds: &Dataset, i: usize| -> usize {
-            let hw = 36 * 36;
+            let hw = side * side;
             let m = ds.marks[i].as_ref().unwrap();
             let p = (0..hw)
                 .filter(|&p| m.values[p] == RED)
@@ -437,34 +574,7 @@ mod tests {
         let off = (0..s.test.len())
             .filter(|&i| hue_class(&s.test, i) as i64 != s.test.labels[i])
             .count();
-        assert!(off > s.test.len() / 2, "{off}");
-
-        // Shapes: the drawn pixels inside the box are exactly the label's shape.
-        let cfg = MovingConfig {
-            kind: MovingKind::Shapes,
-            ..cfg
-        };
-        let s = moving_shortcut(&fake_digits(), &cfg).unwrap();
-        let kind_of = |ds: &Dataset, i: usize| -> Option<usize> {
-            let m = ds.marks[i].as_ref().unwrap();
-            let (r, c, n, _) = red_box(m);
-            (0..10).find(|&k| {
-                (0..n).all(|y| {
-                    (0..n).all(|x| {
-                        shape_contains(k, y, x, n) == (ds.image(i)[(r + y) * 36 + c + x] > 0.5)
-                    })
-                })
-            })
-        };
-        for ds in [&s.train, &s.val] {
-            for i in 0..ds.len() {
-                assert_eq!(kind_of(ds, i), Some(ds.labels[i] as usize), "image {i}");
-            }
-        }
-        let off = (0..s.test.len())
-            .filter(|&i| kind_of(&s.test, i) != Some(s.test.labels[i] as usize))
-            .count();
-        assert!(off > s.test.len() / 2, "{off}");
+        assert!(off > s.test.len() / 2, "{kind:?}: {off}");
     }
 
     #[test]
