@@ -58,6 +58,12 @@ pub struct EfficacyArgs {
     )]
     pub propagation: Vec<String>,
     /// Training epochs of every model
+    /// Architecture trained in every row: small-cnn or resnet18
+    #[arg(long, default_value = "small-cnn")]
+    pub arch: String,
+    /// auto (CUDA when present), cpu, cuda or cuda:N
+    #[arg(long, default_value = "auto")]
+    pub device: String,
     #[arg(long, default_value_t = 4)]
     pub epochs: usize,
     #[arg(long, default_value_t = 64)]
@@ -159,19 +165,19 @@ fn fixed_lambda(args: &EfficacyArgs, loss: &str) -> Result<Option<f64>> {
     Ok(None)
 }
 
-/// A freshly initialised small CNN for `ds`'s images and classes, seeded.
-pub(crate) fn fresh_model(ds: &Dataset, seed: u64) -> Result<Model> {
+/// A freshly initialised model of `arch` for `ds`'s images and classes, seeded.
+pub(crate) fn fresh_model(ds: &Dataset, seed: u64, arch: Arch, device: Device) -> Result<Model> {
     tch::manual_seed(seed as i64);
     Ok(Model::new(
         ModelSpec {
-            arch: Arch::SmallCnn,
+            arch,
             classes: ds.classes.clone(),
             channels: ds.channels,
             height: ds.height,
             width: ds.width,
             version: 1,
         },
-        Device::cuda_if_available(),
+        device,
     )?)
 }
 
@@ -205,7 +211,12 @@ impl Runner<'_> {
         guidance: Option<GuidanceConfig>,
         suggester: Option<&Suggester>,
     ) -> Result<(Model, RunResult)> {
-        let mut model = fresh_model(train_ds, seed)?;
+        let mut model = fresh_model(
+            train_ds,
+            seed,
+            self.args.arch.parse()?,
+            mp_core::device::parse(&self.args.device)?,
+        )?;
         let set = &self.order[seed as usize][..k];
         let t = Instant::now();
         train_with(
@@ -225,11 +236,16 @@ impl Runner<'_> {
 
 /// Suggestions of `s` on `idx` (unmarked in the run) against their ground-truth red marks:
 /// (mean IoU, pixel precision, pixel recall).
-fn check_suggestions(s: &Suggester, ds: &Dataset, idx: &[usize]) -> Result<(f64, f64, f64)> {
+fn check_suggestions(
+    s: &Suggester,
+    ds: &Dataset,
+    idx: &[usize],
+    device: Device,
+) -> Result<(f64, f64, f64)> {
     let (mut ious, mut tp, mut fp, mut fn_) = (0f64, 0f64, 0f64, 0f64);
     let mut n = 0usize;
     for chunk in idx.chunks(256) {
-        let (x, _) = ds.batch(chunk, Device::cuda_if_available());
+        let (x, _) = ds.batch(chunk, device);
         let w = s.weights(&x)?.flatten(0, -1).to_device(Device::Cpu);
         let w = Vec::<f32>::try_from(&w)?;
         let hw = ds.width * ds.height;
@@ -325,7 +341,7 @@ pub fn run(args: EfficacyArgs) -> Result<()> {
     };
     let start = Instant::now();
     let suggest_cfg = SuggestConfig::default();
-    let device = Device::cuda_if_available();
+    let device = mp_core::device::parse(&args.device)?;
 
     // The propagation fits per (K, seed): every learned mode cross-validated on the marks,
     // its calibrated suggester, and its suggestions checked against the ground truth.
@@ -366,7 +382,8 @@ pub fn run(args: EfficacyArgs) -> Result<()> {
                         }
                     };
                     let s = calibrated(&f, &splits.train, set, &cfg, device)?;
-                    let (iou, precision, recall) = check_suggestions(&s, &splits.train, &check)?;
+                    let (iou, precision, recall) =
+                        check_suggestions(&s, &splits.train, &check, device)?;
                     let q = quality.entry((k, m)).or_default();
                     q.cv_iou.push(f.red_iou);
                     q.true_iou.push(iou);
@@ -663,7 +680,7 @@ fn render(
         ),
     };
     s.push_str(&format!(
-        "{} train / {} val / {} test images ({}x{}x{}); small CNN (thesis 3.1.3), Adam lr {}, batch {}, {} epochs, guidance batch {}, {} seeds (mean ± sd). \
+        "{} train / {} val / {} test images ({}x{}x{}); {} on {}, Adam lr {}, batch {}, {} epochs, guidance batch {}, {} seeds (mean ± sd). \
          Every choice — λ per loss, K and propagation mode (candidates {}), the propagation mode under auto — is made on {choice}; \
          the test split has the shortcut of a random class and is only scored.{}\n\n",
         splits.train.len(),
@@ -672,6 +689,14 @@ fn render(
         splits.train.width,
         splits.train.height,
         splits.train.channels,
+        match args.arch.parse::<Arch>() {
+            Ok(Arch::Resnet18) => "ResNet-18 (random initialisation)",
+            _ => "small CNN (thesis 3.1.3)",
+        },
+        match mp_core::device::parse(&args.device) {
+            Ok(Device::Cuda(i)) => format!("GPU {i} (CUDA)"),
+            _ => "CPU".to_string(),
+        },
         args.lr,
         args.batch,
         args.epochs,

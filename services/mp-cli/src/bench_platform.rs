@@ -401,7 +401,7 @@ fn clean_reference(data: &Path) -> Result<Option<f64>> {
             width: clean_train.width,
             version: 1,
         },
-        tch::Device::cuda_if_available(),
+        mp_core::device::auto(),
     )?;
     mp_core::train::train(
         &mut m,

@@ -78,7 +78,12 @@ pub fn run(a: ProposalsArgs) -> Result<()> {
         );
     }
     let ds = &splits.train;
-    let mut base = crate::bench_efficacy::fresh_model(ds, 0)?;
+    let mut base = crate::bench_efficacy::fresh_model(
+        ds,
+        0,
+        mp_core::model::Arch::SmallCnn,
+        mp_core::device::auto(),
+    )?;
     let cfg = TrainConfig {
         epochs: a.epochs,
         ..Default::default()

@@ -278,7 +278,7 @@ pub fn train(a: TrainArgs) -> Result<()> {
         width: train_ds.width,
         version: 1,
     };
-    let mut model = Model::new(spec, Device::cuda_if_available())?;
+    let mut model = Model::new(spec, mp_core::device::auto())?;
     let guidance_set = a.guidance.pick(&train_ds, a.seed)?;
     let cfg = TrainConfig {
         epochs: a.epochs,
@@ -333,7 +333,7 @@ pub struct EvalArgs {
 }
 
 pub fn eval(a: EvalArgs) -> Result<()> {
-    let model = Model::load(&a.model, Device::cuda_if_available())?;
+    let model = Model::load(&a.model, mp_core::device::auto())?;
     let splits = load_splits(&a.data)?;
     let ds = match a.split.as_str() {
         "train" => &splits.train,
@@ -416,7 +416,7 @@ pub struct SaliencyArgs {
 }
 
 pub fn saliency(a: SaliencyArgs) -> Result<()> {
-    let model = Model::load(&a.model, Device::cuda_if_available())?;
+    let model = Model::load(&a.model, mp_core::device::auto())?;
     let (pixels, _) = load_input(&model, &a.image)?;
     let s = &model.spec;
     let x = Tensor::from_slice(&pixels)
@@ -483,7 +483,7 @@ pub struct RefineArgs {
 }
 
 pub fn refine(a: RefineArgs) -> Result<()> {
-    let model = Model::load(&a.model, Device::cuda_if_available())?;
+    let model = Model::load(&a.model, mp_core::device::auto())?;
     let splits = load_splits(&a.data)?;
     let s = model.spec.clone();
     let (pixels, size) = load_input(&model, &a.image)?;
@@ -601,7 +601,7 @@ pub fn suggest(a: SuggestArgs) -> Result<()> {
         seed: a.seed,
         ..Default::default()
     };
-    let device = Device::cuda_if_available();
+    let device = mp_core::device::auto();
     let t = std::time::Instant::now();
     let Some((s, report)) = fit(propagation, &splits.train, set, &cfg, device)? else {
         bail!("--propagation off suggests nothing");

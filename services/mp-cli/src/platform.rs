@@ -13,7 +13,6 @@ use mp_gateway::GatewayConfig;
 use mp_store::{ImageRecord, ModelVersionRecord, ProjectInfo, Role, Store};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
-use tch::Device;
 
 pub fn runtime() -> Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread()
@@ -193,7 +192,7 @@ pub fn project_init(a: InitArgs) -> Result<String> {
     std::fs::create_dir_all(&a.checkpoints)
         .with_context(|| format!("creating {}", a.checkpoints.display()))?;
     let mut model = match &a.model {
-        Some(p) => Model::load(p, Device::cuda_if_available())?,
+        Some(p) => Model::load(p, mp_core::device::auto())?,
         None => {
             tch::manual_seed(0);
             let spec = ModelSpec {
@@ -204,7 +203,7 @@ pub fn project_init(a: InitArgs) -> Result<String> {
                 width: train_ds.width,
                 version: 1,
             };
-            let mut m = Model::new(spec, Device::cuda_if_available())?;
+            let mut m = Model::new(spec, mp_core::device::auto())?;
             let cfg = TrainConfig {
                 epochs: a.epochs,
                 ..Default::default()

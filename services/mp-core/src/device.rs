@@ -80,6 +80,12 @@ pub fn parse(s: &str) -> Result<Device> {
     }
 }
 
+/// `auto`: the first GPU when a driver and libtorch's CUDA half are present, else the CPU.
+/// Use this instead of `Device::cuda_if_available`, which cannot see CUDA before it is loaded.
+pub fn auto() -> Device {
+    parse("auto").unwrap_or(Device::Cpu)
+}
+
 /// Waits for the device's queued work (CUDA kernels run asynchronously); a no-op on CPU.
 /// Timings of GPU work must call this before reading the clock.
 pub fn synchronize(d: Device) {

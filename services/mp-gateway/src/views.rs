@@ -6,7 +6,7 @@ use mp_core::saliency::{maps_to_vecs, saliency_maps, Method};
 use mp_store::ImageRecord;
 use std::collections::VecDeque;
 use std::path::PathBuf;
-use tch::{Device, Tensor};
+use tch::Tensor;
 use tokio::sync::{mpsc, oneshot};
 
 /// What the view needs from a model: class probabilities and the normalised saliency map.
@@ -105,7 +105,7 @@ impl ViewPool {
                     let pos = models.iter().position(|(v, _)| *v == req.version);
                     let result = match pos {
                         Some(i) => Ok(i),
-                        None => match Model::load(&req.file, Device::cuda_if_available()) {
+                        None => match Model::load(&req.file, mp_core::device::auto()) {
                             Ok(m) => {
                                 models.push_front((req.version, m));
                                 models.truncate(cache.max(1));

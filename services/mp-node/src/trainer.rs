@@ -179,7 +179,7 @@ impl Default for TrainerConfig {
             },
             refine: RefineConfig::default(),
             rescore_every: 3,
-            device: mp_core::device::parse("auto").unwrap_or(Device::Cpu),
+            device: mp_core::device::auto(),
             health_listen: String::new(),
             score_chunk: 500,
         }

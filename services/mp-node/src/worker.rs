@@ -277,7 +277,7 @@ impl Default for WorkerConfig {
             exploration: 0.05,
             propagation: Propagation::Auto,
             suggest: SuggestConfig::default(),
-            device: mp_core::device::parse("auto").unwrap_or(Device::Cpu),
+            device: mp_core::device::auto(),
             health_listen: String::new(),
         }
     }
