@@ -333,10 +333,67 @@ fn moving_shortcut_data_suggestions_and_the_efficacy_benchmark_end_to_end() {
 }
 
 #[test]
+fn decoy_color_is_rgb_at_64_pixels_or_more_with_marks_and_clean_twins() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    fake_mnist(t);
+    let mnist = t.join("package");
+    let data = t.join("decoy-color");
+    let d = data.to_str().unwrap();
+    let args = |size: &str| {
+        vec![
+            "data",
+            "decoy-color",
+            "--out",
+            d,
+            "--mnist",
+            mnist.to_str().unwrap(),
+            "--n-train",
+            "40",
+            "--n-val",
+            "10",
+            "--n-test",
+            "10",
+            "--size",
+        ]
+        .into_iter()
+        .map(String::from)
+        .chain([size.to_string()])
+        .collect::<Vec<_>>()
+    };
+    let small = args("48");
+    let refused = mp(&small.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("at least 64x64"));
+    let a = args("64");
+    let out = ok(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(out.contains("decoy-color: 40 train"), "{out}");
+    let first = |dir: &Path| dir.read_dir().unwrap().next().unwrap().unwrap().path();
+    let img = first(&data.join("train/2"));
+    let png = image::open(&img).unwrap().to_rgb8();
+    assert_eq!((png.width(), png.height()), (64, 64));
+    // Colour, not gray: some pixel has channels that differ.
+    assert!(png.pixels().any(|p| p[0] != p[1] || p[1] != p[2]));
+    let name = img.file_name().unwrap();
+    let mark = image::open(data.join("marks/2").join(name))
+        .unwrap()
+        .to_rgb8();
+    let red = mark.pixels().filter(|p| p[0] > 127 && p[1] < 128).count();
+    let green = mark.pixels().filter(|p| p[1] > 127 && p[0] < 128).count();
+    assert!((36..=121).contains(&red), "sticker box {red} px");
+    assert!(green > 20, "digit {green} px");
+    let clean = image::open(data.join("clean/train/2").join(name))
+        .unwrap()
+        .to_rgb8();
+    assert_ne!(clean, png, "the clean twin has no sticker");
+}
+
+#[test]
 fn every_subcommand_has_help() {
     for args in [
         vec!["--help"],
         vec!["data", "decoy-mnist", "--help"],
+        vec!["data", "decoy-color", "--help"],
         vec!["train", "--help"],
         vec!["eval", "--help"],
         vec!["saliency", "--help"],
