@@ -183,6 +183,9 @@ pub(crate) fn fresh_model(ds: &Dataset, seed: u64, arch: Arch, device: Device) -
 
 struct Runner<'a> {
     args: &'a EfficacyArgs,
+    /// `--arch` and `--device`, parsed once.
+    arch: Arch,
+    device: Device,
     /// The split every choice is made on.
     choose: Dataset,
     /// Marked training images in a seeded order per seed.
@@ -211,12 +214,7 @@ impl Runner<'_> {
         guidance: Option<GuidanceConfig>,
         suggester: Option<&Suggester>,
     ) -> Result<(Model, RunResult)> {
-        let mut model = fresh_model(
-            train_ds,
-            seed,
-            self.args.arch.parse()?,
-            mp_core::device::parse(&self.args.device)?,
-        )?;
+        let mut model = fresh_model(train_ds, seed, self.arch, self.device)?;
         let set = &self.order[seed as usize][..k];
         let t = Instant::now();
         train_with(
@@ -334,14 +332,16 @@ pub fn run(args: EfficacyArgs) -> Result<()> {
             v
         })
         .collect();
+    let device = mp_core::device::parse(&args.device)?;
     let runner = Runner {
         args: &args,
+        arch: args.arch.parse()?,
+        device,
         choose,
         order,
     };
     let start = Instant::now();
     let suggest_cfg = SuggestConfig::default();
-    let device = mp_core::device::parse(&args.device)?;
 
     // The propagation fits per (K, seed): every learned mode cross-validated on the marks,
     // its calibrated suggester, and its suggestions checked against the ground truth.
@@ -626,6 +626,7 @@ pub fn run(args: EfficacyArgs) -> Result<()> {
         .unwrap_or_else(|| PathBuf::from(format!("docs/efficacy-{}.png", splits.name)));
     let text = render(
         &args,
+        (runner.arch, device),
         &splits,
         &rows,
         &tuning,
@@ -653,6 +654,7 @@ fn pct(v: &[f64]) -> String {
 #[allow(clippy::too_many_arguments)]
 fn render(
     args: &EfficacyArgs,
+    (arch, device): (Arch, Device),
     splits: &Splits,
     rows: &[Row],
     tuning: &[String],
@@ -689,12 +691,12 @@ fn render(
         splits.train.width,
         splits.train.height,
         splits.train.channels,
-        match args.arch.parse::<Arch>() {
-            Ok(Arch::Resnet18) => "ResNet-18 (random initialisation)",
-            _ => "small CNN (thesis 3.1.3)",
+        match arch {
+            Arch::Resnet18 => "ResNet-18 (random initialisation)",
+            Arch::SmallCnn => "small CNN (thesis 3.1.3)",
         },
-        match mp_core::device::parse(&args.device) {
-            Ok(Device::Cuda(i)) => format!("GPU {i} (CUDA)"),
+        match device {
+            Device::Cuda(i) => format!("GPU {i} (CUDA)"),
             _ => "CPU".to_string(),
         },
         args.lr,

@@ -157,9 +157,6 @@ pub fn data(cmd: DataCmd) -> Result<()> {
             (g, s, MovingKind::Shapes.name())
         }
         DataCmd::DecoyColor { gen: g, size } => {
-            if size < 64 {
-                anyhow::bail!("decoy-color is at least 64x64 (--size {size})");
-            }
             let s = moving(&g, MovingKind::Color, size)?;
             (g, s, MovingKind::Color.name())
         }

@@ -68,6 +68,14 @@ impl MovingKind {
         }
     }
 
+    /// The smallest canvas side: the colour benchmark is for real architectures.
+    pub fn min_size(&self) -> usize {
+        match self {
+            MovingKind::Sticker | MovingKind::Shapes => 28,
+            MovingKind::Color => 64,
+        }
+    }
+
     /// The default canvas side.
     pub fn default_size(&self) -> usize {
         match self {
@@ -367,9 +375,11 @@ pub fn moving_shortcut(digits: &Dataset, cfg: &MovingConfig) -> Result<ShortcutS
             "moving shortcuts need 28x28 grayscale digits",
         ));
     }
-    if !(28..=256).contains(&cfg.size) {
+    let lo = cfg.kind.min_size();
+    if !(lo..=256).contains(&cfg.size) {
         return Err(CoreError::invalid(format!(
-            "canvas {} outside 28..256",
+            "{} is at least {lo}x{lo} and at most 256x256 (canvas {})",
+            cfg.kind.name(),
             cfg.size
         )));
     }
