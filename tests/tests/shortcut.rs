@@ -19,6 +19,7 @@ fn fresh(seed: i64) -> Model {
         height: SIDE,
         width: SIDE,
         version: 1,
+        script: None,
     };
     Model::new(spec, Device::Cpu).unwrap()
 }

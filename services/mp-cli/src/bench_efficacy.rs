@@ -176,6 +176,7 @@ pub(crate) fn fresh_model(ds: &Dataset, seed: u64, arch: Arch, device: Device) -
             height: ds.height,
             width: ds.width,
             version: 1,
+            script: None,
         },
         device,
     )?)
@@ -694,6 +695,7 @@ fn render(
         match arch {
             Arch::Resnet18 => "ResNet-18 (random initialisation)",
             Arch::SmallCnn => "small CNN (thesis 3.1.3)",
+            Arch::TorchScript => "an imported TorchScript module",
         },
         match device {
             Device::Cuda(i) => format!("GPU {i} (CUDA)"),

@@ -400,6 +400,7 @@ fn clean_reference(data: &Path) -> Result<Option<f64>> {
             height: clean_train.height,
             width: clean_train.width,
             version: 1,
+            script: None,
         },
         mp_core::device::auto(),
     )?;

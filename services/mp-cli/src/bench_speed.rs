@@ -69,7 +69,7 @@ impl SpeedArgs {
     fn channels(&self) -> Result<i64> {
         Ok(self.channels.unwrap_or(match self.arch()? {
             Arch::SmallCnn => 1,
-            Arch::Resnet18 => 3,
+            Arch::Resnet18 | Arch::TorchScript => 3,
         }))
     }
     fn device(&self) -> Result<Device> {
@@ -83,6 +83,7 @@ impl SpeedArgs {
             height: self.side as usize,
             width: self.side as usize,
             version: 1,
+            script: None,
         })
     }
     /// The default configuration keeps the historical section name.
@@ -151,6 +152,7 @@ fn small_spec() -> ModelSpec {
         height: 28,
         width: 28,
         version: 1,
+        script: None,
     }
 }
 
@@ -380,6 +382,7 @@ pub fn run(a: SpeedArgs) -> Result<()> {
     let model_line = match a.arch()? {
         Arch::SmallCnn => "small CNN (thesis 3.1.3)".to_string(),
         Arch::Resnet18 => "ResNet-18 (the same layout in both: 3x3 stem up to 64 px, else the ImageNet stem; batch norm in training mode for steps, evaluation mode for saliency)".to_string(),
+        Arch::TorchScript => "TorchScript module".to_string(),
     };
     let mut s = format!(
         "## Speed: engine (tch) vs PyTorch {version}{}\n\nCommand: `mp bench speed {}`  \nDate: {}; machine: {}; {where_}, \

@@ -274,6 +274,7 @@ pub fn train(a: TrainArgs) -> Result<()> {
         height: train_ds.height,
         width: train_ds.width,
         version: 1,
+        script: None,
     };
     let mut model = Model::new(spec, mp_core::device::auto())?;
     let guidance_set = a.guidance.pick(&train_ds, a.seed)?;

@@ -202,6 +202,7 @@ pub fn project_init(a: InitArgs) -> Result<String> {
                 height: train_ds.height,
                 width: train_ds.width,
                 version: 1,
+                script: None,
             };
             let mut m = Model::new(spec, mp_core::device::auto())?;
             let cfg = TrainConfig {

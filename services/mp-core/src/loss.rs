@@ -157,6 +157,7 @@ mod tests {
             height: 8,
             width: 8,
             version: 0,
+            script: None,
         };
         let model = Model::new(spec, Device::Cpu).unwrap();
         let x = Tensor::rand([4, 1, 8, 8], (Kind::Float, Device::Cpu));

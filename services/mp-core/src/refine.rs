@@ -368,6 +368,7 @@ mod tests {
             height: 12,
             width: 12,
             version: 3,
+            script: None,
         };
         let mut model = Model::new(spec, Device::Cpu).unwrap();
         let data = shortcut_data(256, true);
@@ -435,6 +436,7 @@ mod tests {
             height: 12,
             width: 12,
             version: 0,
+            script: None,
         };
         let model = Model::new(spec, Device::Cpu).unwrap();
         let data = shortcut_data(16, true);

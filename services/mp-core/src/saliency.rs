@@ -210,6 +210,7 @@ mod tests {
             height: 8,
             width: 8,
             version: 0,
+            script: None,
         };
         Model::new(spec, Device::Cpu).unwrap()
     }

@@ -398,6 +398,7 @@ mod tests {
             height: 8,
             width: 8,
             version: 1,
+            script: None,
         };
         let model = Model::new(spec, Device::Cpu).unwrap();
         let mut ds = Dataset::new(vec!["a".into(), "b".into()], 1, 8, 8);
