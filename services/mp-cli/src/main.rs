@@ -10,6 +10,7 @@ mod common;
 mod nodes;
 mod platform;
 mod plot;
+mod project;
 mod report;
 
 use clap::{Parser, Subcommand};
@@ -62,6 +63,8 @@ enum Command {
     Trainer(nodes::TrainerArgs),
     /// One machine: redis-server, gateway, trainer and workers on the demo project
     Up(nodes::UpArgs),
+    /// Take a model version back to PyTorch: TorchScript module + safetensors state_dict
+    Export(project::ExportArgs),
 }
 
 #[derive(Subcommand)]
@@ -111,6 +114,7 @@ fn main() {
         Command::Worker(a) => nodes::worker(a),
         Command::Trainer(a) => nodes::trainer(a),
         Command::Up(a) => nodes::up(a),
+        Command::Export(a) => project::export(a).map(|_| ()),
         Command::ExpertSim(a) => platform::expert_sim(a),
         Command::Admin(c) => platform::admin(c),
     };

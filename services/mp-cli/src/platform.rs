@@ -91,9 +91,14 @@ pub struct InitArgs {
     /// Shared checkpoint directory
     #[arg(long, default_value = "checkpoints")]
     pub checkpoints: PathBuf,
-    /// Base model to start from (else one is trained)
+    /// Base model to start from: a TorchScript module of your own (`torch.jit.save`; needs
+    /// --config) or one of our checkpoints (else one is trained)
     #[arg(long)]
     pub model: Option<PathBuf>,
+    /// Project config (TOML: classes in output order, input size, resize policy, mean/std,
+    /// batch norm) for a TorchScript --model; default DATA/project.toml
+    #[arg(long)]
+    pub config: Option<PathBuf>,
     #[arg(long, default_value_t = 4)]
     pub epochs: usize,
     #[arg(long, default_value = "small-cnn")]
@@ -117,6 +122,7 @@ impl InitArgs {
             prefix: "mp".into(),
             checkpoints,
             model: None,
+            config: None,
             epochs: 4,
             arch: "small-cnn".into(),
             resize: None,
@@ -165,13 +171,39 @@ pub fn margin_priorities(model: &Model, ds: &Dataset) -> Result<Vec<f64>> {
 
 /// Initialises the project; returns the admin token.
 pub fn project_init(a: InitArgs) -> Result<String> {
-    let f = load_image_folder(
+    let config = match &a.model {
+        Some(p) if crate::project::is_torchscript_file(p)? => {
+            let path = a
+                .config
+                .clone()
+                .unwrap_or_else(|| a.data.join("project.toml"));
+            if !path.is_file() {
+                bail!(
+                    "--model {} is a TorchScript module: its project config (classes in output order, input size, normalisation) is needed; pass --config FILE (looked for {})",
+                    p.display(),
+                    path.display()
+                );
+            }
+            Some(crate::project::ProjectConfig::load(&path)?)
+        }
+        _ => None,
+    };
+    let mut f = load_image_folder(
         &a.data,
         &FolderOptions {
-            resize: a.resize,
-            grayscale: None,
+            resize: a.resize.or(config.as_ref().and_then(|c| c.resize())),
+            grayscale: config.as_ref().map(|c| c.input.channels == 1),
         },
     )?;
+    if let Some(c) = &config {
+        c.relabel(&mut f.train, "train")?;
+        if let Some(v) = f.val.as_mut() {
+            c.relabel(v, "val")?;
+        }
+        if let Some(t) = f.test.as_mut() {
+            c.relabel(t, "test")?;
+        }
+    }
     // No val/: hold out part of train (never the test split: it is for scoring only).
     let (train_all, val) = match f.val.clone() {
         Some(v) => (f.train.clone(), v),
@@ -191,9 +223,10 @@ pub fn project_init(a: InitArgs) -> Result<String> {
     let train_ds = train_all.without_marks();
     std::fs::create_dir_all(&a.checkpoints)
         .with_context(|| format!("creating {}", a.checkpoints.display()))?;
-    let mut model = match &a.model {
-        Some(p) => Model::load(p, mp_core::device::auto())?,
-        None => {
+    let mut model = match (&a.model, &config) {
+        (Some(p), Some(c)) => crate::project::import_module(p, c, mp_core::device::auto())?,
+        (Some(p), None) => Model::load(p, mp_core::device::auto())?,
+        (None, _) => {
             tch::manual_seed(0);
             let spec = ModelSpec {
                 arch: a.arch.parse::<Arch>()?,
