@@ -122,6 +122,7 @@ def main():
     ap.add_argument("--arch", default="small-cnn", choices=["small-cnn", "resnet18"])
     ap.add_argument("--side", type=int, default=28)
     ap.add_argument("--channels", type=int, default=1)
+    ap.add_argument("--module", default=None, help="TorchScript module to time instead of --arch (kept in eval mode)")
     a = ap.parse_args()
     global SYNC
     torch.set_num_threads(a.threads)
@@ -132,6 +133,10 @@ def main():
     c, side = a.channels, a.side
 
     def make():
+        if a.module:
+            m = torch.jit.load(a.module, map_location=dev)
+            m.eval()
+            return m
         if a.arch == "resnet18":
             return ResNet18(10, c, side).to(dev)
         return SmallCnn(10, c, side).to(dev)
@@ -145,7 +150,8 @@ def main():
     marks[:, :, :m, :m] = 1.0
 
     def ce_step():
-        model.train()
+        if not a.module:
+            model.train()
         opt.zero_grad()
         F.cross_entropy(model(x), y).backward()
         opt.step()

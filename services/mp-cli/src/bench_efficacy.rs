@@ -11,14 +11,14 @@
 //! propagation mode under auto (cross-validation over the marked images only). The test
 //! split is scored, never used for a choice.
 
-use crate::common::{bar, load_splits, DataArgs, Splits};
+use crate::common::{bar, load_splits, DataArgs, ModelChoice, Splits};
 use crate::plot::{line_plot, Series};
 use crate::report::{machine_line, mean_sd, today, write_section};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use mp_core::data::{Dataset, RED};
 use mp_core::loss::SaliencyLoss;
-use mp_core::model::{Arch, Model, ModelSpec};
+use mp_core::model::Model;
 use mp_core::refine::{refine, RefineConfig};
 use mp_core::suggest::{
     best_fit, calibrated, cross_validate, ModeFit, Propagation, SuggestConfig, SuggestMode,
@@ -61,6 +61,14 @@ pub struct EfficacyArgs {
     /// Architecture trained in every row: small-cnn or resnet18
     #[arg(long, default_value = "small-cnn")]
     pub arch: String,
+    /// A TorchScript module of your own to train in every row instead of --arch (its saved
+    /// weights are every seed's starting point)
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Batch norm of a --model module: frozen (evaluation mode throughout) or batch (batch
+    /// statistics in training steps; what training a module from scratch needs)
+    #[arg(long, default_value = "batch")]
+    pub batch_norm: String,
     /// auto (CUDA when present), cpu, cuda or cuda:N
     #[arg(long, default_value = "auto")]
     pub device: String,
@@ -165,27 +173,25 @@ fn fixed_lambda(args: &EfficacyArgs, loss: &str) -> Result<Option<f64>> {
     Ok(None)
 }
 
-/// A freshly initialised model of `arch` for `ds`'s images and classes, seeded.
-pub(crate) fn fresh_model(ds: &Dataset, seed: u64, arch: Arch, device: Device) -> Result<Model> {
+/// A fresh model of `choice` for `ds`'s images and classes, seeded.
+pub(crate) fn fresh_model(
+    ds: &Dataset,
+    seed: u64,
+    choice: &ModelChoice,
+    device: Device,
+) -> Result<Model> {
     tch::manual_seed(seed as i64);
-    Ok(Model::new(
-        ModelSpec {
-            arch,
-            classes: ds.classes.clone(),
-            channels: ds.channels,
-            height: ds.height,
-            width: ds.width,
-            version: 1,
-            script: None,
-        },
+    choice.build(
+        ds.classes.clone(),
+        (ds.channels, ds.height, ds.width),
         device,
-    )?)
+    )
 }
 
 struct Runner<'a> {
     args: &'a EfficacyArgs,
-    /// `--arch` and `--device`, parsed once.
-    arch: Arch,
+    /// `--arch` / `--model` and `--device`, parsed once.
+    model: ModelChoice,
     device: Device,
     /// The split every choice is made on.
     choose: Dataset,
@@ -215,7 +221,7 @@ impl Runner<'_> {
         guidance: Option<GuidanceConfig>,
         suggester: Option<&Suggester>,
     ) -> Result<(Model, RunResult)> {
-        let mut model = fresh_model(train_ds, seed, self.arch, self.device)?;
+        let mut model = fresh_model(train_ds, seed, &self.model, self.device)?;
         let set = &self.order[seed as usize][..k];
         let t = Instant::now();
         train_with(
@@ -336,7 +342,11 @@ pub fn run(args: EfficacyArgs) -> Result<()> {
     let device = mp_core::device::parse(&args.device)?;
     let runner = Runner {
         args: &args,
-        arch: args.arch.parse()?,
+        model: ModelChoice::with_batch_norm(
+            &args.arch,
+            args.model.as_deref(),
+            args.batch_norm.parse()?,
+        )?,
         device,
         choose,
         order,
@@ -627,7 +637,7 @@ pub fn run(args: EfficacyArgs) -> Result<()> {
         .unwrap_or_else(|| PathBuf::from(format!("docs/efficacy-{}.png", splits.name)));
     let text = render(
         &args,
-        (runner.arch, device),
+        (&runner.model, device),
         &splits,
         &rows,
         &tuning,
@@ -655,7 +665,7 @@ fn pct(v: &[f64]) -> String {
 #[allow(clippy::too_many_arguments)]
 fn render(
     args: &EfficacyArgs,
-    (arch, device): (Arch, Device),
+    (model, device): (&ModelChoice, Device),
     splits: &Splits,
     rows: &[Row],
     tuning: &[String],
@@ -668,7 +678,7 @@ fn render(
     s.push_str(&format!("## Efficacy on {}\n\n", splits.name));
     s.push_str(&format!(
         "Command: `mp bench efficacy {}`  \nDate: {}; machine: {}; total {:.0} s.  \n",
-        std::env::args().skip(3).collect::<Vec<_>>().join(" "),
+        crate::report::command_args(),
         today(),
         machine_line(),
         secs
@@ -692,11 +702,7 @@ fn render(
         splits.train.width,
         splits.train.height,
         splits.train.channels,
-        match arch {
-            Arch::Resnet18 => "ResNet-18 (random initialisation)",
-            Arch::SmallCnn => "small CNN (thesis 3.1.3)",
-            Arch::TorchScript => "an imported TorchScript module",
-        },
+        model.describe(),
         match device {
             Device::Cuda(i) => format!("GPU {i} (CUDA)"),
             _ => "CPU".to_string(),

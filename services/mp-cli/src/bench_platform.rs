@@ -438,7 +438,7 @@ fn render(
          A round ends after {} committed marks; the trainer then fine-tunes the current model for {} epochs with CE + persistent guidance \
          (rrr-jacobian, λ = 0.1, confound swap 0.5, propagation auto: the suggester with the best cross-validated fit on the committed marks) and publishes the next version. \
          Every run starts from the same base model (trained on the training split, shortcut included) in a fresh Redis; base model and data {:.0} s.\n\n",
-        std::env::args().skip(3).collect::<Vec<_>>().join(" "),
+        crate::report::command_args(),
         today(),
         machine_line(),
         a.workers,

@@ -81,7 +81,7 @@ pub fn run(a: ProposalsArgs) -> Result<()> {
     let mut base = crate::bench_efficacy::fresh_model(
         ds,
         0,
-        mp_core::model::Arch::SmallCnn,
+        &crate::common::ModelChoice::Builtin(mp_core::model::Arch::SmallCnn),
         mp_core::device::auto(),
     )?;
     let cfg = TrainConfig {
@@ -119,7 +119,7 @@ pub fn run(a: ProposalsArgs) -> Result<()> {
          after at least {} iterations; the other criteria (validation guard 1.2×, plateau over 3, 50 iterations, 5 s) as before.\n\n\
          | settings | iterations | red share drop | red share after | green share rise | val acc change (points) | ms | stops |\n|---|---|---|---|---|---|---|---|\n",
         splits.name,
-        std::env::args().skip(3).collect::<Vec<_>>().join(" "),
+        crate::report::command_args(),
         today(),
         machine_line(),
         a.images,

@@ -320,7 +320,7 @@ pub fn run(a: QueueArgs) -> Result<()> {
          during the run divided by the leases. *fsync stalls*: seconds of the run in which Redis's latency monitor saw an AOF fsync \
          take ≥ {STALL_MS} ms, and the worst.\n\n\
          | experts | load | leases | leases/s | round trip p50 ms | p99 ms | CPU/lease redis-server µs | CPU/lease gateway + experts µs | fsync stalls: s, worst ms |\n|---|---|---|---|---|---|---|---|---|\n",
-        std::env::args().skip(3).collect::<Vec<_>>().join(" "),
+        crate::report::command_args(),
         today(),
         machine_line()
     );

@@ -46,6 +46,11 @@ pub struct SpeedArgs {
     /// small-cnn or resnet18 (the same layout in the reference script)
     #[arg(long, default_value = "small-cnn")]
     pub arch: String,
+    /// A TorchScript module (10 outputs) timed in both engines instead of --arch: the engine
+    /// imports it (batch norm frozen), the reference loads it with torch.jit.load and keeps
+    /// it in evaluation mode
+    #[arg(long)]
+    pub model: Option<PathBuf>,
     /// Input side in pixels
     #[arg(long, default_value_t = 28)]
     pub side: i64,
@@ -64,7 +69,19 @@ pub struct SpeedArgs {
 
 impl SpeedArgs {
     fn arch(&self) -> Result<Arch> {
-        Ok(self.arch.parse::<Arch>()?)
+        Ok(match self.model {
+            Some(_) => Arch::TorchScript,
+            None => self.arch.parse::<Arch>()?,
+        })
+    }
+    /// The model under test on `d`.
+    fn build(&self, d: Device) -> Result<Model> {
+        let spec = self.spec()?;
+        crate::common::ModelChoice::new(&self.arch, self.model.as_deref())?.build(
+            spec.classes,
+            (spec.channels, spec.height, spec.width),
+            d,
+        )
     }
     fn channels(&self) -> Result<i64> {
         Ok(self.channels.unwrap_or(match self.arch()? {
@@ -94,7 +111,16 @@ impl SpeedArgs {
                 "speed".into()
             } else {
                 let dev = if d == Device::Cpu { "cpu" } else { "cuda" };
-                format!("speed-{dev}-{}-{}", self.arch, self.side)
+                match &self.model {
+                    Some(p) => format!(
+                        "speed-{dev}-torchscript-{}-{}",
+                        p.file_stem()
+                            .map(|f| f.to_string_lossy())
+                            .unwrap_or_default(),
+                        self.side
+                    ),
+                    None => format!("speed-{dev}-{}-{}", self.arch, self.side),
+                }
             },
         )
     }
@@ -162,7 +188,7 @@ fn rust_round(a: &SpeedArgs) -> Result<Vec<f64>> {
     let d = a.device()?;
     let spec = a.spec()?;
     let (c, side) = (a.channels()?, a.side);
-    let model = Model::new(spec.clone(), d)?;
+    let model = a.build(d)?;
     let mut opt = tch::nn::Adam::default().build(model.var_store(), 1e-3)?;
     let b = a.batch;
     let x = Tensor::rand([b, c, side, side], (Kind::Float, d));
@@ -242,8 +268,13 @@ fn gpu_name(python: &str) -> Option<String> {
 }
 
 fn torch_round(a: &SpeedArgs) -> Result<(Vec<f64>, String)> {
+    let module: Vec<String> = match &a.model {
+        Some(p) => vec!["--module".into(), p.display().to_string()],
+        None => vec![],
+    };
     let out = Command::new(&a.python)
         .arg(&a.script)
+        .args(&module)
         .args([
             "--threads",
             &a.bench_threads.to_string(),
@@ -382,14 +413,21 @@ pub fn run(a: SpeedArgs) -> Result<()> {
     let model_line = match a.arch()? {
         Arch::SmallCnn => "small CNN (thesis 3.1.3)".to_string(),
         Arch::Resnet18 => "ResNet-18 (the same layout in both: 3x3 stem up to 64 px, else the ImageNet stem; batch norm in training mode for steps, evaluation mode for saliency)".to_string(),
-        Arch::TorchScript => "TorchScript module".to_string(),
+        Arch::TorchScript => format!(
+            "TorchScript module {} (loaded in both, evaluation mode throughout: the engine's frozen batch norm)",
+            a.model
+                .as_ref()
+                .and_then(|p| p.file_name())
+                .map(|f| f.to_string_lossy().into_owned())
+                .unwrap_or_default()
+        ),
     };
     let mut s = format!(
         "## Speed: engine (tch) vs PyTorch {version}{}\n\nCommand: `mp bench speed {}`  \nDate: {}; machine: {}; {where_}, \
          median of {} repetitions, best of {} interleaved rounds. Same {model_line}, {}x{}x{} inputs, random data.\n\n\
          | operation | engine ms | PyTorch ms | ratio engine/PyTorch | engine per second |\n|---|---|---|---|---|\n",
         if section == "speed" { String::new() } else { format!(" ({})", &section["speed-".len()..]) },
-        std::env::args().skip(3).collect::<Vec<_>>().join(" "),
+        crate::report::command_args(),
         today(),
         machine_line(),
         a.reps,

