@@ -177,6 +177,12 @@ pub struct UpArgs {
     pub data: Option<PathBuf>,
     #[arg(long, env = "MP_MNIST_DIR")]
     pub mnist: Option<PathBuf>,
+    /// Your own TorchScript model as the base model (with --config), instead of training one
+    #[arg(long, requires = "data")]
+    pub model: Option<PathBuf>,
+    /// Project config of --model (default: DATA/project.toml)
+    #[arg(long)]
+    pub config: Option<PathBuf>,
     #[arg(long, default_value = "127.0.0.1:50051")]
     pub listen: String,
     #[arg(long, default_value_t = 6390)]
@@ -346,12 +352,19 @@ pub fn up(a: UpArgs) -> Result<()> {
         anyhow::Ok(s.project().await?.is_some())
     })?;
     if !initialised || !token_file.exists() {
-        println!("initialising the project (trains the base model)");
-        let token = project_init(InitArgs::new(
-            data.clone(),
-            url.clone(),
-            checkpoints.clone(),
-        ))?;
+        println!(
+            "initialising the project ({})",
+            if a.model.is_some() {
+                "imports your model"
+            } else {
+                "trains the base model"
+            }
+        );
+        let token = project_init(InitArgs {
+            model: a.model.clone(),
+            config: a.config.clone(),
+            ..InitArgs::new(data.clone(), url.clone(), checkpoints.clone())
+        })?;
         std::fs::write(&token_file, &token)?;
     }
     let token = std::fs::read_to_string(&token_file)?.trim().to_string();

@@ -2,38 +2,18 @@
 //! proposal; two commits racing on one base version — one applies, the other is rebased,
 //! no update lost.
 
+mod common;
+use common::spawn;
 use mp_api::Client;
 use mp_proto::rle;
 use mp_proto::v1 as pb;
 use mp_store::server::RedisServer;
 use mp_store::Store;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 const SIDE: u32 = mp_e2e::PROJECT_SIDE;
-
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn spawn(args: &[&str], log: &Path) -> Proc {
-    Proc(
-        Command::new(env!("CARGO_BIN_EXE_mp"))
-            .args(args)
-            .env("RUST_LOG", "info")
-            .env("MP_THREADS", "1")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(log).unwrap())
-            .spawn()
-            .unwrap(),
-    )
-}
 
 async fn gateway(redis_url: &str, ck: &Path) -> mp_e2e::TestGateway {
     mp_e2e::TestGateway::start(mp_e2e::gateway_config(redis_url, ck)).await

@@ -4,13 +4,15 @@
 //! `mp export --version 2` → PyTorch loads both exported files and reproduces the engine's
 //! logits. And the init refusals: wrong output size, wrong channels, not TorchScript.
 
+mod common;
+use common::spawn;
 use mp_core::model::Model;
 use mp_proto::rle;
 use mp_proto::v1 as pb;
 use mp_store::server::RedisServer;
 use mp_store::Store;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 use tch::{Device, Kind, Tensor};
 
@@ -24,28 +26,6 @@ fn python() -> String {
 
 fn fixture() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/torch_module.py")
-}
-
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn spawn(args: &[&str], log: &Path) -> Proc {
-    Proc(
-        Command::new(env!("CARGO_BIN_EXE_mp"))
-            .args(args)
-            .env("RUST_LOG", "info")
-            .env("MP_THREADS", "1")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(log).unwrap())
-            .spawn()
-            .unwrap(),
-    )
 }
 
 fn mp(args: &[&str]) -> Output {

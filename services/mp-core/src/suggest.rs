@@ -362,7 +362,10 @@ fn augment(x: &Tensor, m: &Tensor, rng: &mut Rng) -> (Tensor, Tensor) {
 
 fn seeded_init(vs: &nn::VarStore, rng: &mut Rng) {
     let _g = tch::no_grad_guard();
-    for (name, mut t) in vs.variables() {
+    // By name: the VarStore's map iterates in a different order in every process, and the
+    // same seed must give the same segmenter.
+    let vars: std::collections::BTreeMap<String, Tensor> = vs.variables().into_iter().collect();
+    for (name, mut t) in vars {
         let size = t.size();
         let numel: i64 = size.iter().product();
         let vals: Vec<f32> = if name.ends_with("bias") {
