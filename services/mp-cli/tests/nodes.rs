@@ -3,7 +3,7 @@
 //! no update lost.
 
 mod common;
-use common::spawn;
+use common::{spawn, wait_status};
 use mp_api::Client;
 use mp_proto::rle;
 use mp_proto::v1 as pb;
@@ -44,28 +44,6 @@ async fn mark_one(c: &Client, key: &str) -> String {
         .unwrap()
         .into_inner();
     r.proposal_id
-}
-
-async fn wait_status(
-    store: &Store,
-    pid: &str,
-    want: &[&str],
-    within: Duration,
-) -> mp_store::ProposalRecord {
-    let start = Instant::now();
-    loop {
-        let p = store.proposal(pid).await.unwrap();
-        if want.contains(&p.status.as_str()) {
-            return p;
-        }
-        assert!(
-            start.elapsed() < within,
-            "proposal {pid} stuck in {} ({}), wanted {want:?}",
-            p.status,
-            p.message
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -5,7 +5,7 @@
 //! logits. And the init refusals: wrong output size, wrong channels, not TorchScript.
 
 mod common;
-use common::spawn;
+use common::{spawn, wait_status};
 use mp_core::model::Model;
 use mp_proto::rle;
 use mp_proto::v1 as pb;
@@ -13,7 +13,7 @@ use mp_store::server::RedisServer;
 use mp_store::Store;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tch::{Device, Kind, Tensor};
 
 const SIDE: u32 = 16;
@@ -91,23 +91,6 @@ fn modules(dir: &Path) {
         .output()
         .expect("running the venv's python (set MP_PYTHON)");
     assert!(out.status.success(), "{}", text(&out));
-}
-
-async fn wait_status(store: &Store, pid: &str, want: &str) -> mp_store::ProposalRecord {
-    let start = Instant::now();
-    loop {
-        let p = store.proposal(pid).await.unwrap();
-        if p.status == want {
-            return p;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(120),
-            "proposal {pid} stuck in {} ({}), wanted {want}",
-            p.status,
-            p.message
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -242,7 +225,7 @@ async fn import_refine_commit_export_round_trip() {
         .unwrap()
         .into_inner()
         .proposal_id;
-    wait_status(&store, &pid, "ready").await;
+    wait_status(&store, &pid, &["ready"], Duration::from_secs(120)).await;
     c.proposals
         .clone()
         .decide(pb::DecideRequest {
@@ -251,7 +234,7 @@ async fn import_refine_commit_export_round_trip() {
         })
         .await
         .unwrap();
-    let p = wait_status(&store, &pid, "committed").await;
+    let p = wait_status(&store, &pid, &["committed"], Duration::from_secs(120)).await;
     assert_eq!(p.committed_version, 2);
 
     let out = d.join("export");

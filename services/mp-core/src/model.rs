@@ -209,7 +209,8 @@ impl ScriptNet {
         })
     }
 
-    fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
+    /// Normalisation, then the module.
+    fn f_forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
         if self.batch_norm == BatchNorm::Batch {
             self.module.set_train(train);
         }
@@ -217,9 +218,12 @@ impl ScriptNet {
             Some((m, s)) => (xs - m) / s,
             None => xs.shallow_clone(),
         };
+        self.module.forward(&x)
+    }
+
+    fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
         // The module passed a dry forward at import; what fails here is a broken invariant.
-        self.module
-            .forward(&x)
+        self.f_forward_t(xs, train)
             .unwrap_or_else(|e| panic!("imported module: {e}"))
     }
 }
@@ -441,11 +445,7 @@ impl Model {
         let Net::Script(net) = &model.net else {
             unreachable!("an imported model is a script net")
         };
-        let x = match &net.norm {
-            Some((m, s)) => (x - m) / s,
-            None => x,
-        };
-        let out = tch::no_grad(|| net.module.forward(&x)).map_err(|e| {
+        let out = tch::no_grad(|| net.f_forward_t(&x, false)).map_err(|e| {
             CoreError::invalid(format!(
                 "the module does not accept a [2, {c}, {h}, {w}] input (channels, height, width from the project config): {e}"
             ))

@@ -1,7 +1,9 @@
 //! Helpers shared by the tests that run `mp` as real processes.
 
+use mp_store::Store;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
 
 /// A child process killed (and reaped) when dropped.
 pub struct Proc(pub Child);
@@ -25,4 +27,27 @@ pub fn spawn(args: &[&str], log: &Path) -> Proc {
             .spawn()
             .unwrap(),
     )
+}
+
+/// Waits until proposal `pid` reaches one of `want`; fails after `within`.
+pub async fn wait_status(
+    store: &Store,
+    pid: &str,
+    want: &[&str],
+    within: Duration,
+) -> mp_store::ProposalRecord {
+    let start = Instant::now();
+    loop {
+        let p = store.proposal(pid).await.unwrap();
+        if want.contains(&p.status.as_str()) {
+            return p;
+        }
+        assert!(
+            start.elapsed() < within,
+            "proposal {pid} stuck in {} ({}), wanted {want:?}",
+            p.status,
+            p.message
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
