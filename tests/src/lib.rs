@@ -68,6 +68,7 @@ pub async fn platform_project(
             width: side,
             height: side,
             channels: 1,
+            image_store: checkpoints.with_file_name("images").display().to_string(),
         })
         .await
         .expect("project");

@@ -241,7 +241,7 @@ pub fn run(a: QueueArgs) -> Result<()> {
         for (n, rate) in closed.chain(paced) {
             let dir = tempfile::tempdir()?;
             let p = LocalPlatform::start(dir.path(), 60_000).await?;
-            let admin = synthetic_project(&p.store, a.leases + 100).await?;
+            let admin = synthetic_project(&p.store, a.leases + 100, &p.dir.join("images")).await?;
             let clients = sim_clients(&p.addr, &admin, n, "bench").await?;
             // Warm the connections.
             for c in &clients {

@@ -88,6 +88,7 @@ pub fn load_splits(args: &DataArgs) -> Result<Splits> {
             let opts = FolderOptions {
                 resize: args.resize,
                 grayscale: None,
+                skip_bad: false,
             };
             let f = load_image_folder(root, &opts)?;
             let test = f

@@ -5,7 +5,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use mp_api::sim::{self, MarkSource, Outcome, SimConfig};
 use mp_api::Client;
-use mp_core::data::folder::{load_image_folder, FolderOptions};
+use mp_core::data::folder::{load_image_folder_with_progress, FolderOptions};
 use mp_core::data::Dataset;
 use mp_core::model::{Arch, Model, ModelSpec};
 use mp_core::train::{evaluate, predict, train, TrainConfig};
@@ -111,6 +111,14 @@ pub struct InitArgs {
     /// random
     #[arg(long, default_value = "alignment")]
     pub ordering: String,
+    /// Where the pixels go: a directory, or an s3://, gs:// or az:// URL (credentials from
+    /// the environment, as each provider's tools read them). Default: `images` in the
+    /// checkpoint directory, which every node already shares
+    #[arg(long, env = "MP_IMAGE_STORE")]
+    pub image_store: Option<String>,
+    /// Leave out files that cannot be read or decoded (they are listed) instead of refusing
+    #[arg(long)]
+    pub skip_bad: bool,
 }
 
 impl InitArgs {
@@ -128,8 +136,15 @@ impl InitArgs {
             resize: None,
             admin_name: "admin".into(),
             ordering: "alignment".into(),
+            image_store: None,
+            skip_bad: false,
         }
     }
+}
+
+/// The id of a training image of a dataset: `class/name`.
+pub fn image_id(ds: &Dataset, i: usize) -> String {
+    format!("{}/{}", ds.classes[ds.labels[i] as usize], ds.names[i])
 }
 
 /// An image of a dataset as stored: id `class/name`, 8-bit interleaved pixels.
@@ -142,9 +157,8 @@ pub fn image_record(ds: &Dataset, i: usize) -> ImageRecord {
             pixels[p * c + k] = (img[k * w * h + p].clamp(0.0, 1.0) * 255.0).round() as u8;
         }
     }
-    let class = &ds.classes[ds.labels[i] as usize];
     ImageRecord {
-        id: format!("{class}/{}", ds.names[i]),
+        id: image_id(ds, i),
         name: ds.names[i].clone(),
         label: ds.labels[i] as u32,
         width: w as u32,
@@ -188,13 +202,35 @@ pub fn project_init(a: InitArgs) -> Result<String> {
         }
         _ => None,
     };
-    let mut f = load_image_folder(
+    let pb = bar(0, "decoding images");
+    let mut f = load_image_folder_with_progress(
         &a.data,
         &FolderOptions {
             resize: a.resize.or(config.as_ref().and_then(|c| c.resize())),
             grayscale: config.as_ref().map(|c| c.input.channels == 1),
+            skip_bad: a.skip_bad,
         },
-    )?;
+        &|done, total| {
+            pb.set_length(total);
+            pb.set_position(done);
+        },
+    )
+    .map_err(|e| match e {
+        e @ (mp_core::CoreError::Image { .. } | mp_core::CoreError::BadImages { .. }) => {
+            anyhow::anyhow!("{e}\n(pass --skip-bad to leave such files out)")
+        }
+        e => e.into(),
+    })?;
+    pb.finish_and_clear();
+    if !f.skipped.is_empty() {
+        println!(
+            "left out {} files that cannot be read as images (--skip-bad):",
+            f.skipped.len()
+        );
+        for (p, why) in &f.skipped {
+            println!("  {}: {why}", p.display());
+        }
+    }
     if let Some(c) = &config {
         c.relabel(&mut f.train, "train")?;
         if let Some(v) = f.val.as_mut() {
@@ -268,10 +304,21 @@ pub fn project_init(a: InitArgs) -> Result<String> {
         }
         _ => margin_priorities(&model, &train_ds)?,
     };
-    let records: Vec<ImageRecord> = (0..train_ds.len())
-        .map(|i| image_record(&train_ds, i))
+    let items: Vec<(String, f64)> = (0..train_ds.len())
+        .map(|i| image_id(&train_ds, i))
+        .zip(prios)
         .collect();
-    let items: Vec<(String, f64)> = records.iter().map(|r| r.id.clone()).zip(prios).collect();
+    let images_url = match &a.image_store {
+        Some(u) => u.clone(),
+        None => a
+            .checkpoints
+            .canonicalize()
+            .with_context(|| format!("resolving {}", a.checkpoints.display()))?
+            .join("images")
+            .display()
+            .to_string(),
+    };
+    let images = mp_store::ImageStore::open(&images_url, 0)?;
     let token = runtime()?.block_on(async {
         let store = Store::connect(&a.redis_url, &a.prefix)
             .await
@@ -283,20 +330,39 @@ pub fn project_init(a: InitArgs) -> Result<String> {
                 width: train_ds.width as u32,
                 height: train_ds.height as u32,
                 channels: train_ds.channels as u32,
+                image_store: images.url().to_string(),
             })
             .await?;
-        store.put_images(&records).await?;
-        for (split, ds) in [("val", Some(&val)), ("test", test.as_ref())] {
+        let store = store.with_image_store(images);
+        let total = train_ds.len() + val.len() + test.as_ref().map_or(0, |t| t.len());
+        let pb = bar(total as u64, "storing images");
+        for (split, ds) in [
+            ("train", Some(&train_ds)),
+            ("val", Some(&val)),
+            ("test", test.as_ref()),
+        ] {
             let Some(ds) = ds else { continue };
-            let held: Vec<ImageRecord> = (0..ds.len())
-                .map(|i| {
-                    let mut r = image_record(ds, i);
-                    r.id = format!("{split}:{}", r.id);
-                    r
-                })
-                .collect();
-            store.put_held_out(split, &held).await?;
+            let idx: Vec<usize> = (0..ds.len()).collect();
+            for chunk in idx.chunks(500) {
+                let records: Vec<ImageRecord> = chunk
+                    .iter()
+                    .map(|&i| {
+                        let mut r = image_record(ds, i);
+                        if split != "train" {
+                            r.id = format!("{split}:{}", r.id);
+                        }
+                        r
+                    })
+                    .collect();
+                match split {
+                    "train" => store.put_images(&records).await?,
+                    _ => store.put_held_out(split, &records).await?,
+                }
+                pb.inc(chunk.len() as u64);
+            }
         }
+        pb.finish_and_clear();
+        println!("images stored in {}", store.image_store().await?.url());
         store
             .publish_version(&ModelVersionRecord {
                 version: 1,
@@ -488,7 +554,7 @@ pub fn admin(cmd: AdminCmd) -> Result<()> {
 }
 
 /// A synthetic project for queue tests and benchmarks: `n` images of 8x8, no model file.
-pub async fn synthetic_project(store: &Store, n: usize) -> Result<String> {
+pub async fn synthetic_project(store: &Store, n: usize, images: &Path) -> Result<String> {
     store
         .set_project(&ProjectInfo {
             name: "synthetic".into(),
@@ -496,6 +562,7 @@ pub async fn synthetic_project(store: &Store, n: usize) -> Result<String> {
             width: 8,
             height: 8,
             channels: 1,
+            image_store: images.display().to_string(),
         })
         .await?;
     let records: Vec<ImageRecord> = (0..n)
@@ -535,6 +602,8 @@ pub async fn synthetic_project(store: &Store, n: usize) -> Result<String> {
 
 /// A redis-server and an in-process gateway on free ports, for benchmarks.
 pub struct LocalPlatform {
+    /// The directory it keeps its data in (Redis's files, checkpoints, images).
+    pub dir: PathBuf,
     pub redis: mp_store::server::RedisServer,
     pub addr: String,
     pub store: Store,
@@ -555,6 +624,7 @@ impl LocalPlatform {
         let gateway = mp_gateway::Spawned::start(listener, cfg)?;
         let store = Store::connect(&redis.url(), "mp").await?;
         Ok(LocalPlatform {
+            dir: dir.to_path_buf(),
             redis,
             addr: format!("http://{}", gateway.local_addr),
             store,

@@ -557,3 +557,89 @@ async fn suggested_marks_reach_the_image_view_and_can_be_accepted() {
         r.events
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_or_corrupt_image_is_reported_and_skipped_and_the_worker_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let redis = RedisServer::start_free(&dir.path().join("redis")).unwrap();
+    let store = Store::connect(&redis.url(), "mp").await.unwrap();
+    let ck = dir.path().join("ck");
+    let admin = mp_e2e::platform_project(&store, 30, &ck).await;
+    // Break two training images in the image store: one deleted, one overwritten.
+    let images = ck.with_file_name("images");
+    let ids = store.image_ids().await.unwrap();
+    let (gone, garbled) = (ids[3].clone(), ids[11].clone());
+    std::fs::remove_file(images.join(mp_store::images::object_key(&gone))).unwrap();
+    std::fs::write(images.join(mp_store::images::object_key(&garbled)), b"junk").unwrap();
+    let gw = gateway(&redis.url(), &ck).await;
+    let ckp = ck.to_str().unwrap().to_string();
+    let mut w = spawn(
+        &[
+            "worker",
+            "--redis-url",
+            &redis.url(),
+            "--checkpoints",
+            &ckp,
+            "--name",
+            "w",
+        ],
+        &dir.path().join("w.log"),
+    );
+    // A scoring pass over every training image, the bad ones included.
+    store
+        .add_job(
+            mp_store::SCORE_STREAM,
+            &[
+                ("kind", "score".into()),
+                ("version", "1".into()),
+                ("images", ids.join(" ")),
+            ],
+        )
+        .await
+        .unwrap();
+    let start = Instant::now();
+    let bad = loop {
+        let bad = store.bad_images().await.unwrap();
+        if bad.len() == 2 {
+            break bad;
+        }
+        assert!(start.elapsed() < Duration::from_secs(60), "{bad:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let named: Vec<&str> = bad.iter().map(|(id, _)| id.as_str()).collect();
+    let mut want = [gone.as_str(), garbled.as_str()];
+    want.sort();
+    assert_eq!(named, want);
+    assert!(
+        bad.iter().any(|(_, why)| why.contains("missing")),
+        "{bad:?}"
+    );
+    // The job was finished (acknowledged), and the same worker still serves refinements.
+    let mut c = store.connection();
+    let start = Instant::now();
+    loop {
+        let pending: (u64, redis::Value, redis::Value, redis::Value) = redis::cmd("XPENDING")
+            .arg(format!("mp:{}", mp_store::SCORE_STREAM))
+            .arg("score")
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        if pending.0 == 0 {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "score job never acknowledged"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(w.0.try_wait().unwrap().is_none(), "the worker stopped");
+    let e = mp_e2e::expert(&gw.addr, &admin, "ann").await;
+    let pid = mark_one(&e, "k1").await;
+    wait_status(&store, &pid, &["ready"], Duration::from_secs(60)).await;
+    let log = std::fs::read_to_string(dir.path().join("w.log")).unwrap();
+    assert!(
+        log.contains("image left out") && log.contains(&garbled),
+        "{log}"
+    );
+}

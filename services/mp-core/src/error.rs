@@ -16,6 +16,8 @@ pub enum CoreError {
     },
     #[error("{path}: cannot decode image: {message}")]
     Image { path: PathBuf, message: String },
+    #[error("{count} files cannot be read as images:\n{list}")]
+    BadImages { count: usize, list: String },
     #[error("{path}: mask is {got_w}x{got_h} but its image is {want_w}x{want_h}")]
     MaskSize {
         path: PathBuf,

@@ -23,6 +23,7 @@ pub fn status(e: StoreError) -> Status {
         StoreError::FailedPrecondition(m) => Status::failed_precondition(m),
         StoreError::PermissionDenied(m) => Status::permission_denied(m),
         StoreError::Unauthenticated(m) => Status::unauthenticated(m),
+        StoreError::Unavailable(m) => Status::unavailable(m),
         StoreError::Corrupt(m) => Status::internal(format!("stored data is corrupt: {m}")),
     }
 }

@@ -61,8 +61,20 @@ pub async fn load_split(
     if let Some(n) = limit {
         ids.truncate(n);
     }
-    let records = store.images(&ids).await?;
+    let records = images_skipping_bad(store, &ids).await?;
     dataset_from_records(&records, project)
+}
+
+/// The images of `ids` that can be read; each one that is unknown, missing from the image
+/// store or corrupt there is logged, recorded for the admins (`Store::bad_images`) and left
+/// out, so that one bad file never stops a node. An unreachable store is still an error.
+pub async fn images_skipping_bad(store: &Store, ids: &[String]) -> Result<Vec<ImageRecord>> {
+    let (ok, bad) = store.images_lenient(ids).await?;
+    for (id, e) in &bad {
+        tracing::warn!(image = %id, error = %e, "image left out");
+        store.report_bad_image(id, &e.to_string()).await?;
+    }
+    Ok(ok)
 }
 
 pub fn checkpoint_path(dir: &Path, rec: &ModelVersionRecord) -> PathBuf {

@@ -13,7 +13,7 @@ use mp_core::refine::{refine, Proposal, ProposalReport, RefineConfig};
 use mp_core::saliency::{maps_to_vecs, saliency_maps, Method};
 use mp_core::suggest::{FitReport, Propagation, SuggestConfig, Suggester};
 use mp_store::{Job, ProjectInfo, Store, Suggestion, REFINE_STREAM, SCORE_STREAM};
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -316,7 +316,7 @@ impl Ctx {
         );
         for id in &ids {
             let m = self.store.mark(id).await?;
-            let label = self.store.image(&m.image_id).await?.label as usize;
+            let label = self.store.image_meta(&m.image_id).await?.label as usize;
             prior.add(label, &mask_of(&m)?)?;
         }
         let p = (!prior.is_empty()).then(|| Arc::new(prior));
@@ -331,10 +331,12 @@ impl Ctx {
         let mut cached = self.marked.lock().await;
         if cached.0 != marks.len() {
             let ids: Vec<String> = marks.iter().map(|m| m.image_id.clone()).collect();
-            let records = self.store.images(&ids).await?;
+            let records = crate::data::images_skipping_bad(&self.store, &ids).await?;
             let mut ds = dataset_from_records(&records, &self.project)?;
-            for (i, m) in marks.iter().enumerate() {
-                ds.marks[i] = Some(mask_of(m)?);
+            let by_image: HashMap<&str, &mp_store::MarkRecord> =
+                marks.iter().map(|m| (m.image_id.as_str(), m)).collect();
+            for (i, r) in records.iter().enumerate() {
+                ds.marks[i] = Some(mask_of(by_image[r.id.as_str()])?);
             }
             *cached = (marks.len(), (!ds.is_empty()).then(|| Arc::new(ds)));
         }
@@ -419,7 +421,10 @@ impl Ctx {
         let prior = self.prior().await?;
         let marked = self.marked().await?;
         for (version, ids) in by_version {
-            let records = self.store.images(&ids).await?;
+            let records = crate::data::images_skipping_bad(&self.store, &ids).await?;
+            if records.is_empty() {
+                continue;
+            }
             let images = dataset_from_records(&records, &self.project)?;
             let checkpoint = self.checkpoint(version).await?;
             let seed = mp_store::now_ms();
@@ -502,9 +507,35 @@ pub async fn run(cfg: WorkerConfig, mut stop: tokio::sync::watch::Receiver<bool>
     let permits = Arc::new(tokio::sync::Semaphore::new(threads));
     info!(consumer = %cfg.consumer, threads, "worker pool started");
     let mut last_claim = std::time::Instant::now() - Duration::from_secs(3600);
+    let mut last_touch = std::time::Instant::now();
+    // Jobs this pool is working on, by stream: kept fresh (their idle time reset) so that a
+    // long batch is not taken over as if this worker had died, and never taken over by
+    // this pool itself.
+    let inflight: Arc<std::sync::Mutex<HashMap<&'static str, HashSet<String>>>> =
+        Default::default();
     let mut tasks = tokio::task::JoinSet::new();
     while !*stop.borrow() {
         while tasks.try_join_next().is_some() {}
+        if last_touch.elapsed() > Duration::from_millis((cfg.claim_idle_ms / 3).clamp(100, 10_000))
+        {
+            last_touch = std::time::Instant::now();
+            let held: Vec<(&'static str, Vec<String>)> = inflight
+                .lock()
+                .expect("inflight lock")
+                .iter()
+                .map(|(s, ids)| (*s, ids.iter().cloned().collect()))
+                .collect();
+            for (stream, ids) in held {
+                let group = if stream == REFINE_STREAM {
+                    "refine"
+                } else {
+                    "score"
+                };
+                if let Err(e) = store.touch_jobs(stream, group, &cfg.consumer, &ids).await {
+                    warn!(error = %e, "keeping jobs claimed failed");
+                }
+            }
+        }
         let mut jobs: Vec<(&'static str, Job)> = Vec::new();
         if last_claim.elapsed() > Duration::from_millis((cfg.claim_idle_ms / 2).clamp(200, 5000)) {
             last_claim = std::time::Instant::now();
@@ -514,6 +545,12 @@ pub async fn run(cfg: WorkerConfig, mut stop: tokio::sync::watch::Receiver<bool>
                     .await
                 {
                     Ok(v) => {
+                        let mine = inflight.lock().expect("inflight lock");
+                        let v: Vec<Job> = v
+                            .into_iter()
+                            .filter(|j| !mine.get(stream).is_some_and(|s| s.contains(&j.id)))
+                            .collect();
+                        drop(mine);
                         if !v.is_empty() {
                             info!(stream, n = v.len(), "took over jobs of a silent worker");
                         }
@@ -547,6 +584,22 @@ pub async fn run(cfg: WorkerConfig, mut stop: tokio::sync::watch::Receiver<bool>
         } else {
             crate::nap(&mut stop, 50).await;
         }
+        {
+            let mut mine = inflight.lock().expect("inflight lock");
+            for (s, j) in &jobs {
+                mine.entry(*s).or_default().insert(j.id.clone());
+            }
+        }
+        let done = |stream: &'static str, ids: Vec<String>| {
+            let inflight = inflight.clone();
+            move || {
+                if let Some(s) = inflight.lock().expect("inflight lock").get_mut(stream) {
+                    for id in &ids {
+                        s.remove(id);
+                    }
+                }
+            }
+        };
         let (refines, scores): (Vec<_>, Vec<_>) =
             jobs.into_iter().partition(|(s, _)| *s == REFINE_STREAM);
         if !scores.is_empty() {
@@ -556,6 +609,10 @@ pub async fn run(cfg: WorkerConfig, mut stop: tokio::sync::watch::Receiver<bool>
                 .acquire_owned()
                 .await
                 .map_err(|e| NodeError::Invalid(e.to_string()))?;
+            let release = done(
+                SCORE_STREAM,
+                scores.iter().map(|(_, j)| j.id.clone()).collect(),
+            );
             tasks.spawn(async move {
                 let jobs: Vec<Job> = scores.into_iter().map(|(_, j)| j).collect();
                 match ctx.score_jobs(&jobs).await {
@@ -566,6 +623,7 @@ pub async fn run(cfg: WorkerConfig, mut stop: tokio::sync::watch::Receiver<bool>
                     }
                     Err(e) => warn!(error = %e, "score jobs failed; they will be retried"),
                 }
+                release();
                 drop(permit);
             });
         }
@@ -576,6 +634,7 @@ pub async fn run(cfg: WorkerConfig, mut stop: tokio::sync::watch::Receiver<bool>
                 .acquire_owned()
                 .await
                 .map_err(|e| NodeError::Invalid(e.to_string()))?;
+            let release = done(REFINE_STREAM, vec![job.id.clone()]);
             tasks.spawn(async move {
                 match ctx.refine_job(&job).await {
                     Ok(()) => {
@@ -585,6 +644,7 @@ pub async fn run(cfg: WorkerConfig, mut stop: tokio::sync::watch::Receiver<bool>
                         warn!(job = %job.id, error = %e, "refine job failed; it will be retried")
                     }
                 }
+                release();
                 drop(permit);
             });
         }

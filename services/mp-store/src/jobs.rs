@@ -9,6 +9,42 @@ impl Store {
         Ok(c.xadd(self.k(stream), "*", fields).await?)
     }
 
+    /// A group's backlog on a stream: jobs not yet delivered plus delivered and not yet
+    /// acknowledged (0 once every job appended so far is done).
+    pub async fn backlog(&self, stream: &str, group: &str) -> Result<u64> {
+        Ok(self
+            .group_info(stream, group)
+            .await?
+            .map(|g| num(&g, "lag") + num(&g, "pending"))
+            .unwrap_or(0))
+    }
+
+    async fn group_info(
+        &self,
+        stream: &str,
+        group: &str,
+    ) -> Result<Option<HashMap<String, redis::Value>>> {
+        let mut c = self.conn.clone();
+        let groups: Vec<HashMap<String, redis::Value>> = redis::cmd("XINFO")
+            .arg("GROUPS")
+            .arg(self.k(stream))
+            .query_async(&mut c)
+            .await?;
+        Ok(groups
+            .into_iter()
+            .find(|g| g.get("name").map(value_string).as_deref() == Some(group)))
+    }
+
+    /// Redis's `used_memory` (bytes), as `INFO memory` reports it.
+    pub async fn used_memory(&self) -> Result<u64> {
+        let mut c = self.conn.clone();
+        let info: String = redis::cmd("INFO").arg("memory").query_async(&mut c).await?;
+        info.lines()
+            .find_map(|l| l.strip_prefix("used_memory:"))
+            .and_then(|v| v.trim().parse().ok())
+            .ok_or_else(|| StoreError::Corrupt("INFO memory has no used_memory".into()))
+    }
+
     /// New jobs for `consumer` of `group`, waiting up to `block_ms`.
     pub async fn read_jobs(
         &self,
@@ -80,6 +116,31 @@ impl Store {
             }
         }
         Ok(out)
+    }
+
+    /// Resets the idle time of jobs `consumer` is still working on (`XCLAIM … JUSTID` to
+    /// itself), so that no worker takes over a job that is slow rather than abandoned.
+    pub async fn touch_jobs(
+        &self,
+        stream: &str,
+        group: &str,
+        consumer: &str,
+        ids: &[String],
+    ) -> Result<()> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let mut c = self.conn.clone();
+        let _: redis::Value = redis::cmd("XCLAIM")
+            .arg(self.k(stream))
+            .arg(group)
+            .arg(consumer)
+            .arg(0)
+            .arg(ids)
+            .arg("JUSTID")
+            .query_async(&mut c)
+            .await?;
+        Ok(())
     }
 
     pub async fn ack(&self, stream: &str, group: &str, id: &str) -> Result<()> {
@@ -158,5 +219,13 @@ impl Store {
             }
         }
         Ok(0)
+    }
+}
+
+fn num(g: &HashMap<String, redis::Value>, k: &str) -> u64 {
+    match g.get(k) {
+        Some(redis::Value::Int(i)) => (*i).max(0) as u64,
+        Some(v) => value_string(v).parse().unwrap_or(0),
+        None => 0,
     }
 }

@@ -9,6 +9,8 @@
 //! per idempotency key; a lease is acted on only by its owner).
 
 mod experts;
+pub mod images;
+pub use images::{ImageStore, Shape};
 mod jobs;
 pub mod lua;
 mod marks;
@@ -39,6 +41,8 @@ pub enum StoreError {
     PermissionDenied(String),
     #[error("{0}")]
     Unauthenticated(String),
+    #[error("{0}")]
+    Unavailable(String),
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
 }
@@ -88,6 +92,10 @@ pub struct ProjectInfo {
     pub width: u32,
     pub height: u32,
     pub channels: u32,
+    /// Where the pixels are (an [`ImageStore`] URL); every node opens it from here unless
+    /// `MP_IMAGE_STORE` names another way to the same objects.
+    #[serde(default)]
+    pub image_store: String,
 }
 
 /// One image as stored: 8-bit pixels, row-major, channels interleaved.
@@ -265,6 +273,8 @@ pub struct Store {
     conn: ConnectionManager,
     prefix: String,
     scripts: std::sync::Arc<Scripts>,
+    /// The project's image store, opened on first use (see [`Store::image_store`]).
+    images: std::sync::Arc<tokio::sync::OnceCell<std::sync::Arc<ImageStore>>>,
 }
 
 pub(crate) fn lease_error(word: &str, lease: &str) -> StoreError {
@@ -284,6 +294,7 @@ pub(crate) fn lease_error(word: &str, lease: &str) -> StoreError {
     }
 }
 
+/// An image's metadata as Redis holds it; the pixels are filled in from the image store.
 pub(crate) fn image_from_hash(id: &str, h: &HashMap<String, Vec<u8>>) -> Result<ImageRecord> {
     Ok(ImageRecord {
         id: id.to_string(),
@@ -292,7 +303,7 @@ pub(crate) fn image_from_hash(id: &str, h: &HashMap<String, Vec<u8>>) -> Result<
         width: field(h, "width")?,
         height: field(h, "height")?,
         channels: field(h, "channels")?,
-        pixels: h.get("pixels").cloned().unwrap_or_default(),
+        pixels: Vec::new(),
     })
 }
 
@@ -348,6 +359,7 @@ impl Store {
                 reclaim: lua::script(lua::RECLAIM),
                 enqueue: lua::script(lua::ENQUEUE),
             }),
+            images: Default::default(),
         })
     }
 

@@ -1,4 +1,5 @@
-//! The project: its description, the images of every split.
+//! The project: its description, the images of every split (metadata in Redis, pixels in
+//! the [`ImageStore`]).
 
 use super::*;
 
@@ -30,20 +31,60 @@ impl Store {
         self.put_split(images, &format!("split:{split}")).await
     }
 
+    /// Opens the image store this handle reads pixels from, unless one is set already.
+    pub fn with_image_store(self, images: ImageStore) -> Store {
+        let _ = self.images.set(std::sync::Arc::new(images));
+        self
+    }
+
+    /// The project's image store: the one set with [`Store::with_image_store`], else the URL
+    /// in `MP_IMAGE_STORE`, else the one the project records, opened once per handle (and its
+    /// clones) with the cache bound of [`images::cache_bytes_from_env`].
+    pub async fn image_store(&self) -> Result<&ImageStore> {
+        let s = self
+            .images
+            .get_or_try_init(|| async {
+                let url = match std::env::var("MP_IMAGE_STORE") {
+                    Ok(u) if !u.is_empty() => u,
+                    _ => self
+                        .project()
+                        .await?
+                        .map(|p| p.image_store)
+                        .unwrap_or_default(),
+                };
+                if url.is_empty() {
+                    return Err(StoreError::FailedPrecondition(
+                        "the project names no image store (run `mp project init` first)".into(),
+                    ));
+                }
+                let cache = images::cache_bytes_from_env();
+                Ok(std::sync::Arc::new(ImageStore::open(&url, cache)?))
+            })
+            .await?;
+        Ok(s)
+    }
+
+    /// Writes the pixels to the image store, then the metadata (no pixels) to Redis, 500
+    /// images per pipeline: an id Redis knows always has its pixels stored.
     async fn put_split(&self, images: &[ImageRecord], set: &str) -> Result<()> {
+        let store = self.image_store().await?;
         let mut c = self.conn.clone();
         for chunk in images.chunks(500) {
+            let blobs: Vec<(&str, Shape, &[u8])> = chunk
+                .iter()
+                .map(|im| (im.id.as_str(), shape_of(im), im.pixels.as_slice()))
+                .collect();
+            store.put_many(&blobs).await?;
             let mut pipe = redis::pipe();
             for im in chunk {
                 pipe.hset_multiple(
                     self.k(&format!("img:{}", im.id)),
                     &[
-                        ("name", im.name.as_bytes().to_vec()),
-                        ("label", im.label.to_string().into_bytes()),
-                        ("width", im.width.to_string().into_bytes()),
-                        ("height", im.height.to_string().into_bytes()),
-                        ("channels", im.channels.to_string().into_bytes()),
-                        ("pixels", im.pixels.clone()),
+                        ("name", im.name.clone()),
+                        ("label", im.label.to_string()),
+                        ("width", im.width.to_string()),
+                        ("height", im.height.to_string()),
+                        ("channels", im.channels.to_string()),
                     ],
                 )
                 .ignore();
@@ -54,13 +95,45 @@ impl Store {
         Ok(())
     }
 
-    pub async fn image(&self, id: &str) -> Result<ImageRecord> {
+    /// One image's metadata (no pixels).
+    pub async fn image_meta(&self, id: &str) -> Result<ImageRecord> {
         let mut c = self.conn.clone();
         let h: HashMap<String, Vec<u8>> = c.hgetall(self.k(&format!("img:{id}"))).await?;
         if h.is_empty() {
             return Err(StoreError::NotFound(format!("image {id:?} does not exist")));
         }
         image_from_hash(id, &h)
+    }
+
+    /// One image with its pixels.
+    pub async fn image(&self, id: &str) -> Result<ImageRecord> {
+        let mut im = self.image_meta(id).await?;
+        let px = self.image_store().await?.get(id, shape_of(&im)).await?;
+        im.pixels = px.to_vec();
+        Ok(im)
+    }
+
+    /// Records that an image could not be read (the newest reason wins), for the admins, and
+    /// takes it out of the queue so that no expert is sent to it.
+    pub async fn report_bad_image(&self, id: &str, reason: &str) -> Result<()> {
+        let mut c = self.conn.clone();
+        let _: () = redis::pipe()
+            .atomic()
+            .hset(self.k("images:bad"), id, reason)
+            .ignore()
+            .zrem(self.k("queue"), id)
+            .ignore()
+            .query_async(&mut c)
+            .await?;
+        Ok(())
+    }
+
+    /// Images the nodes could not read, with the reason, sorted by id.
+    pub async fn bad_images(&self) -> Result<Vec<(String, String)>> {
+        let mut c = self.conn.clone();
+        let mut v: Vec<(String, String)> = c.hgetall(self.k("images:bad")).await?;
+        v.sort();
+        Ok(v)
     }
 
     pub async fn image_ids(&self) -> Result<Vec<String>> {
@@ -79,9 +152,26 @@ impl Store {
         Ok(v)
     }
 
-    /// Many images at once (pipelined); unknown ids are an error.
+    /// Many images at once (metadata pipelined, pixels read concurrently); any unknown id,
+    /// missing or corrupt image is an error.
     pub async fn images(&self, ids: &[String]) -> Result<Vec<ImageRecord>> {
+        let (ok, mut bad) = self.images_lenient(ids).await?;
+        match bad.is_empty() {
+            true => Ok(ok),
+            false => Err(bad.swap_remove(0).1),
+        }
+    }
+
+    /// Many images; those that are unknown, missing from the image store or corrupt there are
+    /// returned apart with the reason, so that a batch is not lost to one bad image. An
+    /// unreachable Redis or image store is still an error.
+    pub async fn images_lenient(
+        &self,
+        ids: &[String],
+    ) -> Result<(Vec<ImageRecord>, Vec<(String, StoreError)>)> {
+        let store = self.image_store().await?;
         let mut out = Vec::with_capacity(ids.len());
+        let mut bad = Vec::new();
         let mut c = self.conn.clone();
         for chunk in ids.chunks(500) {
             let mut pipe = redis::pipe();
@@ -89,13 +179,40 @@ impl Store {
                 pipe.hgetall(self.k(&format!("img:{id}")));
             }
             let hs: Vec<HashMap<String, Vec<u8>>> = pipe.query_async(&mut c).await?;
+            let mut metas = Vec::with_capacity(chunk.len());
             for (id, h) in chunk.iter().zip(hs) {
                 if h.is_empty() {
-                    return Err(StoreError::NotFound(format!("image {id:?} does not exist")));
+                    let e = StoreError::NotFound(format!("image {id:?} does not exist"));
+                    bad.push((id.clone(), e));
+                    continue;
                 }
-                out.push(image_from_hash(id, &h)?);
+                match image_from_hash(id, &h) {
+                    Ok(m) => metas.push(m),
+                    Err(e) => bad.push((id.clone(), e)),
+                }
+            }
+            let keys: Vec<(&str, Shape)> =
+                metas.iter().map(|m| (m.id.as_str(), shape_of(m))).collect();
+            let pixels = store.get_many(&keys).await;
+            for (mut m, px) in metas.into_iter().zip(pixels) {
+                match px {
+                    Ok(px) => {
+                        m.pixels = px.to_vec();
+                        out.push(m)
+                    }
+                    Err(e @ StoreError::Unavailable(_)) => return Err(e),
+                    Err(e) => bad.push((m.id, e)),
+                }
             }
         }
-        Ok(out)
+        Ok((out, bad))
+    }
+}
+
+fn shape_of(im: &ImageRecord) -> Shape {
+    Shape {
+        width: im.width,
+        height: im.height,
+        channels: im.channels,
     }
 }

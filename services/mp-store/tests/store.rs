@@ -14,6 +14,7 @@ async fn setup() -> (tempfile::TempDir, RedisServer, Store, String) {
             width: 2,
             height: 2,
             channels: 1,
+            image_store: dir.path().join("images").display().to_string(),
         })
         .await
         .unwrap();

@@ -19,6 +19,9 @@ pub struct FolderOptions {
     /// Force grayscale (`Some(true)`) or RGB (`Some(false)`); by default grayscale only when
     /// every training image is.
     pub grayscale: Option<bool>,
+    /// Leave out files that cannot be read or decoded (listed in [`ImageFolder::skipped`])
+    /// instead of refusing the folder.
+    pub skip_bad: bool,
 }
 
 /// The splits found under a root; `val` and `test` may be absent.
@@ -28,6 +31,8 @@ pub struct ImageFolder {
     pub train: Dataset,
     pub val: Option<Dataset>,
     pub test: Option<Dataset>,
+    /// Files left out with `skip_bad`: path and reason.
+    pub skipped: Vec<(PathBuf, String)>,
 }
 
 fn is_image(path: &Path) -> bool {
@@ -174,7 +179,13 @@ struct Found {
     image: DynamicImage,
 }
 
-fn scan_split(dir: &Path, classes: &[String], train: bool) -> Result<Vec<Found>> {
+/// An image file found by the scan, not decoded yet.
+struct Listed {
+    path: PathBuf,
+    class: usize,
+}
+
+fn scan_split(dir: &Path, classes: &[String], train: bool) -> Result<Vec<Listed>> {
     let mut out = Vec::new();
     for class_dir in sorted_entries(dir)? {
         if !class_dir.is_dir() {
@@ -200,16 +211,85 @@ fn scan_split(dir: &Path, classes: &[String], train: bool) -> Result<Vec<Found>>
         if files.is_empty() && train {
             return Err(CoreError::EmptyClass { path: class_dir });
         }
-        for path in files {
-            let image = open_image(&path)?;
-            out.push(Found { path, class, image });
-        }
+        out.extend(files.into_iter().map(|path| Listed { path, class }));
     }
     Ok(out)
 }
 
+/// Decodes every listed file on all cores, in order; calls `progress(done, total)` as files
+/// finish. Returns the decoded images and the files that failed, with the reason.
+fn decode_all(
+    listed: Vec<Vec<Listed>>,
+    progress: &(dyn Fn(u64, u64) + Sync),
+) -> (Vec<Vec<Found>>, Vec<(PathBuf, String)>) {
+    let total: usize = listed.iter().map(Vec::len).sum();
+    let done = std::sync::atomic::AtomicU64::new(0);
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .clamp(1, 8);
+    let mut found = Vec::with_capacity(listed.len());
+    let mut bad = Vec::new();
+    for split in listed {
+        let per = split.len().div_ceil(threads).max(1);
+        let decoded: Vec<Result<DynamicImage>> = std::thread::scope(|s| {
+            let handles: Vec<_> = split
+                .chunks(per)
+                .map(|chunk| {
+                    let done = &done;
+                    s.spawn(move || {
+                        chunk
+                            .iter()
+                            .map(|l| {
+                                let r = open_image(&l.path);
+                                let d = done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                                progress(d + 1, total as u64);
+                                r
+                            })
+                            .collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .flat_map(|h| h.join().expect("decoder thread"))
+                .collect()
+        });
+        let mut ok = Vec::with_capacity(split.len());
+        for (l, r) in split.into_iter().zip(decoded) {
+            match r {
+                Ok(image) => ok.push(Found {
+                    path: l.path,
+                    class: l.class,
+                    image,
+                }),
+                Err(e) => {
+                    let why = match e {
+                        CoreError::Image { message, .. } => message,
+                        other => other.to_string(),
+                    };
+                    bad.push((l.path, why))
+                }
+            }
+        }
+        found.push(ok);
+    }
+    (found, bad)
+}
+
 /// Loads `root` in the image-folder format, with marks where `root/marks` has them.
 pub fn load_image_folder(root: &Path, opts: &FolderOptions) -> Result<ImageFolder> {
+    load_image_folder_with_progress(root, opts, &|_, _| {})
+}
+
+/// [`load_image_folder`], calling `progress(decoded, total)` as image files are decoded.
+/// Every file that cannot be read or decoded is named: one is an [`CoreError::Image`],
+/// several a [`CoreError::BadImages`] listing all, unless `opts.skip_bad`.
+pub fn load_image_folder_with_progress(
+    root: &Path,
+    opts: &FolderOptions,
+    progress: &(dyn Fn(u64, u64) + Sync),
+) -> Result<ImageFolder> {
     let train_dir = root.join("train");
     if !train_dir.is_dir() {
         return Err(CoreError::Dataset {
@@ -231,12 +311,36 @@ pub fn load_image_folder(root: &Path, opts: &FolderOptions) -> Result<ImageFolde
             ),
         });
     }
-    let mut found: Vec<(usize, Vec<Found>)> = Vec::new();
+    let mut listed: Vec<(usize, Vec<Listed>)> = Vec::new();
     for (k, split) in SPLITS.iter().enumerate() {
         let dir = root.join(split);
         if dir.is_dir() {
-            found.push((k, scan_split(&dir, &classes, k == 0)?));
+            listed.push((k, scan_split(&dir, &classes, k == 0)?));
         }
+    }
+    let (which, lists): (Vec<usize>, Vec<Vec<Listed>>) = listed.into_iter().unzip();
+    let (decoded, skipped) = decode_all(lists, progress);
+    if !skipped.is_empty() && !opts.skip_bad {
+        if skipped.len() == 1 {
+            let (path, message) = skipped.into_iter().next().expect("one");
+            return Err(CoreError::Image { path, message });
+        }
+        let list = skipped
+            .iter()
+            .map(|(p, why)| format!("  {}: {why}", p.display()))
+            .collect::<Vec<_>>()
+            .join("\n");
+        return Err(CoreError::BadImages {
+            count: skipped.len(),
+            list,
+        });
+    }
+    let found: Vec<(usize, Vec<Found>)> = which.into_iter().zip(decoded).collect();
+    if found[0].1.is_empty() {
+        return Err(CoreError::Dataset {
+            path: root.to_path_buf(),
+            message: "train/ holds no readable image".into(),
+        });
     }
     let grayscale = opts.grayscale.unwrap_or_else(|| {
         found[0].1.iter().all(|f| {
@@ -329,6 +433,7 @@ pub fn load_image_folder(root: &Path, opts: &FolderOptions) -> Result<ImageFolde
         train,
         val: it.next().flatten(),
         test: it.next().flatten(),
+        skipped,
     })
 }
 
@@ -410,6 +515,7 @@ mod tests {
         let opts = FolderOptions {
             resize: Some((3, 2)),
             grayscale: None,
+            skip_bad: false,
         };
         let f = load_image_folder(r, &opts).unwrap();
         assert_eq!((f.train.channels, f.train.width, f.train.height), (3, 3, 2));
@@ -430,6 +536,30 @@ mod tests {
             matches!(e, CoreError::Image { .. }) && e.to_string().contains("bad.png"),
             "{e}"
         );
+
+        // Several: every one named at once; with skip_bad left out and listed.
+        std::fs::write(dir.path().join("train/cat/empty.jpg"), b"").unwrap();
+        let e = load_image_folder(dir.path(), &FolderOptions::default()).unwrap_err();
+        let msg = e.to_string();
+        assert!(
+            matches!(e, CoreError::BadImages { count: 2, .. })
+                && msg.contains("bad.png")
+                && msg.contains("empty.jpg"),
+            "{msg}"
+        );
+        let opts = FolderOptions {
+            skip_bad: true,
+            ..Default::default()
+        };
+        let f = load_image_folder(dir.path(), &opts).unwrap();
+        let mut names: Vec<String> = f
+            .skipped
+            .iter()
+            .map(|(p, _)| p.file_name().unwrap().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["bad.png", "empty.jpg"]);
+        assert!(f.train.names.iter().all(|n| n != "bad" && n != "empty"));
 
         // Mask of the wrong size.
         let dir = two_class_root();

@@ -1,0 +1,102 @@
+//! `mp project init` on a folder with unreadable files: every one named at once and refused,
+//! or left out and listed with `--skip-bad`; the pixels land in the image store, Redis keeps
+//! metadata only, and a second process reads them back exactly.
+
+use mp_store::server::RedisServer;
+use mp_store::Store;
+use std::process::Command;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn init_names_bad_files_skips_them_on_request_and_stores_pixels_outside_redis() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let ds = mp_e2e::shortcut_dataset(40, true, 3);
+    mp_core::data::folder::write_split(&data, "train", &ds, false).unwrap();
+    let held = mp_e2e::shortcut_dataset(12, false, 4);
+    mp_core::data::folder::write_split(&data, "val", &held, false).unwrap();
+    let class = &ds.classes[0];
+    std::fs::write(
+        data.join(format!("train/{class}/truncated.png")),
+        b"\x89PNG\r\n\x1a\n",
+    )
+    .unwrap();
+    std::fs::write(data.join(format!("val/{class}/text.jpg")), b"hello").unwrap();
+    let redis = RedisServer::start_free(&dir.path().join("redis")).unwrap();
+    let ck = dir.path().join("ck");
+    let init = |extra: &[&str]| {
+        let o = Command::new(env!("CARGO_BIN_EXE_mp"))
+            .args([
+                "project",
+                "init",
+                "--redis-url",
+                &redis.url(),
+                "--epochs",
+                "1",
+            ])
+            .arg("--checkpoints")
+            .arg(&ck)
+            .arg("--data")
+            .arg(&data)
+            .args(extra)
+            .env("MP_THREADS", "1")
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        (o.status.success(), text)
+    };
+    // Refused, naming both files and the way out; nothing stored.
+    let (ok, text) = init(&[]);
+    assert!(!ok, "{text}");
+    assert!(
+        text.contains("2 files cannot be read")
+            && text.contains("truncated.png")
+            && text.contains("text.jpg")
+            && text.contains("--skip-bad"),
+        "{text}"
+    );
+    let store = Store::connect(&redis.url(), "mp").await.unwrap();
+    assert!(store.project().await.unwrap().is_none());
+    // Left out and listed.
+    let (ok, text) = init(&["--skip-bad"]);
+    assert!(ok, "{text}");
+    assert!(
+        text.contains("left out 2 files") && text.contains("truncated.png"),
+        "{text}"
+    );
+    let ids = store.image_ids().await.unwrap();
+    assert_eq!(ids.len(), 40);
+    // The pixels are in the image store under the checkpoint directory; Redis has none.
+    let images = ck.join("images");
+    let pngs = walk(&images);
+    assert_eq!(pngs, 40 + 12, "one PNG per stored image");
+    let mut c = store.connection();
+    let fields: Vec<String> = redis::cmd("HKEYS")
+        .arg(format!("mp:img:{}", ids[0]))
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert!(!fields.iter().any(|f| f == "pixels"), "{fields:?}");
+    // Read back exactly what the folder holds (8-bit gray, same size).
+    let want = image::open(data.join("train").join(format!("{}.png", ids[0])))
+        .unwrap()
+        .to_luma8()
+        .into_raw();
+    let got = store.image(&ids[0]).await.unwrap();
+    assert_eq!((got.width as usize, got.channels), (ds.width, 1));
+    assert_eq!(got.pixels, want);
+}
+
+fn walk(dir: &std::path::Path) -> usize {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| match e.path().is_dir() {
+            true => walk(&e.path()),
+            false => usize::from(e.path().extension().is_some_and(|x| x == "png")),
+        })
+        .sum()
+}
