@@ -4,6 +4,7 @@ mod bench_efficacy;
 mod bench_platform;
 mod bench_proposals;
 mod bench_queue;
+mod bench_scale;
 mod bench_speed;
 mod commands;
 mod common;
@@ -78,6 +79,9 @@ enum BenchCmd {
     /// The whole loop (Decoy-MNIST or --data): accuracy vs committed marks per queue ordering,
     /// expert effort, worker throughput
     Platform(bench_platform::PlatformArgs),
+    /// A project of 10k / 100k synthetic images: ingest, Redis bytes per image, a full
+    /// scoring pass with 1 and 2 workers, lease -> submit latency against queue size
+    Scale(bench_scale::ScaleArgs),
     /// Refinement proposals per marked image: iterations, attention moved, earlier vs current defaults
     Proposals(bench_proposals::ProposalsArgs),
 }
@@ -107,6 +111,7 @@ fn main() {
         Command::Bench(BenchCmd::Queue(a)) => bench_queue::run(a),
         Command::Bench(BenchCmd::Platform(a)) => bench_platform::run(a),
         Command::Bench(BenchCmd::Proposals(a)) => bench_proposals::run(a),
+        Command::Bench(BenchCmd::Scale(a)) => bench_scale::run(a),
         Command::Gateway(a) => platform::gateway(a),
         Command::Project(platform::ProjectCmd::Init(a)) => {
             platform::project_init(a).map(|t| println!("admin token: {t}"))
