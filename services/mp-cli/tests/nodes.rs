@@ -634,7 +634,40 @@ async fn a_missing_or_corrupt_image_is_reported_and_skipped_and_the_worker_goes_
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(w.0.try_wait().unwrap().is_none(), "the worker stopped");
+    // The pass stored every good image's view; the gateway serves that one.
+    let good = &ids[0];
+    let stored = store
+        .image_store()
+        .await
+        .unwrap()
+        .view(1, good)
+        .await
+        .unwrap()
+        .expect("the scoring pass stored the view");
+    assert_eq!(stored.saliency.len(), (SIDE * SIDE) as usize);
     let e = mp_e2e::expert(&gw.addr, &admin, "ann").await;
+    let seen = e
+        .images
+        .clone()
+        .get_image(pb::GetImageRequest {
+            image_id: good.clone(),
+            model_version: 1,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (seen.saliency, seen.probabilities),
+        (stored.saliency, stored.probabilities)
+    );
+    assert!(store
+        .image_store()
+        .await
+        .unwrap()
+        .view(1, &gone)
+        .await
+        .unwrap()
+        .is_none());
     let pid = mark_one(&e, "k1").await;
     wait_status(&store, &pid, &["ready"], Duration::from_secs(60)).await;
     let log = std::fs::read_to_string(dir.path().join("w.log")).unwrap();

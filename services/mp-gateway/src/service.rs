@@ -5,7 +5,6 @@ use crate::GatewayConfig;
 use mp_proto::rle;
 use mp_proto::v1::{self as pb};
 use mp_store::{Expert, ProposalRecord, Role, Store, StoreError};
-use redis::AsyncCommands;
 use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -130,20 +129,26 @@ impl Gateway {
         version: u64,
         image: mp_store::ImageRecord,
     ) -> Result<ModelView, Status> {
-        let key = format!("{}:view:{version}:{}", self.store()?.prefix(), image.id);
-        let mut c = self.store()?.connection();
-        let cached: Option<Vec<u8>> = c.get(&key).await.map_err(|e| status(e.into()))?;
-        if let Some(v) = cached.as_deref().and_then(ModelView::from_bytes) {
-            return Ok(v);
+        let store = self.store()?;
+        let images = store.image_store().await.map_err(status)?;
+        match images.view(version, &image.id).await {
+            Ok(Some(v)) if v.saliency.len() == (image.width * image.height) as usize => {
+                return Ok(v)
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(image = %image.id, error = %e, "stored view unreadable"),
         }
-        let rec = self.store()?.version(version).await.map_err(status)?;
+        let rec = store.version(version).await.map_err(status)?;
         let file = self.config.checkpoints.join(&rec.file);
+        let id = image.id.clone();
         let view = self
             .views
             .view(version, file, image)
             .await
             .map_err(Status::internal)?;
-        let _: Result<(), _> = c.set_ex(&key, view.to_bytes(), 24 * 3600).await;
+        if let Err(e) = images.put_view(version, &id, &view).await {
+            tracing::warn!(image = %id, error = %e, "view not stored");
+        }
         Ok(view)
     }
 }

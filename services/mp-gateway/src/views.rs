@@ -1,5 +1,6 @@
 //! Predictions and saliency maps for the image view, computed on a thread that owns the
-//! models (a `tch` model is not `Sync`) and cached in Redis per model version.
+//! models (a `tch` model is not `Sync`); views are stored in the image store per model
+//! version (the scoring pass writes most of them before any expert asks).
 
 use mp_core::model::Model;
 use mp_core::saliency::{maps_to_vecs, saliency_maps, Method};
@@ -9,41 +10,7 @@ use std::path::PathBuf;
 use tch::Tensor;
 use tokio::sync::{mpsc, oneshot};
 
-/// What the view needs from a model: class probabilities and the normalised saliency map.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ModelView {
-    pub probabilities: Vec<f32>,
-    pub saliency: Vec<f32>,
-}
-
-impl ModelView {
-    pub fn to_bytes(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(4 + 4 * (self.probabilities.len() + self.saliency.len()));
-        out.extend((self.probabilities.len() as u32).to_le_bytes());
-        for v in self.probabilities.iter().chain(&self.saliency) {
-            out.extend(v.to_le_bytes());
-        }
-        out
-    }
-
-    pub fn from_bytes(b: &[u8]) -> Option<ModelView> {
-        if b.len() < 4 || !(b.len() - 4).is_multiple_of(4) {
-            return None;
-        }
-        let n = u32::from_le_bytes(b[..4].try_into().ok()?) as usize;
-        let vals: Vec<f32> = b[4..]
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect();
-        if n > vals.len() {
-            return None;
-        }
-        Some(ModelView {
-            probabilities: vals[..n].to_vec(),
-            saliency: vals[n..].to_vec(),
-        })
-    }
-}
+pub use mp_store::ModelView;
 
 struct Request {
     version: u64,

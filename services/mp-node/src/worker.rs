@@ -56,6 +56,8 @@ pub struct ScoreImages {
 #[derive(Debug)]
 pub struct Scored {
     pub priorities: Vec<f64>,
+    /// Each image's view (probabilities, normalised saliency), stored for the gateway.
+    pub views: Vec<mp_store::ModelView>,
     pub suggestions: Vec<Option<Vec<i8>>>,
     pub fit: Option<FitReport>,
 }
@@ -183,6 +185,7 @@ impl Handler<ScoreImages> for Worker {
         let hw = ds.width * ds.height;
         let mut priorities = Vec::with_capacity(ds.len());
         let mut suggestions = Vec::with_capacity(ds.len());
+        let mut views = Vec::with_capacity(ds.len());
         let idx: Vec<usize> = (0..ds.len()).collect();
         for chunk in idx.chunks(64) {
             let (x, y) = ds.batch(chunk, model.device());
@@ -221,10 +224,15 @@ impl Handler<ScoreImages> for Worker {
                 };
                 priorities.push(score);
                 suggestions.push(q);
+                views.push(mp_store::ModelView {
+                    saliency: mp_core::render::normalise(&maps[k]),
+                    probabilities: p,
+                });
             }
         }
         Ok(Scored {
             priorities,
+            views,
             suggestions,
             fit,
         })
@@ -425,6 +433,8 @@ impl Ctx {
             if records.is_empty() {
                 continue;
             }
+            // The images that could be read, in the order they are scored.
+            let ids: Vec<String> = records.iter().map(|r| r.id.clone()).collect();
             let images = dataset_from_records(&records, &self.project)?;
             let checkpoint = self.checkpoint(version).await?;
             let seed = mp_store::now_ms();
@@ -443,7 +453,14 @@ impl Ctx {
                     seed,
                 })
                 .await??;
-            // Suggestions first: an image must not be leased before its suggestion is there.
+            // Views and suggestions first: an image must not be leased before they are there.
+            let views: Vec<(&str, &mp_store::ModelView)> =
+                ids.iter().map(String::as_str).zip(&scored.views).collect();
+            self.store
+                .image_store()
+                .await?
+                .put_views(version, &views)
+                .await?;
             if let Some(fit) = &scored.fit {
                 let items: Vec<(String, Suggestion)> = ids
                     .iter()

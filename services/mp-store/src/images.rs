@@ -82,6 +82,44 @@ impl ByteLru {
     }
 }
 
+/// What an image view needs from a model version: class probabilities and the normalised
+/// saliency map. Stored in the image store (`views/v{version}/…`), never in Redis: at
+/// 224x224 one view is 200 kB.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelView {
+    pub probabilities: Vec<f32>,
+    pub saliency: Vec<f32>,
+}
+
+impl ModelView {
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(4 + 4 * (self.probabilities.len() + self.saliency.len()));
+        out.extend((self.probabilities.len() as u32).to_le_bytes());
+        for v in self.probabilities.iter().chain(&self.saliency) {
+            out.extend(v.to_le_bytes());
+        }
+        out
+    }
+
+    pub fn from_bytes(b: &[u8]) -> Option<ModelView> {
+        if b.len() < 4 || !(b.len() - 4).is_multiple_of(4) {
+            return None;
+        }
+        let n = u32::from_le_bytes(b[..4].try_into().ok()?) as usize;
+        let vals: Vec<f32> = b[4..]
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        if n > vals.len() {
+            return None;
+        }
+        Some(ModelView {
+            probabilities: vals[..n].to_vec(),
+            saliency: vals[n..].to_vec(),
+        })
+    }
+}
+
 /// The object key of an image id.
 pub fn object_key(id: &str) -> String {
     let h = hex::encode(Sha256::digest(id.as_bytes()));
@@ -174,12 +212,59 @@ impl ImageStore {
     }
 
     fn path(&self, id: &str) -> ObjectPath {
-        let key = object_key(id);
+        self.under(&object_key(id))
+    }
+
+    fn under(&self, key: &str) -> ObjectPath {
         let mut p = self.root.clone();
         for part in key.split('/') {
             p = p.join(part);
         }
         p
+    }
+
+    fn view_path(&self, version: u64, id: &str) -> ObjectPath {
+        let key = object_key(id);
+        self.under(&format!("views/v{version}/{}", key.replace(".png", ".bin")))
+    }
+
+    /// Stores an image's view under a model version (the scoring pass writes one for every
+    /// image it scores, the gateway one for each view it had to compute).
+    pub async fn put_view(&self, version: u64, id: &str, view: &ModelView) -> Result<()> {
+        self.inner
+            .put(
+                &self.view_path(version, id),
+                PutPayload::from(view.to_bytes()),
+            )
+            .await
+            .map_err(|e| store_error(id, e))?;
+        Ok(())
+    }
+
+    /// Many views, `PARALLEL` writes at a time.
+    pub async fn put_views(&self, version: u64, views: &[(&str, &ModelView)]) -> Result<()> {
+        let puts: Vec<_> = views
+            .iter()
+            .map(|(id, v)| self.put_view(version, id, v))
+            .collect();
+        futures::stream::iter(puts)
+            .buffer_unordered(PARALLEL)
+            .try_collect::<Vec<()>>()
+            .await?;
+        Ok(())
+    }
+
+    /// An image's stored view under a version; `None` when none was stored or it does not
+    /// decode (it is then computed again).
+    pub async fn view(&self, version: u64, id: &str) -> Result<Option<ModelView>> {
+        match self.inner.get(&self.view_path(version, id)).await {
+            Ok(r) => {
+                let bytes = r.bytes().await.map_err(|e| store_error(id, e))?;
+                Ok(ModelView::from_bytes(&bytes))
+            }
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(store_error(id, e)),
+        }
     }
 
     /// Writes one image (8-bit, row-major, channels interleaved) as PNG.

@@ -10,7 +10,7 @@
 
 mod experts;
 pub mod images;
-pub use images::{ImageStore, Shape};
+pub use images::{ImageStore, ModelView, Shape};
 mod jobs;
 pub mod lua;
 mod marks;

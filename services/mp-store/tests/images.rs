@@ -83,6 +83,16 @@ async fn pixels_live_in_the_image_store_and_redis_keeps_only_metadata() {
         .unwrap()
         .url()
         .starts_with("file://"));
+    // Views per model version live beside the images.
+    let images = store.image_store().await.unwrap();
+    assert_eq!(images.view(3, &recs[0].id).await.unwrap(), None);
+    let view = mp_store::ModelView {
+        probabilities: vec![0.25, 0.75],
+        saliency: (0..SIDE * SIDE).map(|i| i as f32 / 256.0).collect(),
+    };
+    images.put_view(3, &recs[0].id, &view).await.unwrap();
+    assert_eq!(images.view(3, &recs[0].id).await.unwrap(), Some(view));
+    assert_eq!(images.view(4, &recs[0].id).await.unwrap(), None);
 }
 
 #[tokio::test]
