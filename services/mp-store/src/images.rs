@@ -243,15 +243,13 @@ impl ImageStore {
 
     /// Many views, `PARALLEL` writes at a time.
     pub async fn put_views(&self, version: u64, views: &[(&str, &ModelView)]) -> Result<()> {
-        let puts: Vec<_> = views
-            .iter()
-            .map(|(id, v)| self.put_view(version, id, v))
-            .collect();
-        futures::stream::iter(puts)
-            .buffer_unordered(PARALLEL)
-            .try_collect::<Vec<()>>()
-            .await?;
-        Ok(())
+        all_parallel(
+            views
+                .iter()
+                .map(|(id, v)| self.put_view(version, id, v))
+                .collect(),
+        )
+        .await
     }
 
     /// An image's stored view under a version; `None` when none was stored or it does not
@@ -280,17 +278,13 @@ impl ImageStore {
 
     /// Writes many images, `PARALLEL` at a time.
     pub async fn put_many(&self, images: &[(&str, Shape, &[u8])]) -> Result<()> {
-        // The futures are made first: a stream `.map` closure over borrowed items makes the
-        // caller's future not `Send` (a known limit of higher-ranked closures).
-        let puts: Vec<_> = images
-            .iter()
-            .map(|(id, shape, px)| self.put(id, *shape, px))
-            .collect();
-        futures::stream::iter(puts)
-            .buffer_unordered(PARALLEL)
-            .try_collect::<Vec<()>>()
-            .await?;
-        Ok(())
+        all_parallel(
+            images
+                .iter()
+                .map(|(id, shape, px)| self.put(id, *shape, px))
+                .collect(),
+        )
+        .await
     }
 
     /// One image's pixels, from the cache or the store. A missing object is `NotFound`, one
@@ -327,15 +321,6 @@ impl ImageStore {
             .await
     }
 
-    /// Removes an image (absent already is fine) and forgets it in the cache.
-    pub async fn delete(&self, id: &str) -> Result<()> {
-        self.cache.lock().expect("cache lock").map.pop(id);
-        match self.inner.delete(&self.path(id)).await {
-            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
-            Err(e) => Err(store_error(id, e)),
-        }
-    }
-
     /// (cache hits, cache misses, bytes held) since the store was opened.
     pub fn cache_stats(&self) -> (u64, u64, usize) {
         (
@@ -344,6 +329,17 @@ impl ImageStore {
             self.cache.lock().expect("cache lock").bytes,
         )
     }
+}
+
+/// Runs writes `PARALLEL` at a time; the first error wins. The futures are made by the
+/// caller first: a stream `.map` closure over borrowed items would make the caller's future
+/// not `Send` (a known limit of higher-ranked closures).
+async fn all_parallel<F: std::future::Future<Output = Result<()>>>(writes: Vec<F>) -> Result<()> {
+    futures::stream::iter(writes)
+        .buffer_unordered(PARALLEL)
+        .try_collect::<Vec<()>>()
+        .await?;
+    Ok(())
 }
 
 /// The cache bound of this process: `MP_IMAGE_CACHE_MB`, else [`DEFAULT_CACHE_MB`].
