@@ -113,12 +113,12 @@ fn dir_bytes(dir: &Path) -> u64 {
     total
 }
 
-fn pct(v: &mut [f64], q: f64) -> f64 {
+pub(crate) fn pct(v: &mut [f64], q: f64) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[((v.len() - 1) as f64 * q).round() as usize]
 }
 
-struct Workers(Vec<std::process::Child>);
+pub(crate) struct Workers(pub Vec<std::process::Child>);
 
 impl Drop for Workers {
     fn drop(&mut self) {
@@ -129,28 +129,31 @@ impl Drop for Workers {
     }
 }
 
-async fn scoring_pass(
-    a: &ScaleArgs,
-    store: &Store,
+/// `n` real `mp worker` processes (one thread each, `cache_mb` of pixel cache, `extra`
+/// flags), started when every one says so; logs in `logs/worker-{tag}-{w}.log`.
+pub(crate) async fn start_workers(
     redis_url: &str,
     checkpoints: &Path,
     logs: &Path,
-    workers: usize,
-    pass: usize,
-) -> Result<f64> {
+    tag: &str,
+    n: usize,
+    cache_mb: usize,
+    extra: &[&str],
+) -> Result<Workers> {
     let exe = std::env::current_exe()?;
     let mut procs = Workers(Vec::new());
-    let log_of = |w: usize| logs.join(format!("worker-{pass}-{w}.log"));
-    for w in 0..workers {
+    let log_of = |w: usize| logs.join(format!("worker-{tag}-{w}.log"));
+    for w in 0..n {
         let log = std::fs::File::create(log_of(w))?;
         procs.0.push(
             std::process::Command::new(&exe)
                 .args(["worker", "--redis-url", redis_url, "--checkpoints"])
                 .arg(checkpoints)
                 .args(["--worker-threads", "1", "--name"])
-                .arg(format!("scale-{pass}-{w}"))
+                .arg(format!("bench-{tag}-{w}"))
+                .args(extra)
                 .env("MP_THREADS", "1")
-                .env("MP_IMAGE_CACHE_MB", a.cache_mb.to_string())
+                .env("MP_IMAGE_CACHE_MB", cache_mb.to_string())
                 .env("RUST_LOG", "info")
                 .stdout(std::process::Stdio::null())
                 .stderr(log)
@@ -159,7 +162,7 @@ async fn scoring_pass(
     }
     // Started when every worker says so (its model is loaded on the first job).
     let t = Instant::now();
-    while !(0..workers).all(|w| {
+    while !(0..n).all(|w| {
         std::fs::read_to_string(log_of(w)).is_ok_and(|s| s.contains("worker pool started"))
     }) {
         if t.elapsed() > Duration::from_secs(120) {
@@ -167,16 +170,28 @@ async fn scoring_pass(
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let mut ids = store.image_ids().await?;
-    ids.truncate(a.score_images.unwrap_or(usize::MAX));
+    Ok(procs)
+}
+
+/// Appends score jobs of `chunk` images for `version` and waits until the workers are
+/// through them; seconds taken.
+pub(crate) async fn score_all(
+    store: &Store,
+    procs: &mut Workers,
+    ids: &[String],
+    version: u64,
+    chunk: usize,
+    timeout_s: u64,
+    logs: &Path,
+) -> Result<f64> {
     let start = Instant::now();
-    for chunk in ids.chunks(a.score_chunk.max(1)) {
+    for chunk in ids.chunks(chunk.max(1)) {
         store
             .add_job(
                 SCORE_STREAM,
                 &[
                     ("kind", "score".into()),
-                    ("version", "1".into()),
+                    ("version", version.to_string()),
                     ("images", chunk.join(" ")),
                 ],
             )
@@ -192,11 +207,44 @@ async fn scoring_pass(
                 bail!("a worker exited ({s}); logs in {}", logs.display());
             }
         }
-        if start.elapsed() > Duration::from_secs(a.score_timeout_s) {
-            bail!("scoring pass over {} s", a.score_timeout_s);
+        if start.elapsed() > Duration::from_secs(timeout_s) {
+            bail!("scoring pass over {timeout_s} s");
         }
     }
     Ok(start.elapsed().as_secs_f64())
+}
+
+async fn scoring_pass(
+    a: &ScaleArgs,
+    store: &Store,
+    redis_url: &str,
+    checkpoints: &Path,
+    logs: &Path,
+    workers: usize,
+    pass: usize,
+) -> Result<f64> {
+    let mut procs = start_workers(
+        redis_url,
+        checkpoints,
+        logs,
+        &pass.to_string(),
+        workers,
+        a.cache_mb,
+        &[],
+    )
+    .await?;
+    let mut ids = store.image_ids().await?;
+    ids.truncate(a.score_images.unwrap_or(usize::MAX));
+    score_all(
+        store,
+        &mut procs,
+        &ids,
+        1,
+        a.score_chunk,
+        a.score_timeout_s,
+        logs,
+    )
+    .await
 }
 
 /// A project after ingest and scoring, its Redis still running for the latency phase.

@@ -6,6 +6,7 @@ mod bench_proposals;
 mod bench_queue;
 mod bench_scale;
 mod bench_speed;
+mod bench_views;
 mod commands;
 mod common;
 mod nodes;
@@ -82,6 +83,9 @@ enum BenchCmd {
     /// A project of 10k / 100k synthetic images: ingest, Redis bytes per image, a full
     /// scoring pass with 1 and 2 workers, lease -> submit latency against queue size
     Scale(bench_scale::ScaleArgs),
+    /// GetImage latency with many experts at once on a real model size: views stored by the
+    /// scoring pass, computed by the workers in batches, or by the gateway alone
+    Views(bench_views::ViewsArgs),
     /// Refinement proposals per marked image: iterations, attention moved, earlier vs current defaults
     Proposals(bench_proposals::ProposalsArgs),
 }
@@ -112,6 +116,7 @@ fn main() {
         Command::Bench(BenchCmd::Platform(a)) => bench_platform::run(a),
         Command::Bench(BenchCmd::Proposals(a)) => bench_proposals::run(a),
         Command::Bench(BenchCmd::Scale(a)) => bench_scale::run(a),
+        Command::Bench(BenchCmd::Views(a)) => bench_views::run(a),
         Command::Gateway(a) => platform::gateway(a),
         Command::Project(platform::ProjectCmd::Init(a)) => {
             platform::project_init(a).map(|t| println!("admin token: {t}"))

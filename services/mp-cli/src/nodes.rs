@@ -86,6 +86,11 @@ pub struct WorkerArgs {
     /// cross-validated fit), or off (no suggestions)
     #[arg(long, env = "MP_PROPAGATION", default_value = "auto")]
     pub propagation: String,
+    /// Largest batch of image views computed at once for experts waiting on the gateway
+    /// (0: this worker serves no view requests; default 4 on a CPU, where a bigger batch
+    /// only makes its first experts wait for its last, and 32 on a GPU)
+    #[arg(long, env = "MP_VIEW_BATCH")]
+    pub view_batch: Option<usize>,
 }
 
 pub fn worker(a: WorkerArgs) -> Result<()> {
@@ -101,6 +106,9 @@ pub fn worker(a: WorkerArgs) -> Result<()> {
         claim_idle_ms: a.claim_idle_ms,
         device: device(&a.node.device)?,
         health_listen: a.node.health_listen.clone(),
+        view_batch: a
+            .view_batch
+            .unwrap_or(mp_node::worker::default_view_batch(device(&a.node.device)?)),
         refine: mp_core::refine::RefineConfig {
             max_iterations: a.refine_max_iterations,
             time_budget_ms: Some(a.refine_time_budget_ms),

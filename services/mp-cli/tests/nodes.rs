@@ -519,6 +519,15 @@ async fn suggested_marks_reach_the_image_view_and_can_be_accepted() {
         s.mode,
         trained.reason
     );
+    // One fit in the trainer served the worker: it loaded the trainer's suggesters and
+    // fitted none itself.
+    let wlog = std::fs::read_to_string(dir.path().join("w.log")).unwrap();
+    let tlog = std::fs::read_to_string(dir.path().join("t.log")).unwrap();
+    assert!(tlog.contains("suggester fitted for the workers"), "{tlog}");
+    assert!(
+        wlog.contains("suggester loaded") && !wlog.contains("suggester fitted"),
+        "{wlog}"
+    );
     // An expert who accepts every suggestion submits it unchanged and paints nothing; where
     // the suggester found nothing, they paint.
     let r = sim::run(
@@ -675,4 +684,117 @@ async fn a_missing_or_corrupt_image_is_reported_and_skipped_and_the_worker_goes_
         log.contains("image left out") && log.contains(&garbled),
         "{log}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn views_not_stored_are_computed_by_a_worker_for_every_waiting_expert() {
+    let dir = tempfile::tempdir().unwrap();
+    let redis = RedisServer::start_free(&dir.path().join("redis")).unwrap();
+    let store = Store::connect(&redis.url(), "mp").await.unwrap();
+    let ck = dir.path().join("ck");
+    let admin = mp_e2e::platform_project(&store, 30, &ck).await;
+    let gw = gateway(&redis.url(), &ck).await;
+    let ckp = ck.to_str().unwrap().to_string();
+    let mut w = spawn(
+        &[
+            "worker",
+            "--redis-url",
+            &redis.url(),
+            "--checkpoints",
+            &ckp,
+            "--name",
+            "views",
+        ],
+        &dir.path().join("w.log"),
+    );
+    let start = Instant::now();
+    while store.view_workers(2000).await.unwrap() == 0 {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the worker never listened: {}",
+            std::fs::read_to_string(dir.path().join("w.log")).unwrap()
+        );
+        assert!(w.0.try_wait().unwrap().is_none(), "the worker stopped");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // No scoring pass ran: no view is stored. Eight experts ask at once, two of them for
+    // the same image.
+    let ids = store.image_ids().await.unwrap();
+    let images = store.image_store().await.unwrap();
+    assert!(images.view(1, &ids[0]).await.unwrap().is_none());
+    let e = mp_e2e::expert(&gw.addr, &admin, "ann").await;
+    let asked: Vec<String> = (0..7)
+        .map(|i| ids[i].clone())
+        .chain([ids[0].clone()])
+        .collect();
+    let replies = futures::future::join_all(asked.iter().map(|id| {
+        let mut c = e.images.clone();
+        let id = id.clone();
+        async move {
+            c.get_image(pb::GetImageRequest {
+                image_id: id,
+                model_version: 1,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+        }
+    }))
+    .await;
+    // One request per image reached the workers, and each view was stored by the worker.
+    let mut c = store.connection();
+    let requests: u64 = redis::cmd("XLEN")
+        .arg(format!("mp:{}", mp_store::VIEW_STREAM))
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(requests, 7);
+    let log = std::fs::read_to_string(dir.path().join("w.log")).unwrap();
+    assert!(log.contains("views computed"), "{log}");
+    for (id, r) in asked.iter().zip(&replies) {
+        let stored = images
+            .view(1, id)
+            .await
+            .unwrap()
+            .expect("stored by the worker");
+        assert_eq!(r.saliency, stored.saliency);
+        assert_eq!(r.saliency.len(), (SIDE * SIDE) as usize);
+    }
+    assert_eq!(replies[0].saliency, replies[7].saliency);
+    // The worker's batch computes what the gateway computes alone, image by image.
+    drop(w);
+    let alone = mp_e2e::TestGateway::start(mp_gateway::GatewayConfig {
+        view_wait_ms: 0,
+        ..mp_e2e::gateway_config(&redis.url(), &ck)
+    })
+    .await;
+    let views_dir = ck.with_file_name("images").join("views");
+    std::fs::remove_dir_all(&views_dir).unwrap();
+    let e2 = mp_e2e::expert(&alone.addr, &admin, "bob").await;
+    for (id, r) in asked.iter().zip(&replies).take(3) {
+        let own = e2
+            .images
+            .clone()
+            .get_image(pb::GetImageRequest {
+                image_id: id.clone(),
+                model_version: 1,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let diff = own
+            .saliency
+            .iter()
+            .zip(&r.saliency)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(diff < 1e-4, "saliency differs by {diff}");
+        let pdiff = own
+            .probabilities
+            .iter()
+            .zip(&r.probabilities)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(pdiff < 1e-5, "probabilities differ by {pdiff}");
+    }
 }

@@ -744,7 +744,10 @@ fn kind_of(dtype: Dtype) -> Option<Kind> {
 }
 
 /// Named tensors (each in its own dtype) and metadata as safetensors bytes.
-fn serialize_state(state: &[(String, Tensor)], meta: HashMap<String, String>) -> Result<Vec<u8>> {
+pub(crate) fn serialize_state(
+    state: &[(String, Tensor)],
+    meta: HashMap<String, String>,
+) -> Result<Vec<u8>> {
     let mut data: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::with_capacity(state.len());
     for (name, t) in state {
         let (dtype, size) = dtype_of(t.kind()).ok_or_else(|| {
@@ -767,6 +770,26 @@ fn serialize_state(state: &[(String, Tensor)], meta: HashMap<String, String>) ->
         .collect::<Result<_>>()?;
     safetensors::serialize(views, Some(meta))
         .map_err(|e| CoreError::invalid(format!("safetensors: {e}")))
+}
+
+/// The named tensors (on `device`) and the metadata of safetensors bytes.
+pub(crate) fn deserialize_state(
+    bytes: &[u8],
+    device: Device,
+) -> Result<(HashMap<String, String>, HashMap<String, Tensor>)> {
+    let bad = |e: String| CoreError::invalid(format!("not safetensors: {e}"));
+    let (_, header) = SafeTensors::read_metadata(bytes).map_err(|e| bad(e.to_string()))?;
+    let meta = header.metadata().clone().unwrap_or_default();
+    let st = SafeTensors::deserialize(bytes).map_err(|e| bad(e.to_string()))?;
+    let mut out = HashMap::new();
+    for (name, view) in st.tensors() {
+        let kind = kind_of(view.dtype())
+            .ok_or_else(|| bad(format!("tensor {name}: dtype {:?}", view.dtype())))?;
+        let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
+        let t = Tensor::f_from_data_size(view.data(), &shape, kind)?.f_to_device(device)?;
+        out.insert(name, t);
+    }
+    Ok((meta, out))
 }
 
 /// Temporary file + rename, creating the directory.

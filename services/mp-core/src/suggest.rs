@@ -193,6 +193,22 @@ enum Fitted {
     },
 }
 
+/// What [`Suggester::to_bytes`] keeps besides the tensors.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct SavedShape {
+    mode: SuggestMode,
+    red_threshold: f64,
+    green_threshold: f64,
+    width: usize,
+    height: usize,
+    channels: usize,
+    /// Prototype temperature.
+    tau: f64,
+    /// Segmenter feature and hidden sizes.
+    input: i64,
+    hidden: i64,
+}
+
 /// A fitted suggester with calibrated thresholds. Owns tensors: one thread at a time.
 pub struct Suggester {
     pub mode: SuggestMode,
@@ -554,6 +570,129 @@ impl Suggester {
         })
     }
 
+    /// The fitted suggester and the report of its fit as safetensors bytes, so that one
+    /// fit serves every node (the trainer fits, the workers load).
+    pub fn to_bytes(&self, report: &FitReport) -> Result<Vec<u8>> {
+        let mut state: Vec<(String, Tensor)> = Vec::new();
+        let mut shape = SavedShape {
+            mode: self.mode,
+            red_threshold: self.red_threshold,
+            green_threshold: self.green_threshold,
+            width: self.width,
+            height: self.height,
+            channels: self.channels,
+            tau: 0.0,
+            input: 0,
+            hidden: 0,
+        };
+        let copy = |t: &Tensor| t.shallow_clone();
+        match &self.fitted {
+            Fitted::Union { red, green } => {
+                state.push(("red".into(), copy(red)));
+                state.push(("green".into(), copy(green)));
+            }
+            Fitted::Prototype {
+                mean,
+                sd,
+                protos,
+                tau,
+            } => {
+                shape.tau = *tau;
+                state.push(("mean".into(), copy(mean)));
+                state.push(("sd".into(), copy(sd)));
+                for (name, p) in ["red", "green", "unmarked"].iter().zip(protos) {
+                    state.push((format!("proto.{name}"), copy(p)));
+                }
+            }
+            Fitted::Segmenter { mean, sd, _vs, .. } => {
+                let vars = _vs.variables();
+                shape.input = vars["c1.weight"].size()[1];
+                shape.hidden = vars["c1.weight"].size()[0];
+                state.push(("mean".into(), copy(mean)));
+                state.push(("sd".into(), copy(sd)));
+                for (name, v) in vars {
+                    state.push((format!("net.{name}"), v.detach()));
+                }
+            }
+        }
+        let json = |e: serde_json::Error| CoreError::invalid(e.to_string());
+        let mut meta = std::collections::HashMap::new();
+        meta.insert(
+            "mp.suggester".to_string(),
+            serde_json::to_string(&shape).map_err(json)?,
+        );
+        meta.insert(
+            "mp.fit".to_string(),
+            serde_json::to_string(report).map_err(json)?,
+        );
+        crate::model::serialize_state(&state, meta)
+    }
+
+    /// Reads what [`Suggester::to_bytes`] wrote, onto `device`.
+    pub fn from_bytes(bytes: &[u8], device: Device) -> Result<(Suggester, FitReport)> {
+        let (meta, mut t) = crate::model::deserialize_state(bytes, device)?;
+        let bad = |m: String| CoreError::invalid(format!("not a saved suggester: {m}"));
+        let get = |k: &str| meta.get(k).ok_or_else(|| bad(format!("no {k}")));
+        let shape: SavedShape =
+            serde_json::from_str(get("mp.suggester")?).map_err(|e| bad(e.to_string()))?;
+        let report: FitReport =
+            serde_json::from_str(get("mp.fit")?).map_err(|e| bad(e.to_string()))?;
+        let mut take = |k: &str| t.remove(k).ok_or_else(|| bad(format!("no tensor {k}")));
+        let fitted = match shape.mode {
+            SuggestMode::Union => Fitted::Union {
+                red: take("red")?,
+                green: take("green")?,
+            },
+            SuggestMode::Prototype => Fitted::Prototype {
+                mean: take("mean")?,
+                sd: take("sd")?,
+                protos: [
+                    take("proto.red")?,
+                    take("proto.green")?,
+                    take("proto.unmarked")?,
+                ],
+                tau: shape.tau,
+            },
+            SuggestMode::Segmenter => {
+                if shape.input <= 0 || shape.hidden <= 0 {
+                    return Err(bad("segmenter without its sizes".into()));
+                }
+                let vs = nn::VarStore::new(device);
+                let net = segmenter_net(&vs.root(), shape.input, shape.hidden);
+                let _g = tch::no_grad_guard();
+                for (name, mut v) in vs.variables() {
+                    let saved = take(&format!("net.{name}"))?;
+                    if saved.size() != v.size() {
+                        return Err(bad(format!(
+                            "net.{name} is {:?}, expected {:?}",
+                            saved.size(),
+                            v.size()
+                        )));
+                    }
+                    v.copy_(&saved);
+                }
+                Fitted::Segmenter {
+                    mean: take("mean")?,
+                    sd: take("sd")?,
+                    _vs: vs,
+                    net,
+                }
+            }
+        };
+        Ok((
+            Suggester {
+                mode: shape.mode,
+                red_threshold: shape.red_threshold,
+                green_threshold: shape.green_threshold,
+                width: shape.width,
+                height: shape.height,
+                channels: shape.channels,
+                fitted,
+            },
+            report,
+        ))
+    }
+
     /// Red and green confidences (N, 1, H, W) for images (N, C, H, W).
     pub fn confidence(&self, x: &Tensor) -> Result<Confidence> {
         let size = x.size();
@@ -878,6 +1017,40 @@ mod tests {
             })
             .sum::<f64>()
             / idx.len() as f64
+    }
+
+    #[test]
+    fn every_mode_comes_back_from_its_bytes_and_suggests_the_same() {
+        let ds = squares(20, true, 5);
+        let marked: Vec<usize> = (0..6).collect();
+        let cfg = SuggestConfig {
+            steps: 20,
+            ..Default::default()
+        };
+        let (x, _) = ds.batch(&(6..20).collect::<Vec<_>>(), Device::Cpu);
+        for mode in SuggestMode::ALL {
+            let mut s = Suggester::fit_mode(mode, &ds, &marked, &cfg, Device::Cpu).unwrap();
+            s.red_threshold = 0.37;
+            let report = FitReport {
+                requested: Propagation::Auto,
+                chosen: mode,
+                marks: marked.len(),
+                folds: 0,
+                fits: vec![],
+                reason: "test".into(),
+            };
+            let bytes = s.to_bytes(&report).unwrap();
+            let (back, r) = Suggester::from_bytes(&bytes, Device::Cpu).unwrap();
+            assert_eq!((back.mode, back.red_threshold), (mode, 0.37));
+            assert_eq!((r.chosen, r.marks), (mode, 6));
+            let diff = (s.weights(&x).unwrap() - back.weights(&x).unwrap())
+                .abs()
+                .max()
+                .double_value(&[]);
+            assert!(diff < 1e-6, "{}: weights differ by {diff}", mode.name());
+        }
+        let e = Suggester::from_bytes(b"junk", Device::Cpu).err().unwrap();
+        assert!(e.to_string().contains("not safetensors"), "{e}");
     }
 
     #[test]

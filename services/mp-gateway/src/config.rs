@@ -21,6 +21,9 @@ pub struct GatewayConfig {
     pub max_message_bytes: usize,
     /// How often expired leases are returned to the queue.
     pub reaper_interval_ms: u64,
+    /// How long `GetImage` waits for the workers to compute a view that is not stored yet
+    /// before computing it itself (0: never ask the workers).
+    pub view_wait_ms: u64,
 }
 
 impl Default for GatewayConfig {
@@ -34,6 +37,7 @@ impl Default for GatewayConfig {
             lease_ttl_ms: 60_000,
             max_message_bytes: 4 * 1024 * 1024,
             reaper_interval_ms: 500,
+            view_wait_ms: 5_000,
         }
     }
 }
@@ -96,6 +100,9 @@ impl GatewayConfig {
         }
         if let Some(v) = get("MP_REAPER_INTERVAL_MS") {
             self.reaper_interval_ms = num("MP_REAPER_INTERVAL_MS", v)?;
+        }
+        if let Some(v) = get("MP_VIEW_WAIT_MS") {
+            self.view_wait_ms = num("MP_VIEW_WAIT_MS", v)?;
         }
         Ok(())
     }

@@ -1,6 +1,6 @@
 //! The tonic services: thin shells that authenticate, validate, call the store and map errors.
 
-use crate::views::{ModelView, ViewPool};
+use crate::views::{ModelView, ViewPool, ViewWaiters};
 use crate::GatewayConfig;
 use mp_proto::rle;
 use mp_proto::v1::{self as pb};
@@ -36,8 +36,15 @@ pub struct Gateway {
     store: Arc<tokio::sync::OnceCell<Store>>,
     pub config: Arc<GatewayConfig>,
     pub views: ViewPool,
+    /// Experts waiting for views the workers compute.
+    pub waiters: ViewWaiters,
+    /// Whether a worker listened for view requests lately, and when that was checked.
+    view_workers: Arc<Mutex<(Option<Instant>, bool)>>,
     auth_cache: Arc<Mutex<HashMap<String, (Expert, Instant)>>>,
 }
+
+/// A worker that read the view stream within this long counts as listening.
+const VIEW_WORKER_SILENCE_MS: u64 = 2_000;
 
 fn check_id(what: &str, id: &str) -> Result<(), Status> {
     if id.is_empty() || id.len() > MAX_ID_LEN {
@@ -72,6 +79,8 @@ impl Gateway {
             store: Arc::new(tokio::sync::OnceCell::new()),
             config: Arc::new(config),
             views,
+            waiters: ViewWaiters::default(),
+            view_workers: Arc::new(Mutex::new((None, false))),
             auth_cache: Arc::new(Mutex::new(HashMap::new())),
         }
     }
@@ -84,7 +93,9 @@ impl Gateway {
     }
 
     pub fn set_store(&self, store: Store) {
-        let _ = self.store.set(store);
+        if self.store.set(store.clone()).is_ok() && self.config.view_wait_ms > 0 {
+            self.waiters.follow(store);
+        }
     }
 
     /// The expert behind the request's bearer token.
@@ -138,6 +149,16 @@ impl Gateway {
             Ok(_) => {}
             Err(e) => tracing::warn!(image = %image.id, error = %e, "stored view unreadable"),
         }
+        if self.config.view_wait_ms > 0 && self.view_workers_listening().await {
+            match self.view_from_workers(version, &image.id).await {
+                Some(v) if v.saliency.len() == (image.width * image.height) as usize => {
+                    return Ok(v)
+                }
+                _ => {
+                    debug!(image = %image.id, version, "no worker served the view in time; computing it here")
+                }
+            }
+        }
         let rec = store.version(version).await.map_err(status)?;
         let file = self.config.checkpoints.join(&rec.file);
         let id = image.id.clone();
@@ -150,6 +171,56 @@ impl Gateway {
             tracing::warn!(image = %id, error = %e, "view not stored");
         }
         Ok(view)
+    }
+}
+
+impl Gateway {
+    /// Whether some worker reads view requests (checked at most once a second).
+    async fn view_workers_listening(&self) -> bool {
+        if let Ok(w) = self.view_workers.lock() {
+            if let (Some(at), listening) = *w {
+                if at.elapsed() < Duration::from_secs(1) {
+                    return listening;
+                }
+            }
+        }
+        let Ok(store) = self.store() else {
+            return false;
+        };
+        let listening = store
+            .view_workers(VIEW_WORKER_SILENCE_MS)
+            .await
+            .is_ok_and(|n| n > 0);
+        if let Ok(mut w) = self.view_workers.lock() {
+            *w = (Some(Instant::now()), listening);
+        }
+        listening
+    }
+
+    /// Asks the workers for a view (one request however many experts wait for it) and
+    /// waits up to `view_wait_ms` for their announcement; `None` when none came.
+    async fn view_from_workers(&self, version: u64, image: &str) -> Option<ModelView> {
+        let store = self.store().ok()?;
+        let images = store.image_store().await.ok()?;
+        let (ready, first) = self.waiters.register(version, image);
+        let answer = async {
+            // Written between the miss and the registration?
+            if let Ok(Some(v)) = images.view(version, image).await {
+                return Some(v);
+            }
+            if first {
+                if let Err(e) = store.request_view(version, image).await {
+                    warn!(error = %e, "asking the workers for a view failed");
+                    return None;
+                }
+            }
+            let wait = Duration::from_millis(self.config.view_wait_ms);
+            tokio::time::timeout(wait, ready).await.ok()?.ok()?;
+            images.view(version, image).await.ok().flatten()
+        }
+        .await;
+        self.waiters.forget(version, image);
+        answer
     }
 }
 

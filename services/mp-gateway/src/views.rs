@@ -125,3 +125,101 @@ impl ViewPool {
             .map_err(|_| "view thread dropped the request".to_string())?
     }
 }
+
+type Waiting = std::collections::HashMap<(u64, String), Vec<oneshot::Sender<()>>>;
+
+/// Experts waiting for views the workers compute: registered before the request is made,
+/// woken by the workers' announcements (`Store::view_events`). Concurrent requests for one
+/// view share one request to the workers.
+#[derive(Clone, Default)]
+pub struct ViewWaiters {
+    waiting: std::sync::Arc<std::sync::Mutex<Waiting>>,
+}
+
+impl ViewWaiters {
+    /// Registers a waiter for `(version, image)`; `true` when it is the first, which makes
+    /// the request.
+    pub fn register(&self, version: u64, image: &str) -> (oneshot::Receiver<()>, bool) {
+        let (tx, rx) = oneshot::channel();
+        let mut w = self.waiting.lock().expect("waiters lock");
+        let list = w.entry((version, image.to_string())).or_default();
+        list.retain(|s| !s.is_closed());
+        list.push(tx);
+        (rx, list.len() == 1)
+    }
+
+    /// Drops the waiters nobody listens to any more (timed out or served otherwise).
+    pub fn forget(&self, version: u64, image: &str) {
+        let mut w = self.waiting.lock().expect("waiters lock");
+        let key = (version, image.to_string());
+        if let Some(list) = w.get_mut(&key) {
+            list.retain(|s| !s.is_closed());
+            if list.is_empty() {
+                w.remove(&key);
+            }
+        }
+    }
+
+    /// Wakes everyone waiting for these views.
+    pub fn ready(&self, version: u64, ids: &[String]) {
+        let mut w = self.waiting.lock().expect("waiters lock");
+        for id in ids {
+            for s in w.remove(&(version, id.clone())).unwrap_or_default() {
+                let _ = s.send(());
+            }
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.waiting.lock().expect("waiters lock").len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Follows the workers' announcements for as long as the process runs, reconnecting
+    /// after a lost connection (waiters time out meanwhile and the gateway computes).
+    pub fn follow(&self, store: mp_store::Store) {
+        use futures::StreamExt;
+        let me = self.clone();
+        tokio::spawn(async move {
+            loop {
+                match store.view_events().await {
+                    Ok(events) => {
+                        let mut events = std::pin::pin!(events);
+                        while let Some((version, ids)) = events.next().await {
+                            me.ready(version, &ids);
+                        }
+                        tracing::warn!("view announcements: connection lost; reconnecting");
+                    }
+                    Err(e) => tracing::warn!(error = %e, "view announcements: subscribing failed"),
+                }
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn waiters_share_one_request_and_all_wake() {
+        let w = ViewWaiters::default();
+        let (mut a, first_a) = w.register(3, "x");
+        let (mut b, first_b) = w.register(3, "x");
+        let (mut c, first_c) = w.register(4, "x");
+        assert!(first_a && !first_b && first_c);
+        w.ready(3, &["x".to_string()]);
+        assert!(a.try_recv().is_ok() && b.try_recv().is_ok());
+        assert!(c.try_recv().is_err(), "another version's waiter was woken");
+        drop(c);
+        w.forget(4, "x");
+        assert!(w.is_empty());
+        // After a timeout the next asker makes the request again.
+        let (_d, first_d) = w.register(3, "x");
+        assert!(first_d);
+    }
+}

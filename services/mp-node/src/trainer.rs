@@ -10,7 +10,8 @@ use actix::prelude::*;
 use mp_core::data::Dataset;
 use mp_core::model::Model;
 use mp_core::refine::{refine, Proposal, ProposalReport, RefineConfig};
-use mp_core::train::{evaluate, train, Eval, GuidanceConfig, TrainConfig, TrainReport};
+use mp_core::suggest::{FitReport, Propagation, Suggester};
+use mp_core::train::{evaluate, train_with, Eval, GuidanceConfig, TrainConfig, TrainReport};
 use mp_store::{ModelVersionRecord, ProjectInfo, Store, COMMIT_STREAM, SCORE_STREAM};
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -52,6 +53,9 @@ pub struct TrainGuided {
     pub train: Arc<Dataset>,
     pub guidance: Vec<usize>,
     pub cfg: TrainConfig,
+    /// The suggester fitted for this phase ([`Suggester::to_bytes`]); `None` trains without
+    /// propagation.
+    pub suggester: Option<Arc<Vec<u8>>>,
 }
 
 #[derive(Message)]
@@ -95,14 +99,22 @@ impl Handler<AdoptWeights> for TrainerCore {
 impl Handler<TrainGuided> for TrainerCore {
     type Result = Result<TrainReport, NodeError>;
     fn handle(&mut self, m: TrainGuided, _: &mut SyncContext<Self>) -> Self::Result {
+        let device = self.device;
+        let fitted = match &m.suggester {
+            Some(b) => Some(Suggester::from_bytes(b, device)?),
+            None => None,
+        };
         let model = self.model()?;
-        Ok(train(
+        let mut r = train_with(
             model,
             &m.train,
             &m.guidance,
             &m.cfg,
+            fitted.as_ref().map(|(s, _)| s),
             &mut |_, _, _, _| {},
-        )?)
+        )?;
+        r.propagation = fitted.map(|(_, report)| report);
+        Ok(r)
     }
 }
 
@@ -201,6 +213,80 @@ struct Coordinator {
     /// and committed again counts once.
     counted: std::collections::HashSet<String>,
     round_started: Instant,
+    /// A mid-round rescoring (its suggester fit) is under way.
+    rescoring: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// A suggester fitted by the trainer and written to the checkpoint directory.
+struct SharedFit {
+    /// Relative to the checkpoint directory.
+    file: String,
+    bytes: Arc<Vec<u8>>,
+}
+
+/// Fits the suggester on the marked images (`marked`: their images with their marks) once,
+/// on a blocking thread, and writes it to `suggesters/` in the checkpoint directory for the
+/// workers: every worker of a pass loads this fit instead of fitting its own (a fit with
+/// its cross-validation costs about a minute of a CPU core). `None` without propagation or
+/// marks.
+async fn fit_shared(
+    cfg: &TrainerConfig,
+    propagation: Propagation,
+    marked: Dataset,
+) -> Result<Option<SharedFit>> {
+    if propagation == Propagation::Off || marked.is_empty() {
+        return Ok(None);
+    }
+    let (suggest, device) = (cfg.guidance.suggest.clone(), cfg.device);
+    let fitted = tokio::task::spawn_blocking(move || {
+        let idx: Vec<usize> = (0..marked.len()).collect();
+        let t = Instant::now();
+        let fit = mp_core::suggest::fit(propagation, &marked, &idx, &suggest, device)?;
+        fit.map(|(s, r): (Suggester, FitReport)| {
+            Ok::<_, NodeError>((s.to_bytes(&r)?, r, t.elapsed().as_secs_f64()))
+        })
+        .transpose()
+    })
+    .await
+    .map_err(|e| NodeError::Invalid(format!("suggester fit: {e}")))??;
+    let Some((bytes, report, seconds)) = fitted else {
+        return Ok(None);
+    };
+    let file = format!(
+        "suggesters/m{}-{}.safetensors",
+        report.marks,
+        mp_store::now_ms()
+    );
+    write_atomic(&cfg.checkpoints.join(&file), &bytes).await?;
+    info!(%file, choice = %report.summary(), seconds, "suggester fitted for the workers");
+    Ok(Some(SharedFit {
+        file,
+        bytes: Arc::new(bytes),
+    }))
+}
+
+/// Score jobs for every image under `version` (the workers share them), naming the
+/// suggester they apply when the trainer fitted one.
+async fn score_all(
+    store: &Store,
+    cfg: &TrainerConfig,
+    version: u64,
+    suggester: Option<&str>,
+) -> Result<()> {
+    let ids = store.image_ids().await?;
+    for chunk in ids.chunks(cfg.score_chunk.max(1)) {
+        let mut fields = vec![
+            ("kind", "score".to_string()),
+            ("version", version.to_string()),
+            ("images", chunk.join(" ")),
+            ("enqueued_ms", mp_store::now_ms().to_string()),
+        ];
+        if let Some(f) = suggester {
+            fields.push(("suggester", f.to_string()));
+        }
+        store.add_job(SCORE_STREAM, &fields).await?;
+    }
+    Ok(())
 }
 
 impl Coordinator {
@@ -332,8 +418,8 @@ impl Coordinator {
         Ok(())
     }
 
-    /// A training phase: CE + guidance from every committed mark, then a new round.
-    async fn training_phase(&mut self) -> Result<()> {
+    /// The training images with every committed mark, and the indices of the marked ones.
+    async fn guided_train(&self) -> Result<(Dataset, Vec<usize>)> {
         let marks = self.store.guidance_marks().await?;
         let mut train = (*self.train).clone();
         let mut guidance = Vec::new();
@@ -345,6 +431,12 @@ impl Coordinator {
                 }
             }
         }
+        Ok((train, guidance))
+    }
+
+    /// A training phase: CE + guidance from every committed mark, then a new round.
+    async fn training_phase(&mut self) -> Result<()> {
+        let (train, guidance) = self.guided_train().await?;
         let mut cfg = self.cfg.train.clone();
         cfg.epochs = self.cfg.epochs_per_round;
         cfg.seed = self.version;
@@ -354,12 +446,18 @@ impl Coordinator {
             epochs = cfg.epochs,
             "training phase"
         );
+        // One fit serves the guided training and every worker of the next scoring pass.
+        let shared = match &cfg.guidance {
+            Some(g) => fit_shared(&self.cfg, g.propagation, train.subset(&guidance)).await?,
+            None => None,
+        };
         let r = self
             .core
             .send(TrainGuided {
                 train: Arc::new(train),
                 guidance: guidance.clone(),
                 cfg,
+                suggester: shared.as_ref().map(|s| s.bytes.clone()),
             })
             .await??;
         let propagation = r
@@ -374,35 +472,17 @@ impl Coordinator {
                 r.seconds
             ))
             .await?;
-        self.start_round(v).await
+        self.start_round(v, shared.map(|s| s.file)).await
     }
 
-    /// Freezes `version` for the round and rescores every image with it.
-    async fn start_round(&mut self, version: u64) -> Result<()> {
+    /// Freezes `version` for the round and rescores every image with it (and with the
+    /// suggester in `suggester`, a file in the checkpoint directory, when there is one).
+    async fn start_round(&mut self, version: u64, suggester: Option<String>) -> Result<()> {
         self.store.set_serving_version(version).await?;
-        self.score_all(version).await?;
+        score_all(&self.store, &self.cfg, version, suggester.as_deref()).await?;
         self.round_commits = 0;
         self.round_started = Instant::now();
         info!(version, "round started");
-        Ok(())
-    }
-
-    /// Score jobs for every image under `version` (the workers share them).
-    async fn score_all(&self, version: u64) -> Result<()> {
-        let ids = self.store.image_ids().await?;
-        for chunk in ids.chunks(self.cfg.score_chunk.max(1)) {
-            self.store
-                .add_job(
-                    SCORE_STREAM,
-                    &[
-                        ("kind", "score".into()),
-                        ("version", version.to_string()),
-                        ("images", chunk.join(" ")),
-                        ("enqueued_ms", mp_store::now_ms().to_string()),
-                    ],
-                )
-                .await?;
-        }
         Ok(())
     }
 
@@ -416,12 +496,42 @@ impl Coordinator {
             && !self.round_over()
         {
             let serving = self.store.serving_version().await?;
+            if self
+                .rescoring
+                .swap(true, std::sync::atomic::Ordering::SeqCst)
+            {
+                info!(
+                    commits = self.round_commits,
+                    "a rescoring is still being prepared; this one is left out"
+                );
+                return Ok(());
+            }
             info!(
                 commits = self.round_commits,
                 version = serving,
                 "rescoring with the round's marks"
             );
-            self.score_all(serving).await?;
+            // The suggester is fitted off the coordinator, so commits go on meanwhile.
+            let (train, guidance) = self.guided_train().await?;
+            let marked = train.subset(&guidance);
+            let (store, cfg, busy) = (self.store.clone(), self.cfg.clone(), self.rescoring.clone());
+            tokio::spawn(async move {
+                let r = async {
+                    let shared = fit_shared(&cfg, cfg.guidance.propagation, marked).await?;
+                    score_all(
+                        &store,
+                        &cfg,
+                        serving,
+                        shared.as_ref().map(|s| s.file.as_str()),
+                    )
+                    .await
+                }
+                .await;
+                if let Err(e) = r {
+                    warn!(error = %e, "mid-round rescoring failed");
+                }
+                busy.store(false, std::sync::atomic::Ordering::SeqCst);
+            });
         }
         Ok(())
     }
@@ -480,6 +590,7 @@ pub async fn run(cfg: TrainerConfig, mut stop: tokio::sync::watch::Receiver<bool
         round_commits: 0,
         counted: Default::default(),
         round_started: Instant::now(),
+        rescoring: Default::default(),
     };
     info!(version, "trainer started");
     let consumer = format!("trainer-{}", std::process::id());

@@ -12,7 +12,7 @@ use mp_core::model::Model;
 use mp_core::refine::{refine, Proposal, ProposalReport, RefineConfig};
 use mp_core::saliency::{maps_to_vecs, saliency_maps, Method};
 use mp_core::suggest::{FitReport, Propagation, SuggestConfig, Suggester};
-use mp_store::{Job, ProjectInfo, Store, Suggestion, REFINE_STREAM, SCORE_STREAM};
+use mp_store::{Job, ProjectInfo, Store, Suggestion, REFINE_STREAM, SCORE_STREAM, VIEW_STREAM};
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -43,6 +43,9 @@ pub struct ScoreImages {
     /// The committed marks (their images with the marks), and a key that changes with them:
     /// what the suggester learns from.
     pub marked: Option<(u64, Arc<Dataset>)>,
+    /// The suggester the trainer fitted for this pass (a file in the checkpoint directory):
+    /// used instead of fitting one here when it was fitted for this worker's propagation.
+    pub shared: Option<PathBuf>,
     pub propagation: Propagation,
     pub suggest: SuggestConfig,
     pub ordering: Ordering,
@@ -62,13 +65,41 @@ pub struct Scored {
     pub fit: Option<FitReport>,
 }
 
+/// Image views (probabilities, normalised saliency of the image's label) under a model
+/// version, for images a gateway asked for: the expert is waiting.
+#[derive(Message)]
+#[rtype(result = "Result<Vec<mp_store::ModelView>, NodeError>")]
+pub struct ComputeViews {
+    pub version: u64,
+    pub checkpoint: PathBuf,
+    pub images: Dataset,
+}
+
+/// One row per image: its class probabilities, its raw saliency map.
+type Rows = Vec<Vec<f32>>;
+
+/// Probabilities and raw saliency maps (of each image's label) of one batch.
+fn probs_and_maps(
+    model: &Model,
+    x: &tch::Tensor,
+    y: &tch::Tensor,
+) -> Result<(Rows, Rows)> {
+    let probs = mp_core::train::predict(model, x).to_device(Device::Cpu);
+    let maps = maps_to_vecs(&saliency_maps(model, x, y, Method::Gradient)?)?;
+    let probs = (0..probs.size()[0])
+        .map(|k| Vec::<f32>::try_from(&probs.get(k)).map_err(mp_core::CoreError::from))
+        .collect::<std::result::Result<Vec<_>, _>>()?;
+    Ok((probs, maps))
+}
+
 /// One thread's worker: its own libtorch thread setting, model cache and suggester.
 pub struct Worker {
     models: VecDeque<(u64, Model)>,
     cache: usize,
     device: Device,
-    /// The suggester fitted on the marks of key `.0`.
-    suggester: Option<(u64, Suggester, FitReport)>,
+    /// The suggester of key `.0`: "marks:N" (fitted here on N marks) or "file:F" (the
+    /// trainer's, loaded from F).
+    suggester: Option<(String, Suggester, FitReport)>,
 }
 
 impl Worker {
@@ -91,6 +122,7 @@ impl Worker {
         propagation: Propagation,
         cfg: &SuggestConfig,
     ) -> Result<Option<(&Suggester, &FitReport)>> {
+        let key = format!("marks:{key}");
         if self.suggester.as_ref().is_none_or(|(k, _, _)| *k != key) {
             let idx: Vec<usize> = (0..marked.len()).collect();
             self.suggester = mp_core::suggest::fit(propagation, marked, &idx, cfg, self.device)?
@@ -100,6 +132,24 @@ impl Worker {
             }
         }
         Ok(self.suggester.as_ref().map(|(_, s, r)| (s, r)))
+    }
+
+    /// The trainer's suggester from `file`, if it was fitted for `propagation`; `Ok(false)`
+    /// when it was not (this worker then fits its own).
+    fn load_suggester(&mut self, file: &std::path::Path, propagation: Propagation) -> Result<bool> {
+        let key = format!("file:{}", file.display());
+        if self.suggester.as_ref().is_some_and(|(k, _, _)| *k == key) {
+            return Ok(true);
+        }
+        let bytes =
+            std::fs::read(file).map_err(|e| NodeError::Io(format!("{}: {e}", file.display())))?;
+        let (s, r) = Suggester::from_bytes(&bytes, self.device)?;
+        if r.requested != propagation {
+            return Ok(false);
+        }
+        info!(file = %file.display(), choice = %r.summary(), "suggester loaded");
+        self.suggester = Some((key, s, r));
+        Ok(true)
     }
 
     fn model(&mut self, version: u64, path: &std::path::Path) -> Result<&Model> {
@@ -117,6 +167,31 @@ impl Worker {
 
 impl Actor for Worker {
     type Context = SyncContext<Self>;
+}
+
+impl Handler<ComputeViews> for Worker {
+    type Result = Result<Vec<mp_store::ModelView>, NodeError>;
+
+    fn handle(&mut self, msg: ComputeViews, _: &mut SyncContext<Self>) -> Self::Result {
+        let model = self.model(msg.version, &msg.checkpoint)?;
+        let ds = &msg.images;
+        let idx: Vec<usize> = (0..ds.len()).collect();
+        let mut views = Vec::with_capacity(ds.len());
+        for chunk in idx.chunks(64) {
+            let (x, y) = ds.batch(chunk, model.device());
+            let (probs, maps) = probs_and_maps(model, &x, &y)?;
+            views.extend(
+                probs
+                    .into_iter()
+                    .zip(&maps)
+                    .map(|(p, m)| mp_store::ModelView {
+                        saliency: mp_core::render::normalise(m),
+                        probabilities: p,
+                    }),
+            );
+        }
+        Ok(views)
+    }
 }
 
 impl Handler<RefineProposal> for Worker {
@@ -165,12 +240,29 @@ impl Handler<ScoreImages> for Worker {
     type Result = Result<Scored, NodeError>;
 
     fn handle(&mut self, msg: ScoreImages, _: &mut SyncContext<Self>) -> Self::Result {
-        // Fit (or reuse) the suggester first: it needs `&mut self`, the model `&self`.
-        let fit = match &msg.marked {
-            Some((key, marked)) => self
-                .suggester(*key, marked, msg.propagation, &msg.suggest)?
-                .map(|(_, r)| r.clone()),
-            None => None,
+        // Load the trainer's suggester, else fit (or reuse) one here — before the model:
+        // it needs `&mut self`, the model `&self`.
+        let shared = match &msg.shared {
+            Some(file) if msg.propagation != Propagation::Off => {
+                match self.load_suggester(file, msg.propagation) {
+                    Ok(used) => used,
+                    Err(e) => {
+                        warn!(file = %file.display(), error = %e, "the trainer's suggester is unreadable; fitting one here");
+                        false
+                    }
+                }
+            }
+            _ => false,
+        };
+        let fit = if shared {
+            self.suggester.as_ref().map(|(_, _, r)| r.clone())
+        } else {
+            match &msg.marked {
+                Some((key, marked)) => self
+                    .suggester(*key, marked, msg.propagation, &msg.suggest)?
+                    .map(|(_, r)| r.clone()),
+                None => None,
+            }
         };
         self.model(msg.version, &msg.checkpoint)?;
         let model = &self.models[0].1;
@@ -189,8 +281,7 @@ impl Handler<ScoreImages> for Worker {
         let idx: Vec<usize> = (0..ds.len()).collect();
         for chunk in idx.chunks(64) {
             let (x, y) = ds.batch(chunk, model.device());
-            let probs = mp_core::train::predict(model, &x);
-            let maps = maps_to_vecs(&saliency_maps(model, &x, &y, Method::Gradient)?)?;
+            let (probs, maps) = probs_and_maps(model, &x, &y)?;
             let weights = match suggester {
                 Some(s) => Some(
                     Vec::<f32>::try_from(&s.weights(&x)?.flatten(0, -1).to_device(Device::Cpu))
@@ -198,9 +289,7 @@ impl Handler<ScoreImages> for Worker {
                 ),
                 None => None,
             };
-            for (k, &i) in chunk.iter().enumerate() {
-                let p =
-                    Vec::<f32>::try_from(&probs.get(k as i64)).map_err(mp_core::CoreError::from)?;
+            for ((k, &i), p) in chunk.iter().enumerate().zip(probs) {
                 let q = weights.as_ref().map(|w| quantise(&w[k * hw..(k + 1) * hw]));
                 let suggested = q.as_ref().map(|q| sign_mask(ds.width, ds.height, q));
                 let score = match msg.ordering {
@@ -259,7 +348,24 @@ pub struct WorkerConfig {
     pub suggest: SuggestConfig,
     pub device: Device,
     pub health_listen: String,
+    /// Largest batch of image views computed at once for waiting experts (0: this worker
+    /// serves no view requests).
+    pub view_batch: usize,
 }
+
+/// The largest view batch by device: 4 on a CPU (the cost per view is flat there, so a big
+/// batch only makes its first experts wait for its last: BENCHMARKS.md, "Image views"), 32
+/// on a GPU (where a batch costs little more than one view).
+pub fn default_view_batch(device: Device) -> usize {
+    if device.is_cuda() {
+        32
+    } else {
+        4
+    }
+}
+
+/// A view request older than this is dropped: its expert was served by the gateway.
+const VIEW_REQUEST_MAX_AGE_MS: u64 = 30_000;
 
 /// `worker-HOST-PID`: unique across pods (where every PID is 1) and processes.
 pub fn default_consumer() -> String {
@@ -287,6 +393,7 @@ impl Default for WorkerConfig {
             suggest: SuggestConfig::default(),
             device: mp_core::device::auto(),
             health_listen: String::new(),
+            view_batch: default_view_batch(mp_core::device::auto()),
         }
     }
 }
@@ -399,7 +506,10 @@ impl Ctx {
                     .await?;
                 info!(proposal = %pid, iterations = report.proposal.iterations, ms = report.proposal.elapsed_ms, "proposal ready");
             }
-            Err(NodeError::Store(e @ mp_store::StoreError::Redis(_))) => return Err(e.into()),
+            // Redis or the image store unreachable: the job stays pending and is retried.
+            Err(NodeError::Store(
+                e @ (mp_store::StoreError::Redis(_) | mp_store::StoreError::Unavailable(_)),
+            )) => return Err(e.into()),
             Err(e) => {
                 warn!(proposal = %pid, error = %e, "refinement failed");
                 self.store
@@ -410,9 +520,65 @@ impl Ctx {
         Ok(())
     }
 
-    /// Score jobs of one version merged into one batch (dynamic batching across jobs).
-    async fn score_jobs(&self, jobs: &[Job]) -> Result<()> {
+    /// View requests as one batch per version (dynamic batching: whatever arrived while the
+    /// previous batch was computed), on the view thread; each view is stored, then announced.
+    /// Uses `store`, a connection of the view loop's own, so that no other job's blocking
+    /// read delays an expert's view.
+    async fn view_jobs(&self, store: &Store, addr: &Addr<Worker>, jobs: &[Job]) -> Result<usize> {
+        let now = mp_store::now_ms();
         let mut by_version: HashMap<u64, Vec<String>> = HashMap::new();
+        for j in jobs {
+            let fresh = j
+                .fields
+                .get("t")
+                .and_then(|t| t.parse::<u64>().ok())
+                .is_some_and(|t| now.saturating_sub(t) < VIEW_REQUEST_MAX_AGE_MS);
+            let (Ok(v), Ok(id)) = (j.get("version"), j.get("image")) else {
+                continue;
+            };
+            let Ok(v) = v.parse::<u64>() else { continue };
+            let ids = by_version.entry(v).or_default();
+            if fresh && !ids.iter().any(|i| i == id) {
+                ids.push(id.to_string());
+            }
+        }
+        let images = store.image_store().await?;
+        let mut served = 0;
+        for (version, ids) in by_version {
+            // Another worker (or the scoring pass) may have written some meanwhile.
+            let mut missing = Vec::new();
+            for id in ids {
+                if !matches!(images.view(version, &id).await, Ok(Some(_))) {
+                    missing.push(id);
+                }
+            }
+            let records = crate::data::images_skipping_bad(store, &missing).await?;
+            if records.is_empty() {
+                continue;
+            }
+            let ids: Vec<&str> = records.iter().map(|r| r.id.as_str()).collect();
+            let ds = dataset_from_records(&records, &self.project)?;
+            let checkpoint = checkpoint_path(&self.cfg.checkpoints, &store.version(version).await?);
+            let views = addr
+                .send(ComputeViews {
+                    version,
+                    checkpoint,
+                    images: ds,
+                })
+                .await??;
+            let items: Vec<(&str, &mp_store::ModelView)> =
+                ids.iter().copied().zip(&views).collect();
+            images.put_views(version, &items).await?;
+            store.views_ready(version, &ids).await?;
+            served += ids.len();
+        }
+        Ok(served)
+    }
+
+    /// Score jobs of one version (and one suggester) merged into one batch (dynamic batching
+    /// across jobs).
+    async fn score_jobs(&self, jobs: &[Job]) -> Result<()> {
+        let mut by_pass: HashMap<(u64, Option<String>), Vec<String>> = HashMap::new();
         for j in jobs {
             let v: u64 = j
                 .get("version")?
@@ -424,11 +590,20 @@ impl Ctx {
             } else {
                 ids.split(' ').map(String::from).collect()
             };
-            by_version.entry(v).or_default().extend(ids);
+            // A suggester file is named by the trainer, relative to the checkpoint directory;
+            // anything else is ignored.
+            let shared = j
+                .fields
+                .get("suggester")
+                .filter(|f| f.starts_with("suggesters/") && !f.contains(".."))
+                .cloned();
+            by_pass.entry((v, shared)).or_default().extend(ids);
         }
         let prior = self.prior().await?;
+        // Read (when they changed) even with the trainer's suggester: a worker whose
+        // propagation differs from the trainer's fits its own.
         let marked = self.marked().await?;
-        for (version, ids) in by_version {
+        for ((version, shared), ids) in by_pass {
             let records = crate::data::images_skipping_bad(&self.store, &ids).await?;
             if records.is_empty() {
                 continue;
@@ -446,6 +621,7 @@ impl Ctx {
                     images,
                     prior: prior.clone(),
                     marked: marked.clone(),
+                    shared: shared.map(|f| self.cfg.checkpoints.join(f)),
                     propagation: self.cfg.propagation,
                     suggest: self.cfg.suggest.clone(),
                     ordering: self.cfg.ordering,
@@ -461,6 +637,8 @@ impl Ctx {
                 .await?
                 .put_views(version, &views)
                 .await?;
+            let written: Vec<&str> = views.iter().map(|(id, _)| *id).collect();
+            self.store.views_ready(version, &written).await?;
             if let Some(fit) = &scored.fit {
                 let items: Vec<(String, Suggestion)> = ids
                     .iter()
@@ -494,6 +672,73 @@ impl Ctx {
     }
 }
 
+/// Serves the gateway's view requests until `stop`: reads whatever requests are waiting (up
+/// to `view_batch`), computes them as one batch on a thread of their own (so that no score
+/// batch or refinement makes an expert wait), stores and announces the views.
+async fn serve_views(
+    ctx: Arc<Ctx>,
+    addr: Addr<Worker>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    // Same pixels as the other jobs: the image store (and its cache) is shared.
+    let store = loop {
+        match ctx.store.own_connection(&ctx.cfg.redis_url).await {
+            Ok(s) => break s,
+            Err(e) => {
+                warn!(error = %e, "view loop: connecting failed");
+                crate::nap(&mut stop, 1000).await;
+                if *stop.borrow() {
+                    return;
+                }
+            }
+        }
+    };
+    info!(batch = ctx.cfg.view_batch, "serving view requests");
+    let mut said = std::time::Instant::now() - Duration::from_secs(60);
+    while !*stop.borrow() {
+        if said.elapsed() > Duration::from_millis(500) {
+            said = std::time::Instant::now();
+            if let Err(e) = store.view_worker_alive(&ctx.cfg.consumer).await {
+                warn!(error = %e, "announcing the view loop failed");
+            }
+        }
+        let jobs = match store
+            .read_jobs(
+                VIEW_STREAM,
+                "view",
+                &ctx.cfg.consumer,
+                ctx.cfg.view_batch,
+                100,
+            )
+            .await
+        {
+            Ok(j) => j,
+            Err(e) => {
+                warn!(error = %e, "reading view requests failed");
+                crate::nap(&mut stop, 500).await;
+                continue;
+            }
+        };
+        if jobs.is_empty() {
+            continue;
+        }
+        let t = std::time::Instant::now();
+        match ctx.view_jobs(&store, &addr, &jobs).await {
+            Ok(n) => info!(
+                requests = jobs.len(),
+                computed = n,
+                ms = t.elapsed().as_millis() as u64,
+                "views computed"
+            ),
+            Err(e) => warn!(error = %e, "view requests failed; the gateway computes them"),
+        }
+        // At most once: a request that failed is served by the gateway after its wait.
+        for j in &jobs {
+            let _ = store.ack(VIEW_STREAM, "view", &j.id).await;
+        }
+    }
+}
+
 /// Runs the pool until `stop` turns true. Call inside an actix `System`.
 pub async fn run(cfg: WorkerConfig, mut stop: tokio::sync::watch::Receiver<bool>) -> Result<()> {
     let Some((store, project)) = crate::connect(&cfg.redis_url, &cfg.prefix, &stop).await? else {
@@ -522,6 +767,12 @@ pub async fn run(cfg: WorkerConfig, mut stop: tokio::sync::watch::Receiver<bool>
         marked: tokio::sync::Mutex::new((usize::MAX, None)),
     });
     let permits = Arc::new(tokio::sync::Semaphore::new(threads));
+    let mut tasks = tokio::task::JoinSet::new();
+    if cfg.view_batch > 0 {
+        // A thread of its own (and a model cache of its own) for the views.
+        let views = SyncArbiter::start(1, move || Worker::new(device, 2));
+        tasks.spawn(serve_views(ctx.clone(), views, stop.clone()));
+    }
     info!(consumer = %cfg.consumer, threads, "worker pool started");
     let mut last_claim = std::time::Instant::now() - Duration::from_secs(3600);
     let mut last_touch = std::time::Instant::now();
@@ -530,7 +781,6 @@ pub async fn run(cfg: WorkerConfig, mut stop: tokio::sync::watch::Receiver<bool>
     // this pool itself.
     let inflight: Arc<std::sync::Mutex<HashMap<&'static str, HashSet<String>>>> =
         Default::default();
-    let mut tasks = tokio::task::JoinSet::new();
     while !*stop.borrow() {
         while tasks.try_join_next().is_some() {}
         if last_touch.elapsed() > Duration::from_millis((cfg.claim_idle_ms / 3).clamp(100, 10_000))

@@ -156,6 +156,7 @@ impl Store {
             (REFINE_STREAM, "refine"),
             (SCORE_STREAM, "score"),
             (COMMIT_STREAM, "commit"),
+            (VIEW_STREAM, "view"),
         ] {
             let r: redis::RedisResult<()> = redis::cmd("XGROUP")
                 .arg("CREATE")
@@ -172,6 +173,86 @@ impl Store {
             }
         }
         Ok(())
+    }
+
+    /// Asks the workers for the view of `image` under `version` (the stream is capped: a
+    /// request nobody served for long is of no use to the expert who made it).
+    pub async fn request_view(&self, version: u64, image: &str) -> Result<()> {
+        let mut c = self.conn.clone();
+        let _: String = redis::cmd("XADD")
+            .arg(self.k(VIEW_STREAM))
+            .arg("MAXLEN")
+            .arg("~")
+            .arg(10_000)
+            .arg("*")
+            .arg("version")
+            .arg(version)
+            .arg("image")
+            .arg(image)
+            .arg("t")
+            .arg(now_ms())
+            .query_async(&mut c)
+            .await?;
+        Ok(())
+    }
+
+    /// Tells every subscriber (`view_events`) that the views of `ids` under `version` are
+    /// in the image store.
+    pub async fn views_ready(&self, version: u64, ids: &[&str]) -> Result<()> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let mut payload = version.to_string();
+        for id in ids {
+            payload.push('\n');
+            payload.push_str(id);
+        }
+        let mut c = self.conn.clone();
+        let _: u64 = c.publish(self.k("views:ready"), payload).await?;
+        Ok(())
+    }
+
+    /// The announcements of `views_ready`, as (version, image ids), on a connection of its
+    /// own; the stream ends when that connection is lost.
+    pub async fn view_events(
+        &self,
+    ) -> Result<impl futures::Stream<Item = (u64, Vec<String>)> + Send + 'static> {
+        use futures::StreamExt;
+        let mut sub = self.client.get_async_pubsub().await?;
+        sub.subscribe(self.k("views:ready")).await?;
+        Ok(sub.into_on_message().filter_map(|m| async move {
+            let payload: String = m.get_payload().ok()?;
+            let mut lines = payload.split('\n');
+            let version = lines.next()?.parse().ok()?;
+            Some((version, lines.map(String::from).collect()))
+        }))
+    }
+
+    /// Records that `consumer` serves view requests now (a worker's view loop calls this
+    /// while it runs; stream consumers cannot tell, as Redis creates one only when it is
+    /// first delivered an entry).
+    pub async fn view_worker_alive(&self, consumer: &str) -> Result<()> {
+        let now = now_ms();
+        let mut c = self.conn.clone();
+        let _: () = redis::pipe()
+            .zadd(self.k("views:workers"), consumer, now)
+            .ignore()
+            .zrembyscore(self.k("views:workers"), "-inf", now.saturating_sub(60_000))
+            .ignore()
+            .query_async(&mut c)
+            .await?;
+        Ok(())
+    }
+
+    /// Workers that said within the last `within_ms` that they serve view requests.
+    pub async fn view_workers(&self, within_ms: u64) -> Result<u64> {
+        let mut c = self.conn.clone();
+        Ok(c.zcount(
+            self.k("views:workers"),
+            now_ms().saturating_sub(within_ms),
+            "+inf",
+        )
+        .await?)
     }
 
     pub async fn counts(&self) -> Result<Counts> {
@@ -198,27 +279,9 @@ impl Store {
         })
     }
 
-    /// Entries not yet delivered plus delivered but unacknowledged, for a stream's group.
+    /// [`Store::backlog`], 0 when the stream or the group does not exist yet.
     pub async fn stream_backlog(&self, stream: &str, group: &str) -> Result<u64> {
-        let mut c = self.conn.clone();
-        let groups: Vec<HashMap<String, redis::Value>> = redis::cmd("XINFO")
-            .arg("GROUPS")
-            .arg(self.k(stream))
-            .query_async(&mut c)
-            .await
-            .unwrap_or_default();
-        for g in groups {
-            if g.get("name").map(value_string).as_deref() == Some(group) {
-                let num = |k: &str| {
-                    g.get(k)
-                        .map(value_string)
-                        .and_then(|s| s.parse::<u64>().ok())
-                        .unwrap_or(0)
-                };
-                return Ok(num("lag") + num("pending"));
-            }
-        }
-        Ok(0)
+        Ok(self.backlog(stream, group).await.unwrap_or(0))
     }
 }
 

@@ -257,6 +257,8 @@ pub const ONLINE_WINDOW_MS: u64 = 60_000;
 pub const REFINE_STREAM: &str = "jobs:refine";
 pub const SCORE_STREAM: &str = "jobs:score";
 pub const COMMIT_STREAM: &str = "jobs:commit";
+/// Image views a gateway asked the workers for (one entry per missing view).
+pub const VIEW_STREAM: &str = "jobs:view";
 
 struct Scripts {
     lease: redis::Script,
@@ -271,6 +273,8 @@ struct Scripts {
 #[derive(Clone)]
 pub struct Store {
     conn: ConnectionManager,
+    /// For the connections a multiplexed one cannot serve (subscriptions).
+    client: redis::Client,
     prefix: String,
     scripts: std::sync::Arc<Scripts>,
     /// The project's image store, opened on first use (see [`Store::image_store`]).
@@ -343,6 +347,7 @@ impl Store {
             .into_connection_info()?
             .set_tcp_settings(redis::io::tcp::TcpSettings::default().set_nodelay(true));
         let client = redis::Client::open(info)?;
+        let sub_client = client.clone();
         let cfg = redis::aio::ConnectionManagerConfig::new()
             .set_connection_timeout(Some(std::time::Duration::from_secs(2)))
             .set_response_timeout(Some(std::time::Duration::from_secs(5)))
@@ -350,6 +355,7 @@ impl Store {
         let conn = ConnectionManager::new_with_config(client, cfg).await?;
         Ok(Store {
             conn,
+            client: sub_client,
             prefix: prefix.to_string(),
             scripts: std::sync::Arc::new(Scripts {
                 lease: lua::script(lua::LEASE),
@@ -361,6 +367,14 @@ impl Store {
             }),
             images: Default::default(),
         })
+    }
+
+    /// A handle with a connection of its own to `url` (for blocking reads that must not
+    /// hold up the shared one), sharing this handle's image store and its cache.
+    pub async fn own_connection(&self, url: &str) -> Result<Store> {
+        let mut s = Store::connect(url, &self.prefix).await?;
+        s.images = self.images.clone();
+        Ok(s)
     }
 
     fn k(&self, rest: &str) -> String {

@@ -301,3 +301,46 @@ async fn a_version_without_a_test_accuracy_or_with_a_diverged_loss_reads_back_as
     assert!(v.test_accuracy.is_nan() && v.val_loss.is_nan() && v.val_accuracy.is_nan());
     assert_eq!(store.versions().await.unwrap().len(), 2);
 }
+
+#[tokio::test]
+async fn view_requests_reach_the_stream_and_announcements_reach_every_subscriber() {
+    use futures::StreamExt;
+    let (_d, _s, store, _) = setup().await;
+    // Nobody serves views until a worker says so; the word lapses.
+    assert_eq!(store.view_workers(2_000).await.unwrap(), 0);
+    store.view_worker_alive("w1").await.unwrap();
+    store.view_worker_alive("w1").await.unwrap();
+    assert_eq!(store.view_workers(2_000).await.unwrap(), 1);
+    tokio::time::sleep(std::time::Duration::from_millis(30)).await;
+    assert_eq!(store.view_workers(10).await.unwrap(), 0);
+    // A request is one stream entry with the version, the image and its time.
+    store.request_view(3, "a/1").await.unwrap();
+    let jobs = store
+        .read_jobs(mp_store::VIEW_STREAM, "view", "w1", 10, 1)
+        .await
+        .unwrap();
+    assert_eq!(jobs.len(), 1);
+    assert_eq!(
+        (
+            jobs[0].get("version").unwrap(),
+            jobs[0].get("image").unwrap()
+        ),
+        ("3", "a/1")
+    );
+    assert!(jobs[0].get("t").unwrap().parse::<u64>().unwrap() > 0);
+    // Two subscribers both hear one announcement, ids with spaces intact.
+    let mut a = Box::pin(store.view_events().await.unwrap());
+    let mut b = Box::pin(store.view_events().await.unwrap());
+    store.views_ready(3, &["a/1", "b c"]).await.unwrap();
+    store.views_ready(4, &[]).await.unwrap(); // nothing to say: nothing sent
+    let want = (3, vec!["a/1".to_string(), "b c".to_string()]);
+    let within = std::time::Duration::from_secs(5);
+    assert_eq!(
+        tokio::time::timeout(within, a.next()).await.unwrap(),
+        Some(want.clone())
+    );
+    assert_eq!(
+        tokio::time::timeout(within, b.next()).await.unwrap(),
+        Some(want)
+    );
+}
