@@ -98,6 +98,42 @@ pub fn synthetic_image(i: usize, label: u32, side: u32) -> Vec<u8> {
     px
 }
 
+/// Image `i` of a synthetic project (class `i % 10`) under the id `id`.
+pub(crate) fn synthetic_record(i: usize, id: String, side: u32) -> ImageRecord {
+    let label = (i % 10) as u32;
+    ImageRecord {
+        id,
+        name: format!("{i:06}.png"),
+        label,
+        width: side,
+        height: side,
+        channels: 3,
+        pixels: synthetic_image(i, label, side),
+    }
+}
+
+/// Publishes checkpoint `v{version}.safetensors` as `version` (no figures: a benchmark's).
+pub(crate) async fn publish_bench_version(
+    store: &Store,
+    version: u64,
+    parent: u64,
+    reason: &str,
+) -> Result<()> {
+    store
+        .publish_version(&ModelVersionRecord {
+            version,
+            parent,
+            created_ms: mp_store::now_ms(),
+            reason: reason.into(),
+            val_accuracy: 0.0,
+            val_loss: 0.0,
+            test_accuracy: f64::NAN,
+            file: format!("v{version}.safetensors"),
+        })
+        .await?;
+    Ok(())
+}
+
 fn dir_bytes(dir: &Path) -> u64 {
     let mut total = 0;
     let mut stack = vec![dir.to_path_buf()];
@@ -272,18 +308,7 @@ async fn one_size(a: &ScaleArgs, n: usize, dir: &Path) -> Result<Sized> {
             image_store: images.display().to_string(),
         })
         .await?;
-    let rec = |i: usize, id: String| {
-        let label = (i % 10) as u32;
-        ImageRecord {
-            id,
-            name: format!("{i:06}.png"),
-            label,
-            width: a.side,
-            height: a.side,
-            channels: 3,
-            pixels: synthetic_image(i, label, a.side),
-        }
-    };
+    let rec = |i: usize, id: String| synthetic_record(i, id, a.side);
     let val: Vec<ImageRecord> = (0..200)
         .map(|i| rec(n + i, format!("val:c{}/{:06}.png", i % 10, n + i)))
         .collect();
@@ -326,18 +351,7 @@ async fn one_size(a: &ScaleArgs, n: usize, dir: &Path) -> Result<Sized> {
         tch::Device::Cpu,
     )?;
     model.save(&checkpoints.join("v1.safetensors"))?;
-    store
-        .publish_version(&ModelVersionRecord {
-            version: 1,
-            parent: 0,
-            created_ms: mp_store::now_ms(),
-            reason: "scale benchmark".into(),
-            val_accuracy: 0.0,
-            val_loss: 0.0,
-            test_accuracy: f64::NAN,
-            file: "v1.safetensors".into(),
-        })
-        .await?;
+    publish_bench_version(&store, 1, 0, "scale benchmark").await?;
     store.ensure_job_groups().await?;
     let mut passes = Vec::new();
     let scored = a.score_images.unwrap_or(n).min(n);

@@ -5,14 +5,16 @@
 //! workers in dynamic batches; views not stored with no worker listening (the gateway computes
 //! them itself, one at a time).
 
-use crate::bench_scale::{pct, score_all, start_workers, synthetic_image, Workers};
+use crate::bench_scale::{
+    pct, publish_bench_version, score_all, start_workers, synthetic_record, Workers,
+};
 use crate::common::ModelChoice;
 use crate::report::{command_args, machine_line, today, write_section};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use mp_proto::v1 as pb;
 use mp_store::server::RedisServer;
-use mp_store::{ImageRecord, ModelVersionRecord, ProjectInfo, Role, Store};
+use mp_store::{ImageRecord, ProjectInfo, Role, Store};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -83,20 +85,11 @@ fn free_port() -> Result<u16> {
 
 /// A new version with v1's weights under another name: no view of it is stored.
 async fn fresh_version(store: &Store, checkpoints: &Path, version: u64) -> Result<()> {
-    let file = format!("v{version}.safetensors");
-    std::fs::copy(checkpoints.join("v1.safetensors"), checkpoints.join(&file))?;
-    store
-        .publish_version(&ModelVersionRecord {
-            version,
-            parent: 1,
-            created_ms: mp_store::now_ms(),
-            reason: "views benchmark".into(),
-            val_accuracy: 0.0,
-            val_loss: 0.0,
-            test_accuracy: f64::NAN,
-            file,
-        })
-        .await?;
+    std::fs::copy(
+        checkpoints.join("v1.safetensors"),
+        checkpoints.join(format!("v{version}.safetensors")),
+    )?;
+    publish_bench_version(store, version, 1, "views benchmark").await?;
     store.set_serving_version(version).await?;
     Ok(())
 }
@@ -209,18 +202,7 @@ async fn bench(a: &ViewsArgs, dir: &Path) -> Result<Outcome> {
             image_store: checkpoints.join("images").display().to_string(),
         })
         .await?;
-    let rec = |i: usize, id: String| {
-        let label = (i % 10) as u32;
-        ImageRecord {
-            id,
-            name: format!("{i:06}.png"),
-            label,
-            width: a.side,
-            height: a.side,
-            channels: 3,
-            pixels: synthetic_image(i, label, a.side),
-        }
-    };
+    let rec = |i: usize, id: String| synthetic_record(i, id, a.side);
     let val: Vec<ImageRecord> = (0..32)
         .map(|i| rec(a.n + i, format!("val:{:06}.png", a.n + i)))
         .collect();
@@ -240,18 +222,7 @@ async fn bench(a: &ViewsArgs, dir: &Path) -> Result<Outcome> {
     let model = choice.build(classes, (3, side, side), tch::Device::Cpu)?;
     model.save(&checkpoints.join("v1.safetensors"))?;
     drop(model);
-    store
-        .publish_version(&ModelVersionRecord {
-            version: 1,
-            parent: 0,
-            created_ms: mp_store::now_ms(),
-            reason: "views benchmark".into(),
-            val_accuracy: 0.0,
-            val_loss: 0.0,
-            test_accuracy: f64::NAN,
-            file: "v1.safetensors".into(),
-        })
-        .await?;
+    publish_bench_version(&store, 1, 0, "views benchmark").await?;
     store.set_serving_version(1).await?;
     store.ensure_job_groups().await?;
 

@@ -79,11 +79,7 @@ pub struct ComputeViews {
 type Rows = Vec<Vec<f32>>;
 
 /// Probabilities and raw saliency maps (of each image's label) of one batch.
-fn probs_and_maps(
-    model: &Model,
-    x: &tch::Tensor,
-    y: &tch::Tensor,
-) -> Result<(Rows, Rows)> {
+fn probs_and_maps(model: &Model, x: &tch::Tensor, y: &tch::Tensor) -> Result<(Rows, Rows)> {
     let probs = mp_core::train::predict(model, x).to_device(Device::Cpu);
     let maps = maps_to_vecs(&saliency_maps(model, x, y, Method::Gradient)?)?;
     let probs = (0..probs.size()[0])
