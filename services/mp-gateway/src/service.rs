@@ -40,8 +40,15 @@ pub struct Gateway {
     pub waiters: ViewWaiters,
     /// Whether a worker listened for view requests lately, and when that was checked.
     view_workers: Arc<Mutex<(Option<Instant>, bool)>>,
+    project_cache: Cached<Arc<mp_store::ProjectInfo>>,
     auth_cache: Arc<Mutex<HashMap<String, (Expert, Instant)>>>,
 }
+
+/// A value and when it was read.
+type Cached<T> = Arc<Mutex<Option<(Instant, T)>>>;
+
+/// How long the gateway trusts its copy of the project record.
+const PROJECT_CACHE_TTL: Duration = Duration::from_secs(5);
 
 /// A worker that read the view stream within this long counts as listening.
 const VIEW_WORKER_SILENCE_MS: u64 = 2_000;
@@ -81,6 +88,7 @@ impl Gateway {
             views,
             waiters: ViewWaiters::default(),
             view_workers: Arc::new(Mutex::new((None, false))),
+            project_cache: Arc::new(Mutex::new(None)),
             auth_cache: Arc::new(Mutex::new(HashMap::new())),
         }
     }
@@ -175,6 +183,29 @@ impl Gateway {
 }
 
 impl Gateway {
+    /// The project record, read from Redis at most every [`PROJECT_CACHE_TTL`] (it changes
+    /// only when a project is initialised; every image view needs its class names).
+    async fn project(&self) -> Result<Arc<mp_store::ProjectInfo>, Status> {
+        if let Ok(c) = self.project_cache.lock() {
+            if let Some((at, p)) = c.as_ref() {
+                if at.elapsed() < PROJECT_CACHE_TTL {
+                    return Ok(p.clone());
+                }
+            }
+        }
+        let p = Arc::new(
+            self.store()?
+                .project()
+                .await
+                .map_err(status)?
+                .ok_or_else(|| Status::failed_precondition("no project loaded"))?,
+        );
+        if let Ok(mut c) = self.project_cache.lock() {
+            *c = Some((Instant::now(), p.clone()));
+        }
+        Ok(p)
+    }
+
     /// Whether some worker reads view requests (checked at most once a second).
     async fn view_workers_listening(&self) -> bool {
         if let Ok(w) = self.view_workers.lock() {
@@ -469,12 +500,7 @@ impl pb::image_service_server::ImageService for Gateway {
             let body = req.get_ref();
             check_id("image_id", &body.image_id)?;
             let image = self.store()?.image(&body.image_id).await.map_err(status)?;
-            let project = self
-                .store()?
-                .project()
-                .await
-                .map_err(status)?
-                .ok_or_else(|| Status::failed_precondition("no project loaded"))?;
+            let project = self.project().await?;
             let version = if body.model_version == 0 {
                 self.store()?.serving_version().await.map_err(status)?
             } else {

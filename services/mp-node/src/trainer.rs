@@ -418,20 +418,41 @@ impl Coordinator {
         Ok(())
     }
 
-    /// The training images with every committed mark, and the indices of the marked ones.
-    async fn guided_train(&self) -> Result<(Dataset, Vec<usize>)> {
-        let marks = self.store.guidance_marks().await?;
-        let mut train = (*self.train).clone();
-        let mut guidance = Vec::new();
-        for m in &marks {
+    /// The committed marks as (index in the training split, mark), one per image.
+    async fn guidance(&self) -> Result<Vec<(usize, mp_core::data::Mask)>> {
+        let mut out: Vec<(usize, mp_core::data::Mask)> = Vec::new();
+        for m in &self.store.guidance_marks().await? {
             if let Some(&i) = self.index.get(&m.image_id) {
-                train.marks[i] = Some(mask_of(m)?);
-                if !guidance.contains(&i) {
-                    guidance.push(i);
+                let mask = mask_of(m)?;
+                match out.iter_mut().find(|(j, _)| *j == i) {
+                    Some(slot) => slot.1 = mask,
+                    None => out.push((i, mask)),
                 }
             }
         }
+        Ok(out)
+    }
+
+    /// The training images with every committed mark, and the indices of the marked ones.
+    async fn guided_train(&self) -> Result<(Dataset, Vec<usize>)> {
+        let mut train = (*self.train).clone();
+        let mut guidance = Vec::new();
+        for (i, mask) in self.guidance().await? {
+            train.marks[i] = Some(mask);
+            guidance.push(i);
+        }
         Ok((train, guidance))
+    }
+
+    /// Only the marked training images, with their marks (what the suggester learns from).
+    async fn marked_images(&self) -> Result<Dataset> {
+        let marks = self.guidance().await?;
+        let idx: Vec<usize> = marks.iter().map(|(i, _)| *i).collect();
+        let mut ds = self.train.subset(&idx);
+        for (k, (_, mask)) in marks.into_iter().enumerate() {
+            ds.marks[k] = Some(mask);
+        }
+        Ok(ds)
     }
 
     /// A training phase: CE + guidance from every committed mark, then a new round.
@@ -512,8 +533,7 @@ impl Coordinator {
                 "rescoring with the round's marks"
             );
             // The suggester is fitted off the coordinator, so commits go on meanwhile.
-            let (train, guidance) = self.guided_train().await?;
-            let marked = train.subset(&guidance);
+            let marked = self.marked_images().await?;
             let (store, cfg, busy) = (self.store.clone(), self.cfg.clone(), self.rescoring.clone());
             tokio::spawn(async move {
                 let r = async {
