@@ -218,7 +218,11 @@ mod tests {
     #[test]
     fn gradient_saliency_matches_finite_differences() {
         let m = tiny();
-        let x = Tensor::rand([2, 1, 8, 8], (Kind::Float, Device::Cpu));
+        // Pixels from the crate's own generator (libtorch's global one is shared with the
+        // tests running beside this one).
+        let mut rng = crate::rng::Rng::new(11);
+        let px: Vec<f32> = (0..128).map(|_| rng.next_f64() as f32).collect();
+        let x = Tensor::from_slice(&px).reshape([2, 1, 8, 8]);
         let y = Tensor::from_slice(&[1i64, 2]);
         for (method, target) in [
             (Method::Gradient, Target::CrossEntropy),
@@ -237,11 +241,16 @@ mod tests {
                     let logits = m.forward_t(&t.view([2, 1, 8, 8]), false);
                     target_score(&logits, &y, target).double_value(&[])
                 };
-                let fd = (f(&plus) - f(&minus)) / (2.0 * eps);
+                let (fp, f0, fm) = (f(&plus), f(&x), f(&minus));
                 let an = g.flatten(0, -1).double_value(&[idx]);
+                // Central difference, or a one-sided one where a ReLU or max-pool switch
+                // lies within `eps` on the other side (the model's weights come from
+                // libtorch's global generator, which parallel tests share).
+                let fds = [(fp - fm) / (2.0 * eps), (fp - f0) / eps, (f0 - fm) / eps];
                 assert!(
-                    (fd - an).abs() <= 1e-3 + 0.05 * an.abs(),
-                    "{method:?} pixel {idx}: finite difference {fd} vs gradient {an}"
+                    fds.iter()
+                        .any(|fd| (fd - an).abs() <= 1e-3 + 0.05 * an.abs()),
+                    "{method:?} pixel {idx}: finite differences {fds:?} vs gradient {an}"
                 );
             }
         }
