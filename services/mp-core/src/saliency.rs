@@ -167,6 +167,21 @@ pub fn saliency_maps(model: &Model, x: &Tensor, y: &Tensor, method: Method) -> R
     Ok(attribution(model, x, y, method)?.abs().amax(1, false))
 }
 
+/// One row per image.
+pub type Rows = Vec<Vec<f32>>;
+
+/// What an image view shows, for a batch: each image's class probabilities and its raw
+/// gradient map for its label (one `Vec` per image each). The scoring pass, the workers'
+/// view batches and the gateway all compute views with this.
+pub fn probabilities_and_maps(model: &Model, x: &Tensor, y: &Tensor) -> Result<(Rows, Rows)> {
+    let probs = crate::train::predict(model, x).f_to_device(tch::Device::Cpu)?;
+    let maps = maps_to_vecs(&saliency_maps(model, x, y, Method::Gradient)?)?;
+    let probs = (0..probs.size()[0])
+        .map(|k| Ok(Vec::<f32>::try_from(&probs.get(k))?))
+        .collect::<Result<Vec<_>>>()?;
+    Ok((probs, maps))
+}
+
 /// Maps (N, H, W) as one `Vec<f32>` per image.
 pub fn maps_to_vecs(maps: &Tensor) -> Result<Vec<Vec<f32>>> {
     let maps = maps.f_to_device(tch::Device::Cpu)?.f_to_kind(Kind::Float)?;

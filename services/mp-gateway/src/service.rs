@@ -39,13 +39,27 @@ pub struct Gateway {
     /// Experts waiting for views the workers compute.
     pub waiters: ViewWaiters,
     /// Whether a worker listened for view requests lately, and when that was checked.
-    view_workers: Arc<Mutex<(Option<Instant>, bool)>>,
+    view_workers: Cached<bool>,
     project_cache: Cached<Arc<mp_store::ProjectInfo>>,
     auth_cache: Arc<Mutex<HashMap<String, (Expert, Instant)>>>,
 }
 
 /// A value and when it was read.
 type Cached<T> = Arc<Mutex<Option<(Instant, T)>>>;
+
+/// The cached value, if read less than `ttl` ago.
+fn cached<T: Clone>(c: &Cached<T>, ttl: Duration) -> Option<T> {
+    let c = c.lock().ok()?;
+    c.as_ref()
+        .filter(|(at, _)| at.elapsed() < ttl)
+        .map(|(_, v)| v.clone())
+}
+
+fn remember<T>(c: &Cached<T>, v: T) {
+    if let Ok(mut c) = c.lock() {
+        *c = Some((Instant::now(), v));
+    }
+}
 
 /// How long the gateway trusts its copy of the project record.
 const PROJECT_CACHE_TTL: Duration = Duration::from_secs(5);
@@ -87,8 +101,8 @@ impl Gateway {
             config: Arc::new(config),
             views,
             waiters: ViewWaiters::default(),
-            view_workers: Arc::new(Mutex::new((None, false))),
-            project_cache: Arc::new(Mutex::new(None)),
+            view_workers: Default::default(),
+            project_cache: Default::default(),
             auth_cache: Arc::new(Mutex::new(HashMap::new())),
         }
     }
@@ -180,18 +194,12 @@ impl Gateway {
         }
         Ok(view)
     }
-}
 
-impl Gateway {
     /// The project record, read from Redis at most every [`PROJECT_CACHE_TTL`] (it changes
     /// only when a project is initialised; every image view needs its class names).
     async fn project(&self) -> Result<Arc<mp_store::ProjectInfo>, Status> {
-        if let Ok(c) = self.project_cache.lock() {
-            if let Some((at, p)) = c.as_ref() {
-                if at.elapsed() < PROJECT_CACHE_TTL {
-                    return Ok(p.clone());
-                }
-            }
+        if let Some(p) = cached(&self.project_cache, PROJECT_CACHE_TTL) {
+            return Ok(p);
         }
         let p = Arc::new(
             self.store()?
@@ -200,20 +208,14 @@ impl Gateway {
                 .map_err(status)?
                 .ok_or_else(|| Status::failed_precondition("no project loaded"))?,
         );
-        if let Ok(mut c) = self.project_cache.lock() {
-            *c = Some((Instant::now(), p.clone()));
-        }
+        remember(&self.project_cache, p.clone());
         Ok(p)
     }
 
     /// Whether some worker reads view requests (checked at most once a second).
     async fn view_workers_listening(&self) -> bool {
-        if let Ok(w) = self.view_workers.lock() {
-            if let (Some(at), listening) = *w {
-                if at.elapsed() < Duration::from_secs(1) {
-                    return listening;
-                }
-            }
+        if let Some(listening) = cached(&self.view_workers, Duration::from_secs(1)) {
+            return listening;
         }
         let Ok(store) = self.store() else {
             return false;
@@ -222,9 +224,7 @@ impl Gateway {
             .view_workers(VIEW_WORKER_SILENCE_MS)
             .await
             .is_ok_and(|n| n > 0);
-        if let Ok(mut w) = self.view_workers.lock() {
-            *w = (Some(Instant::now()), listening);
-        }
+        remember(&self.view_workers, listening);
         listening
     }
 

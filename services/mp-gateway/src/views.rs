@@ -3,7 +3,7 @@
 //! version (the scoring pass writes most of them before any expert asks).
 
 use mp_core::model::Model;
-use mp_core::saliency::{maps_to_vecs, saliency_maps, Method};
+use mp_core::saliency::probabilities_and_maps;
 use mp_store::ImageRecord;
 use std::collections::VecDeque;
 use std::path::PathBuf;
@@ -47,15 +47,12 @@ pub fn image_tensor(im: &ImageRecord) -> Result<Tensor, String> {
 
 fn compute(model: &Model, im: &ImageRecord) -> Result<ModelView, String> {
     let x = image_tensor(im)?.to_device(model.device());
-    let probs = mp_core::train::predict(model, &x);
-    let probabilities = Vec::<f32>::try_from(&probs.get(0)).map_err(|e| e.to_string())?;
     let label = i64::from(im.label).min(model.spec.num_classes() - 1);
     let y = Tensor::from_slice(&[label]).to_device(model.device());
-    let maps = saliency_maps(model, &x, &y, Method::Gradient).map_err(|e| e.to_string())?;
-    let map = maps_to_vecs(&maps).map_err(|e| e.to_string())?.remove(0);
+    let (mut probs, maps) = probabilities_and_maps(model, &x, &y).map_err(|e| e.to_string())?;
     Ok(ModelView {
-        probabilities,
-        saliency: mp_core::render::normalise(&map),
+        probabilities: probs.remove(0),
+        saliency: mp_core::render::normalise(&maps[0]),
     })
 }
 

@@ -10,7 +10,7 @@ use mp_core::align::{margin_score, priority, AlignConfig, HumanPrior, Ordering};
 use mp_core::data::{Dataset, Mask, GREEN, RED};
 use mp_core::model::Model;
 use mp_core::refine::{refine, Proposal, ProposalReport, RefineConfig};
-use mp_core::saliency::{maps_to_vecs, saliency_maps, Method};
+use mp_core::saliency::probabilities_and_maps;
 use mp_core::suggest::{FitReport, Propagation, SuggestConfig, Suggester};
 use mp_store::{Job, ProjectInfo, Store, Suggestion, REFINE_STREAM, SCORE_STREAM, VIEW_STREAM};
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -73,19 +73,6 @@ pub struct ComputeViews {
     pub version: u64,
     pub checkpoint: PathBuf,
     pub images: Dataset,
-}
-
-/// One row per image: its class probabilities, its raw saliency map.
-type Rows = Vec<Vec<f32>>;
-
-/// Probabilities and raw saliency maps (of each image's label) of one batch.
-fn probs_and_maps(model: &Model, x: &tch::Tensor, y: &tch::Tensor) -> Result<(Rows, Rows)> {
-    let probs = mp_core::train::predict(model, x).to_device(Device::Cpu);
-    let maps = maps_to_vecs(&saliency_maps(model, x, y, Method::Gradient)?)?;
-    let probs = (0..probs.size()[0])
-        .map(|k| Vec::<f32>::try_from(&probs.get(k)).map_err(mp_core::CoreError::from))
-        .collect::<std::result::Result<Vec<_>, _>>()?;
-    Ok((probs, maps))
 }
 
 /// One thread's worker: its own libtorch thread setting, model cache and suggester.
@@ -175,7 +162,7 @@ impl Handler<ComputeViews> for Worker {
         let mut views = Vec::with_capacity(ds.len());
         for chunk in idx.chunks(64) {
             let (x, y) = ds.batch(chunk, model.device());
-            let (probs, maps) = probs_and_maps(model, &x, &y)?;
+            let (probs, maps) = probabilities_and_maps(model, &x, &y)?;
             views.extend(
                 probs
                     .into_iter()
@@ -277,7 +264,7 @@ impl Handler<ScoreImages> for Worker {
         let idx: Vec<usize> = (0..ds.len()).collect();
         for chunk in idx.chunks(64) {
             let (x, y) = ds.batch(chunk, model.device());
-            let (probs, maps) = probs_and_maps(model, &x, &y)?;
+            let (probs, maps) = probabilities_and_maps(model, &x, &y)?;
             let weights = match suggester {
                 Some(s) => Some(
                     Vec::<f32>::try_from(&s.weights(&x)?.flatten(0, -1).to_device(Device::Cpu))
@@ -678,7 +665,7 @@ async fn serve_views(
 ) {
     // Same pixels as the other jobs: the image store (and its cache) is shared.
     let store = loop {
-        match ctx.store.own_connection(&ctx.cfg.redis_url).await {
+        match ctx.store.own_connection().await {
             Ok(s) => break s,
             Err(e) => {
                 warn!(error = %e, "view loop: connecting failed");

@@ -269,6 +269,14 @@ struct Scripts {
     enqueue: redis::Script,
 }
 
+/// Every connection's timeouts and retries.
+fn manager_config() -> redis::aio::ConnectionManagerConfig {
+    redis::aio::ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(std::time::Duration::from_secs(2)))
+        .set_response_timeout(Some(std::time::Duration::from_secs(5)))
+        .set_number_of_retries(2)
+}
+
 /// A handle on the store: cheap to clone, reconnects by itself.
 #[derive(Clone)]
 pub struct Store {
@@ -347,15 +355,10 @@ impl Store {
             .into_connection_info()?
             .set_tcp_settings(redis::io::tcp::TcpSettings::default().set_nodelay(true));
         let client = redis::Client::open(info)?;
-        let sub_client = client.clone();
-        let cfg = redis::aio::ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(std::time::Duration::from_secs(2)))
-            .set_response_timeout(Some(std::time::Duration::from_secs(5)))
-            .set_number_of_retries(2);
-        let conn = ConnectionManager::new_with_config(client, cfg).await?;
+        let conn = ConnectionManager::new_with_config(client.clone(), manager_config()).await?;
         Ok(Store {
             conn,
-            client: sub_client,
+            client,
             prefix: prefix.to_string(),
             scripts: std::sync::Arc::new(Scripts {
                 lease: lua::script(lua::LEASE),
@@ -369,12 +372,16 @@ impl Store {
         })
     }
 
-    /// A handle with a connection of its own to `url` (for blocking reads that must not
-    /// hold up the shared one), sharing this handle's image store and its cache.
-    pub async fn own_connection(&self, url: &str) -> Result<Store> {
-        let mut s = Store::connect(url, &self.prefix).await?;
-        s.images = self.images.clone();
-        Ok(s)
+    /// A handle with a connection of its own to the same server (for blocking reads that
+    /// must not hold up the shared one), sharing this handle's image store and its cache.
+    pub async fn own_connection(&self) -> Result<Store> {
+        Ok(Store {
+            conn: ConnectionManager::new_with_config(self.client.clone(), manager_config()).await?,
+            client: self.client.clone(),
+            prefix: self.prefix.clone(),
+            scripts: self.scripts.clone(),
+            images: self.images.clone(),
+        })
     }
 
     fn k(&self, rest: &str) -> String {
