@@ -9,8 +9,9 @@
 //! split with its shortcut), in a fresh Redis.
 
 use crate::common::mnist_dir;
+use crate::init::{project_init, InitArgs};
 use crate::nodes::Children;
-use crate::platform::{project_init, runtime, sim_clients, InitArgs};
+use crate::platform::{runtime, sim_clients};
 use crate::plot::{line_plot, Series};
 use crate::report::{machine_line, mean_sd, today, write_section};
 use anyhow::{bail, Context, Result};

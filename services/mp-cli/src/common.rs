@@ -63,11 +63,17 @@ pub const CARVED_VAL_SHARE: f64 = 0.1;
 /// Splits `train` into (train, val): a seeded `CARVED_VAL_SHARE` of the images, at least one
 /// per class where a class has two or more.
 pub fn carve_val(train: &Dataset, seed: u64) -> (Dataset, Dataset) {
+    let (t, v) = carve_indices(&train.labels, train.classes.len(), seed);
+    (train.subset(&t), train.subset(&v))
+}
+
+/// [`carve_val`] on labels alone: (train indices, val indices), each sorted.
+pub fn carve_indices(labels: &[i64], classes: usize, seed: u64) -> (Vec<usize>, Vec<usize>) {
     let mut rng = mp_core::rng::Rng::new(seed ^ 0x76616c);
     let mut val_idx = Vec::new();
     let mut train_idx = Vec::new();
-    for c in 0..train.classes.len() as i64 {
-        let mut idx: Vec<usize> = (0..train.len()).filter(|&i| train.labels[i] == c).collect();
+    for c in 0..classes as i64 {
+        let mut idx: Vec<usize> = (0..labels.len()).filter(|&i| labels[i] == c).collect();
         rng.shuffle(&mut idx);
         let n = if idx.len() >= 2 {
             ((idx.len() as f64 * CARVED_VAL_SHARE).round() as usize).clamp(1, idx.len() - 1)
@@ -79,7 +85,7 @@ pub fn carve_val(train: &Dataset, seed: u64) -> (Dataset, Dataset) {
     }
     train_idx.sort_unstable();
     val_idx.sort_unstable();
-    (train.subset(&train_idx), train.subset(&val_idx))
+    (train_idx, val_idx)
 }
 
 pub fn load_splits(args: &DataArgs) -> Result<Splits> {

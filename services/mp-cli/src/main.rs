@@ -9,6 +9,7 @@ mod bench_speed;
 mod bench_views;
 mod commands;
 mod common;
+mod init;
 mod nodes;
 mod platform;
 mod plot;
@@ -119,7 +120,7 @@ fn main() {
         Command::Bench(BenchCmd::Views(a)) => bench_views::run(a),
         Command::Gateway(a) => platform::gateway(a),
         Command::Project(platform::ProjectCmd::Init(a)) => {
-            platform::project_init(a).map(|t| println!("admin token: {t}"))
+            init::project_init(a).map(|t| println!("admin token: {t}"))
         }
         Command::Worker(a) => nodes::worker(a),
         Command::Trainer(a) => nodes::trainer(a),

@@ -1,6 +1,6 @@
 //! Compute nodes and the one-machine mode: `mp worker`, `mp trainer`, `mp up`.
 
-use crate::platform::{project_init, InitArgs};
+use crate::init::{project_init, InitArgs};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use mp_node::trainer::TrainerConfig;

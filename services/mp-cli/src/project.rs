@@ -18,7 +18,6 @@
 use crate::platform::runtime;
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use mp_core::data::Dataset;
 use mp_core::model::{Arch, BatchNorm, Model, ModelSpec, ScriptSpec};
 use mp_store::Store;
 use serde::Deserialize;
@@ -95,49 +94,6 @@ impl ProjectConfig {
                 batch_norm: self.batch_norm,
             }),
         }
-    }
-
-    /// Reorders `ds`'s labels to the config's class order; every folder class must be a
-    /// configured class. Configured classes without images are allowed (the model still has
-    /// their outputs).
-    pub fn relabel(&self, ds: &mut Dataset, what: &str) -> Result<()> {
-        if ds.channels != self.input.channels {
-            bail!(
-                "{what}: images have {} channel(s), the project config says {}",
-                ds.channels,
-                self.input.channels
-            );
-        }
-        if (ds.width, ds.height) != (self.input.width, self.input.height) {
-            bail!(
-                "{what}: images are {}x{}, the project config says {}x{} (resize = \"refuse\")",
-                ds.width,
-                ds.height,
-                self.input.width,
-                self.input.height
-            );
-        }
-        let map: Vec<i64> = ds
-            .classes
-            .iter()
-            .map(|c| {
-                self.classes
-                    .iter()
-                    .position(|k| k == c)
-                    .map(|i| i as i64)
-                    .with_context(|| {
-                        format!(
-                            "{what}: class folder {c:?} is not in the project config's classes {:?}",
-                            self.classes
-                        )
-                    })
-            })
-            .collect::<Result<_>>()?;
-        for l in ds.labels.iter_mut() {
-            *l = map[*l as usize];
-        }
-        ds.classes = self.classes.clone();
-        Ok(())
     }
 }
 

@@ -15,11 +15,6 @@ async fn init_names_bad_files_skips_them_on_request_and_stores_pixels_outside_re
     let held = mp_e2e::shortcut_dataset(12, false, 4);
     mp_core::data::folder::write_split(&data, "val", &held, false).unwrap();
     let class = &ds.classes[0];
-    std::fs::write(
-        data.join(format!("train/{class}/truncated.png")),
-        b"\x89PNG\r\n\x1a\n",
-    )
-    .unwrap();
     std::fs::write(data.join(format!("val/{class}/text.jpg")), b"hello").unwrap();
     let redis = RedisServer::start_free(&dir.path().join("redis")).unwrap();
     let ck = dir.path().join("ck");
@@ -48,6 +43,22 @@ async fn init_names_bad_files_skips_them_on_request_and_stores_pixels_outside_re
         );
         (o.status.success(), text)
     };
+    // A bad file met after the training images were stored: refused, and what was stored
+    // is taken back (the folder is streamed, not held in memory).
+    let (ok, text) = init(&[]);
+    assert!(!ok, "{text}");
+    assert!(
+        text.contains("text.jpg") && text.contains("--skip-bad"),
+        "{text}"
+    );
+    let store = Store::connect(&redis.url(), "mp").await.unwrap();
+    assert!(store.project().await.unwrap().is_none());
+    assert!(store.image_ids().await.unwrap().is_empty());
+    std::fs::write(
+        data.join(format!("train/{class}/truncated.png")),
+        b"\x89PNG\r\n\x1a\n",
+    )
+    .unwrap();
     // Refused, naming both files and the way out; nothing stored.
     let (ok, text) = init(&[]);
     assert!(!ok, "{text}");
@@ -58,8 +69,8 @@ async fn init_names_bad_files_skips_them_on_request_and_stores_pixels_outside_re
             && text.contains("--skip-bad"),
         "{text}"
     );
-    let store = Store::connect(&redis.url(), "mp").await.unwrap();
     assert!(store.project().await.unwrap().is_none());
+    assert!(store.image_ids().await.unwrap().is_empty());
     // Left out and listed.
     let (ok, text) = init(&["--skip-bad"]);
     assert!(ok, "{text}");

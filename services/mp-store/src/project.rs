@@ -95,6 +95,23 @@ impl Store {
         Ok(())
     }
 
+    /// Takes images' metadata back out of Redis (a refused `project init` removes what it
+    /// stored before it found a bad file); their pixels stay in the image store, unreferenced.
+    pub async fn forget_images(&self, ids: &[String]) -> Result<()> {
+        let mut c = self.conn.clone();
+        for chunk in ids.chunks(500) {
+            let mut pipe = redis::pipe();
+            for id in chunk {
+                pipe.del(self.k(&format!("img:{id}"))).ignore();
+            }
+            for set in ["images", "split:val", "split:test"] {
+                pipe.srem(self.k(set), chunk).ignore();
+            }
+            let _: () = pipe.query_async(&mut c).await?;
+        }
+        Ok(())
+    }
+
     /// One image's metadata (no pixels).
     pub async fn image_meta(&self, id: &str) -> Result<ImageRecord> {
         let mut c = self.conn.clone();

@@ -173,16 +173,12 @@ pub fn chw_to_image(pixels: &[f32], channels: usize, width: usize, height: usize
     }
 }
 
-struct Found {
-    path: PathBuf,
-    class: usize,
-    image: DynamicImage,
-}
-
 /// An image file found by the scan, not decoded yet.
-struct Listed {
-    path: PathBuf,
-    class: usize,
+#[derive(Debug, Clone)]
+pub struct Listed {
+    pub path: PathBuf,
+    /// Index into the folder's classes (the sorted `train/` class folders).
+    pub class: usize,
 }
 
 fn scan_split(dir: &Path, classes: &[String], train: bool) -> Result<Vec<Listed>> {
@@ -195,15 +191,7 @@ fn scan_split(dir: &Path, classes: &[String], train: bool) -> Result<Vec<Listed>
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
-        let class =
-            classes
-                .iter()
-                .position(|c| *c == name)
-                .ok_or_else(|| CoreError::UnknownClass {
-                    path: class_dir.clone(),
-                    class: name.clone(),
-                    known: classes.join(", "),
-                })?;
+        let class = class_index(classes, &name, &class_dir)?;
         let files: Vec<PathBuf> = sorted_entries(&class_dir)?
             .into_iter()
             .filter(|p| p.is_file() && is_image(p))
@@ -216,80 +204,32 @@ fn scan_split(dir: &Path, classes: &[String], train: bool) -> Result<Vec<Listed>
     Ok(out)
 }
 
-/// Decodes every listed file on all cores, in order; calls `progress(done, total)` as files
-/// finish. Returns the decoded images and the files that failed, with the reason.
-fn decode_all(
-    listed: Vec<Vec<Listed>>,
-    progress: &(dyn Fn(u64, u64) + Sync),
-) -> (Vec<Vec<Found>>, Vec<(PathBuf, String)>) {
-    let total: usize = listed.iter().map(Vec::len).sum();
-    let done = std::sync::atomic::AtomicU64::new(0);
-    let threads = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1)
-        .clamp(1, 8);
-    let mut found = Vec::with_capacity(listed.len());
-    let mut bad = Vec::new();
-    for split in listed {
-        let per = split.len().div_ceil(threads).max(1);
-        let decoded: Vec<Result<DynamicImage>> = std::thread::scope(|s| {
-            let handles: Vec<_> = split
-                .chunks(per)
-                .map(|chunk| {
-                    let done = &done;
-                    s.spawn(move || {
-                        chunk
-                            .iter()
-                            .map(|l| {
-                                let r = open_image(&l.path);
-                                let d = done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                                progress(d + 1, total as u64);
-                                r
-                            })
-                            .collect::<Vec<_>>()
-                    })
-                })
-                .collect();
-            handles
-                .into_iter()
-                .flat_map(|h| h.join().expect("decoder thread"))
-                .collect()
-        });
-        let mut ok = Vec::with_capacity(split.len());
-        for (l, r) in split.into_iter().zip(decoded) {
-            match r {
-                Ok(image) => ok.push(Found {
-                    path: l.path,
-                    class: l.class,
-                    image,
-                }),
-                Err(e) => {
-                    let why = match e {
-                        CoreError::Image { message, .. } => message,
-                        other => other.to_string(),
-                    };
-                    bad.push((l.path, why))
-                }
-            }
-        }
-        found.push(ok);
-    }
-    (found, bad)
+fn class_index(classes: &[String], name: &str, path: &Path) -> Result<usize> {
+    classes
+        .iter()
+        .position(|c| c == name)
+        .ok_or_else(|| CoreError::UnknownClass {
+            path: path.to_path_buf(),
+            class: name.to_string(),
+            known: classes.join(", "),
+        })
 }
 
-/// Loads `root` in the image-folder format, with marks where `root/marks` has them.
-pub fn load_image_folder(root: &Path, opts: &FolderOptions) -> Result<ImageFolder> {
-    load_image_folder_with_progress(root, opts, &|_, _| {})
+/// An image folder listed but not decoded: every split's files and every mark file, checked
+/// for structure (known classes, no empty training class, no mark without its image). What a
+/// streamed reader walks, a chunk at a time, so that a folder far larger than memory can be read.
+#[derive(Debug, Clone)]
+pub struct FolderListing {
+    pub root: PathBuf,
+    /// The `train/` class folders, sorted.
+    pub classes: Vec<String>,
+    /// Per split of [`SPLITS`] (train, val, test): its files in order, or `None` when absent.
+    pub splits: [Option<Vec<Listed>>; 3],
+    marks: HashMap<(usize, String), PathBuf>,
 }
 
-/// [`load_image_folder`], calling `progress(decoded, total)` as image files are decoded.
-/// Every file that cannot be read or decoded is named: one is an [`CoreError::Image`],
-/// several a [`CoreError::BadImages`] listing all, unless `opts.skip_bad`.
-pub fn load_image_folder_with_progress(
-    root: &Path,
-    opts: &FolderOptions,
-    progress: &(dyn Fn(u64, u64) + Sync),
-) -> Result<ImageFolder> {
+/// Lists `root` in the image-folder format without decoding anything.
+pub fn list_image_folder(root: &Path) -> Result<FolderListing> {
     let train_dir = root.join("train");
     if !train_dir.is_dir() {
         return Err(CoreError::Dataset {
@@ -311,50 +251,14 @@ pub fn load_image_folder_with_progress(
             ),
         });
     }
-    let mut listed: Vec<(usize, Vec<Listed>)> = Vec::new();
+    let mut splits: [Option<Vec<Listed>>; 3] = [None, None, None];
     for (k, split) in SPLITS.iter().enumerate() {
         let dir = root.join(split);
         if dir.is_dir() {
-            listed.push((k, scan_split(&dir, &classes, k == 0)?));
+            splits[k] = Some(scan_split(&dir, &classes, k == 0)?);
         }
     }
-    let (which, lists): (Vec<usize>, Vec<Vec<Listed>>) = listed.into_iter().unzip();
-    let (decoded, skipped) = decode_all(lists, progress);
-    if !skipped.is_empty() && !opts.skip_bad {
-        if skipped.len() == 1 {
-            let (path, message) = skipped.into_iter().next().expect("one");
-            return Err(CoreError::Image { path, message });
-        }
-        let list = skipped
-            .iter()
-            .map(|(p, why)| format!("  {}: {why}", p.display()))
-            .collect::<Vec<_>>()
-            .join("\n");
-        return Err(CoreError::BadImages {
-            count: skipped.len(),
-            list,
-        });
-    }
-    let found: Vec<(usize, Vec<Found>)> = which.into_iter().zip(decoded).collect();
-    if found[0].1.is_empty() {
-        return Err(CoreError::Dataset {
-            path: root.to_path_buf(),
-            message: "train/ holds no readable image".into(),
-        });
-    }
-    let grayscale = opts.grayscale.unwrap_or_else(|| {
-        found[0].1.iter().all(|f| {
-            matches!(
-                f.image.color(),
-                image::ColorType::L8 | image::ColorType::L16 | image::ColorType::La8
-            )
-        })
-    });
-    let (width, height) = match opts.resize {
-        Some(s) => s,
-        None => found[0].1[0].image.dimensions(),
-    };
-    // Marks: marks/{class}/{stem}.png, every class folder must be a known class.
+    // Marks: marks/{class}/{stem}.png, every class folder a known class, every mark an image's.
     let mut marks: HashMap<(usize, String), PathBuf> = HashMap::new();
     let marks_dir = root.join("marks");
     if marks_dir.is_dir() {
@@ -366,15 +270,7 @@ pub fn load_image_folder_with_progress(
                 .file_name()
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_default();
-            let class =
-                classes
-                    .iter()
-                    .position(|c| *c == name)
-                    .ok_or_else(|| CoreError::UnknownClass {
-                        path: class_dir.clone(),
-                        class: name.clone(),
-                        known: classes.join(", "),
-                    })?;
+            let class = class_index(&classes, &name, &class_dir)?;
             for p in sorted_entries(&class_dir)? {
                 if p.is_file() && is_image(&p) {
                     marks.insert((class, stem(&p)), p);
@@ -382,46 +278,239 @@ pub fn load_image_folder_with_progress(
             }
         }
     }
-    let channels = if grayscale { 1 } else { 3 };
-    let mut splits: Vec<Option<Dataset>> = vec![None, None, None];
-    for (k, files) in found {
-        let mut ds = Dataset::new(classes.clone(), channels, height as usize, width as usize);
-        for f in files {
-            let (w, h) = f.image.dimensions();
+    if !marks.is_empty() {
+        let images: std::collections::HashSet<(usize, String)> = splits
+            .iter()
+            .flatten()
+            .flatten()
+            .map(|l| (l.class, stem(&l.path)))
+            .collect();
+        let mut orphans: Vec<&PathBuf> = marks
+            .iter()
+            .filter(|(k, _)| !images.contains(k))
+            .map(|(_, p)| p)
+            .collect();
+        orphans.sort();
+        if let Some(path) = orphans.first() {
+            return Err(CoreError::Dataset {
+                path: path.to_path_buf(),
+                message: "mark has no image of the same class and file stem".into(),
+            });
+        }
+    }
+    Ok(FolderListing {
+        root: root.to_path_buf(),
+        classes,
+        splits,
+        marks,
+    })
+}
+
+/// How [`FolderListing::decode`] turns files into a dataset.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct DecodeOptions {
+    /// Grayscale (`Some(true)`) or RGB (`Some(false)`); `None`: grayscale only when every
+    /// decoded image is.
+    pub grayscale: Option<bool>,
+    /// The dataset's width x height; `None`: the first decoded image's.
+    pub size: Option<(u32, u32)>,
+    /// Resize images (and marks, nearest-neighbour) of another size to `size`; without it such
+    /// an image is refused, named.
+    pub resize: bool,
+    /// Read each image's mark where the folder has one.
+    pub marks: bool,
+}
+
+/// Files decoded into a dataset, and the files that could not be read or decoded.
+pub struct Decoded {
+    pub dataset: Dataset,
+    pub bad: Vec<(PathBuf, String)>,
+}
+
+impl FolderListing {
+    /// Image files in all splits.
+    pub fn total(&self) -> usize {
+        self.splits.iter().flatten().map(Vec::len).sum()
+    }
+
+    /// Decodes `files` (of this listing) on all cores into one dataset, in order; calls
+    /// `progress(1)` per file decoded. A file that cannot be read or decoded is returned in
+    /// [`Decoded::bad`] and left out; an image of the wrong size without `resize`, or a mark
+    /// of the wrong size, is an error naming the file.
+    pub fn decode(
+        &self,
+        files: &[Listed],
+        opts: DecodeOptions,
+        progress: &(dyn Fn(u64) + Sync),
+    ) -> Result<Decoded> {
+        let decoded = decode_files(files, progress);
+        let mut ok = Vec::with_capacity(files.len());
+        let mut bad = Vec::new();
+        for (l, r) in files.iter().zip(decoded) {
+            match r {
+                Ok(image) => ok.push((l, image)),
+                Err(e) => bad.push((l.path.clone(), bad_reason(e))),
+            }
+        }
+        let grayscale = opts.grayscale.unwrap_or_else(|| {
+            !ok.is_empty()
+                && ok.iter().all(|(_, img)| {
+                    matches!(
+                        img.color(),
+                        image::ColorType::L8 | image::ColorType::L16 | image::ColorType::La8
+                    )
+                })
+        });
+        let (width, height) = match (opts.size, ok.first()) {
+            (Some(s), _) => s,
+            (None, Some((_, img))) => img.dimensions(),
+            (None, None) => (0, 0),
+        };
+        let channels = if grayscale { 1 } else { 3 };
+        let mut ds = Dataset::new(
+            self.classes.clone(),
+            channels,
+            height as usize,
+            width as usize,
+        );
+        for (l, image) in ok {
+            let (w, h) = image.dimensions();
             let img = if (w, h) != (width, height) {
-                if opts.resize.is_none() {
+                if !opts.resize {
                     return Err(CoreError::Dataset {
-                        path: f.path,
+                        path: l.path.clone(),
                         message: format!(
                             "image is {w}x{h} but the dataset is {width}x{height}; pass a resize"
                         ),
                     });
                 }
-                f.image.resize_exact(width, height, FilterType::Triangle)
+                image.resize_exact(width, height, FilterType::Triangle)
             } else {
-                f.image
+                image
             };
-            let name = stem(&f.path);
-            let mark = match marks.remove(&(f.class, name.clone())) {
-                Some(mp) => {
-                    let m = read_mask(&mp, (w, h))?;
+            let name = stem(&l.path);
+            let mark = match (opts.marks, self.marks.get(&(l.class, name.clone()))) {
+                (true, Some(mp)) => {
+                    let m = read_mask(mp, (w, h))?;
                     Some(if (w, h) != (width, height) {
                         resize_mask(&m, width, height)
                     } else {
                         m
                     })
                 }
-                None => None,
+                _ => None,
             };
-            ds.push(&image_to_chw(&img, grayscale), f.class as i64, mark, name);
+            ds.push(&image_to_chw(&img, grayscale), l.class as i64, mark, name);
         }
-        splits[k] = Some(ds);
+        Ok(Decoded { dataset: ds, bad })
     }
-    if let Some(((_, _), path)) = marks.into_iter().next() {
-        return Err(CoreError::Dataset {
-            path,
-            message: "mark has no image of the same class and file stem".into(),
-        });
+}
+
+fn bad_reason(e: CoreError) -> String {
+    match e {
+        CoreError::Image { message, .. } => message,
+        other => other.to_string(),
+    }
+}
+
+/// Decodes `files` on all cores (up to 8 threads), in order; calls `progress(1)` per file.
+fn decode_files(files: &[Listed], progress: &(dyn Fn(u64) + Sync)) -> Vec<Result<DynamicImage>> {
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .clamp(1, 8);
+    let per = files.len().div_ceil(threads).max(1);
+    std::thread::scope(|s| {
+        let handles: Vec<_> = files
+            .chunks(per)
+            .map(|chunk| {
+                s.spawn(move || {
+                    chunk
+                        .iter()
+                        .map(|l| {
+                            let r = open_image(&l.path);
+                            progress(1);
+                            r
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().expect("decoder thread"))
+            .collect()
+    })
+}
+
+/// Refuses `bad` files: one is an [`CoreError::Image`], several a [`CoreError::BadImages`]
+/// listing all.
+pub fn refuse_bad(bad: Vec<(PathBuf, String)>) -> Result<()> {
+    match bad.len() {
+        0 => Ok(()),
+        1 => {
+            let (path, message) = bad.into_iter().next().expect("one");
+            Err(CoreError::Image { path, message })
+        }
+        count => Err(CoreError::BadImages {
+            count,
+            list: bad
+                .iter()
+                .map(|(p, why)| format!("  {}: {why}", p.display()))
+                .collect::<Vec<_>>()
+                .join("\n"),
+        }),
+    }
+}
+
+/// Loads `root` in the image-folder format, with marks where `root/marks` has them.
+pub fn load_image_folder(root: &Path, opts: &FolderOptions) -> Result<ImageFolder> {
+    load_image_folder_with_progress(root, opts, &|_, _| {})
+}
+
+/// [`load_image_folder`], calling `progress(decoded, total)` as image files are decoded.
+/// Every file that cannot be read or decoded is named: one is an [`CoreError::Image`],
+/// several a [`CoreError::BadImages`] listing all, unless `opts.skip_bad`.
+pub fn load_image_folder_with_progress(
+    root: &Path,
+    opts: &FolderOptions,
+    progress: &(dyn Fn(u64, u64) + Sync),
+) -> Result<ImageFolder> {
+    let listing = list_image_folder(root)?;
+    let total = listing.total() as u64;
+    let done = std::sync::atomic::AtomicU64::new(0);
+    let tick = |n: u64| {
+        let d = done.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+        progress(d + n, total);
+    };
+    // Training images first: they decide gray or RGB and the size for the other splits.
+    let mut dopts = DecodeOptions {
+        grayscale: opts.grayscale,
+        size: opts.resize,
+        resize: opts.resize.is_some(),
+        marks: true,
+    };
+    let mut splits: Vec<Option<Dataset>> = vec![None, None, None];
+    let mut skipped = Vec::new();
+    for (k, files) in listing.splits.iter().enumerate() {
+        let Some(files) = files else { continue };
+        let d = listing.decode(files, dopts, &tick)?;
+        skipped.extend(d.bad);
+        if k == 0 {
+            if d.dataset.is_empty() {
+                refuse_bad(std::mem::take(&mut skipped))?;
+                return Err(CoreError::Dataset {
+                    path: root.to_path_buf(),
+                    message: "train/ holds no readable image".into(),
+                });
+            }
+            dopts.grayscale = Some(d.dataset.channels == 1);
+            dopts.size = Some((d.dataset.width as u32, d.dataset.height as u32));
+        }
+        splits[k] = Some(d.dataset);
+    }
+    if !opts.skip_bad {
+        refuse_bad(std::mem::take(&mut skipped))?;
     }
     let mut it = splits.into_iter();
     let train = it.next().flatten().ok_or_else(|| CoreError::Dataset {
@@ -603,6 +692,73 @@ mod tests {
         let e = load_image_folder(dir.path(), &FolderOptions::default()).unwrap_err();
         assert!(
             e.to_string().contains("big.png") && e.to_string().contains("resize"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_listing_decoded_chunk_by_chunk_matches_the_whole_folder_fitted_to_a_model() {
+        let dir = two_class_root();
+        let listing = list_image_folder(dir.path()).unwrap();
+        assert_eq!(listing.total(), 4);
+        let train = listing.splits[0].as_ref().unwrap();
+        assert!(listing.splits[1].is_none());
+        // A 3-channel model's input, 3x2: gray images become RGB, resized.
+        let opts = DecodeOptions {
+            grayscale: Some(false),
+            size: Some((3, 2)),
+            resize: true,
+            marks: true,
+        };
+        let ticks = std::sync::atomic::AtomicU64::new(0);
+        let tick = |n: u64| {
+            ticks.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+        };
+        let parts: Vec<Dataset> = train
+            .chunks(2)
+            .map(|c| listing.decode(c, opts, &tick).unwrap().dataset)
+            .collect();
+        assert_eq!(ticks.into_inner(), 3);
+        let whole = load_image_folder(
+            dir.path(),
+            &FolderOptions {
+                resize: Some((3, 2)),
+                ..Default::default()
+            },
+        )
+        .unwrap()
+        .train;
+        let mut k = 0;
+        for p in &parts {
+            assert_eq!((p.channels, p.width, p.height), (3, 3, 2));
+            for i in 0..p.len() {
+                assert_eq!(
+                    (p.labels[i], &p.names[i]),
+                    (whole.labels[k], &whole.names[k])
+                );
+                assert_eq!(p.marks[i], whole.marks[k]);
+                let (rgb, gray) = (p.image(i), whole.image(k));
+                for c in 0..3 {
+                    assert_eq!(&rgb[c * 6..(c + 1) * 6], gray);
+                }
+                k += 1;
+            }
+        }
+        assert_eq!(k, whole.len());
+        // Without a resize, an image of another size is refused, named.
+        let e = listing
+            .decode(
+                train,
+                DecodeOptions {
+                    resize: false,
+                    ..opts
+                },
+                &|_| {},
+            )
+            .err()
+            .unwrap();
+        assert!(
+            e.to_string().contains("a.png") && e.to_string().contains("6x4"),
             "{e}"
         );
     }
