@@ -344,7 +344,9 @@ async fn every_bad_request_gets_a_clear_status_and_health_follows_redis() {
 
     // Images: unknown id, unknown version; a known one carries prediction and saliency.
     let (c, m) = code(
-        ann.images
+        admin_c
+            .images
+            .clone()
             .get_image(pb::GetImageRequest {
                 image_id: "a/zzz".into(),
                 model_version: 0,
@@ -449,6 +451,120 @@ async fn every_bad_request_gets_a_clear_status_and_health_follows_redis() {
     }
     let store = Store::connect(&url, "mp").await.unwrap();
     assert_eq!(store.mark_ids().await.unwrap(), vec![ok.mark_id]);
+    gw.stop().await;
+}
+
+/// ARCHITECTURE.md's "who may do what" table, row by row, against a real gateway and Redis.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_call_follows_the_who_may_do_what_table() {
+    let dir = tempfile::tempdir().unwrap();
+    let redis = RedisServer::start_free(&dir.path().join("redis")).unwrap();
+    let ck = dir.path().join("ck");
+    let store = Store::connect(&redis.url(), "mp").await.unwrap();
+    let admin = project(&store, 8, &ck).await;
+    let gw = gateway(&redis.url(), &ck, 30_000, 4 << 20).await;
+    let clients = experts(&gw.addr, &admin, 2).await;
+    let (mut ann, mut bob) = (clients[0].clone(), clients[1].clone());
+    let mut boss = Client::new(&gw.addr, &admin).unwrap();
+    let lease = |c: &mut Client| {
+        let mut q = c.queue.clone();
+        async move {
+            q.lease(pb::LeaseRequest {})
+                .await
+                .unwrap()
+                .into_inner()
+                .lease
+                .unwrap()
+        }
+    };
+    let view = |c: &Client, id: &str| {
+        let mut i = c.images.clone();
+        let req = pb::GetImageRequest {
+            image_id: id.into(),
+            model_version: 0,
+        };
+        async move { i.get_image(req).await }
+    };
+    let (la, lb) = (lease(&mut ann).await, lease(&mut bob).await);
+
+    // GetImage: the lease holder and admins; not another expert, not a held-out image.
+    assert!(view(&ann, &la.image_id).await.is_ok());
+    assert!(view(&boss, &la.image_id).await.is_ok());
+    let (c, m) = code(view(&bob, &la.image_id).await);
+    assert!(c == Code::PermissionDenied && m.contains("lease"), "{m}");
+    let (c, m) = code(view(&ann, "val:a/000").await);
+    assert!(c == Code::PermissionDenied && m.contains("held out"), "{m}");
+    assert!(view(&boss, "val:a/000").await.is_ok());
+    // An unknown image is refused to an expert before its existence is told.
+    assert_eq!(code(view(&ann, "a/zzz").await).0, Code::PermissionDenied);
+    assert_eq!(code(view(&boss, "a/zzz").await).0, Code::NotFound);
+
+    // After a submit the lease is gone, the mark lets its expert still see the image.
+    let mask = rle::encode(SIDE, SIDE, &[&[1i8; 8][..], &[0i8; 56][..]].concat());
+    let submit = |l: &pb::Lease, key: &str| pb::SubmitRequest {
+        lease_id: l.lease_id.clone(),
+        mask: Some(mask.clone()),
+        idempotency_key: key.into(),
+    };
+    let pa = ann
+        .queue
+        .submit(submit(&la, "a"))
+        .await
+        .unwrap()
+        .into_inner();
+    let pb_ = bob
+        .queue
+        .submit(submit(&lb, "b"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(view(&ann, &la.image_id).await.is_ok());
+    assert_eq!(
+        code(view(&ann, &lb.image_id).await).0,
+        Code::PermissionDenied
+    );
+
+    // Proposals: read, watched and decided by their expert or an admin only.
+    let get = |id: &str| pb::GetProposalRequest {
+        proposal_id: id.into(),
+    };
+    assert!(ann
+        .proposals
+        .get_proposal(get(&pa.proposal_id))
+        .await
+        .is_ok());
+    assert!(boss
+        .proposals
+        .get_proposal(get(&pa.proposal_id))
+        .await
+        .is_ok());
+    let (c, m) = code(bob.proposals.get_proposal(get(&pa.proposal_id)).await);
+    assert!(c == Code::PermissionDenied && m.contains("reads"), "{m}");
+    assert_eq!(
+        code(bob.proposals.watch_proposal(get(&pa.proposal_id)).await).0,
+        Code::PermissionDenied
+    );
+    assert!(ann
+        .proposals
+        .watch_proposal(get(&pa.proposal_id))
+        .await
+        .is_ok());
+    assert!(boss
+        .proposals
+        .watch_proposal(get(&pb_.proposal_id))
+        .await
+        .is_ok());
+
+    // Stats: totals for everyone; other experts' names and counts for admins only.
+    let stats = |c: &Client| {
+        let mut s = c.stats.clone();
+        async move { s.get_stats(pb::StatsRequest {}).await.unwrap().into_inner() }
+    };
+    let (sa, sb) = (stats(&ann).await, stats(&boss).await);
+    assert_eq!((sa.marks_total, sb.marks_total), (2, 2));
+    assert_eq!(sa.marks_per_expert.len(), 1);
+    assert_eq!(sa.marks_per_expert[0].expert_id, sa.whoami);
+    assert_eq!(sb.marks_per_expert.len(), 2);
     gw.stop().await;
 }
 

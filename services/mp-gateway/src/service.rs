@@ -157,6 +157,38 @@ impl Gateway {
         Ok(e)
     }
 
+    /// An expert sees a proposal (reads, watches, decides) only when it is its own; an admin
+    /// sees all.
+    fn owner_or_admin(e: &Expert, p: &ProposalRecord, what: &str) -> Result<(), Status> {
+        if p.expert_id != e.id && e.role != Role::Admin {
+            return Err(Status::permission_denied(format!(
+                "only the expert who marked the image (or an admin) {what} proposal {}",
+                p.id
+            )));
+        }
+        Ok(())
+    }
+
+    /// An expert sees an image only while it holds its lease or once it has marked it, and
+    /// never a held-out (val, test) image: their ids are guessable and carry labels. An admin
+    /// sees all.
+    async fn may_see_image(&self, e: &Expert, id: &str) -> Result<(), Status> {
+        if e.role == Role::Admin {
+            return Ok(());
+        }
+        if id.starts_with("val:") || id.starts_with("test:") {
+            return Err(Status::permission_denied(format!(
+                "image {id:?} is held out (val/test): admins only"
+            )));
+        }
+        if !self.store()?.may_view(&e.id, id).await.map_err(status)? {
+            return Err(Status::permission_denied(format!(
+                "image {id:?}: an expert sees only the images it holds a lease on or has marked"
+            )));
+        }
+        Ok(())
+    }
+
     async fn model_view(
         &self,
         version: u64,
@@ -496,9 +528,10 @@ impl pb::image_service_server::ImageService for Gateway {
     ) -> Result<Response<pb::ImageView>, Status> {
         let t = Instant::now();
         let r = async {
-            self.expert(&req).await?;
+            let e = self.expert(&req).await?;
             let body = req.get_ref();
             check_id("image_id", &body.image_id)?;
+            self.may_see_image(&e, &body.image_id).await?;
             let image = self.store()?.image(&body.image_id).await.map_err(status)?;
             let project = self.project().await?;
             let version = if body.model_version == 0 {
@@ -561,13 +594,14 @@ impl pb::proposal_service_server::ProposalService for Gateway {
     ) -> Result<Response<pb::Proposal>, Status> {
         let t = Instant::now();
         let r = async {
-            self.expert(&req).await?;
+            let e = self.expert(&req).await?;
             check_id("proposal_id", &req.get_ref().proposal_id)?;
             let p = self
                 .store()?
                 .proposal(&req.get_ref().proposal_id)
                 .await
                 .map_err(status)?;
+            Self::owner_or_admin(&e, &p, "reads")?;
             Ok(Response::new(proposal_to_pb(&p)))
         }
         .await;
@@ -580,10 +614,11 @@ impl pb::proposal_service_server::ProposalService for Gateway {
         &self,
         req: Request<pb::GetProposalRequest>,
     ) -> Result<Response<ProposalStream>, Status> {
-        self.expert(&req).await?;
+        let e = self.expert(&req).await?;
         let id = req.get_ref().proposal_id.clone();
         check_id("proposal_id", &id)?;
         let first = self.store()?.proposal(&id).await.map_err(status)?;
+        Self::owner_or_admin(&e, &first, "watches")?;
         let store = self.store()?.clone();
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         tokio::spawn(async move {
@@ -636,11 +671,7 @@ impl pb::proposal_service_server::ProposalService for Gateway {
                 .proposal(&body.proposal_id)
                 .await
                 .map_err(status)?;
-            if p.expert_id != e.id && e.role != Role::Admin {
-                return Err(Status::permission_denied(
-                    "only the expert who marked the image (or an admin) decides",
-                ));
-            }
+            Self::owner_or_admin(&e, &p, "decides")?;
             let decision = pb::decide_request::Decision::try_from(body.decision).map_err(|_| {
                 Status::invalid_argument(format!("unknown decision {}", body.decision))
             })?;
@@ -720,8 +751,10 @@ impl pb::stats_service_server::StatsService for Gateway {
             experts_online: c.experts_online,
             marks_total: c.marks_total,
             refine_jobs_pending: c.refine_pending,
+            // Other experts' names and counts are for admins; an expert sees its own.
             marks_per_expert: per
                 .into_iter()
+                .filter(|(id, _, _)| e.role == Role::Admin || *id == e.id)
                 .map(|(id, name, n)| pb::ExpertCount {
                     expert_id: id,
                     name,

@@ -267,6 +267,7 @@ struct Scripts {
     submit: redis::Script,
     reclaim: redis::Script,
     enqueue: redis::Script,
+    may_view: redis::Script,
 }
 
 /// Every connection's timeouts and retries.
@@ -367,6 +368,7 @@ impl Store {
                 submit: lua::script(lua::SUBMIT),
                 reclaim: lua::script(lua::RECLAIM),
                 enqueue: lua::script(lua::ENQUEUE),
+                may_view: lua::script(lua::MAY_VIEW),
             }),
             images: Default::default(),
         })

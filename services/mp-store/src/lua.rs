@@ -171,6 +171,20 @@ end
 return {'ok', n}
 "#;
 
+/// May expert ARGV[3] see image ARGV[2]? `{'ok', 1}` when it holds the image's lease or has
+/// marked the image, else `{'ok', 0}` (who may see what: ARCHITECTURE.md).
+pub const MAY_VIEW: &str = r#"
+local p, img, expert = ARGV[1], ARGV[2], ARGV[3]
+local lid = redis.call('HGET', p .. ':image_lease', img)
+if lid and redis.call('HGET', p .. ':lease:' .. lid, 'expert') == expert then
+  return {'ok', 1}
+end
+for _, m in ipairs(redis.call('LRANGE', p .. ':marks:image:' .. img, 0, -1)) do
+  if redis.call('HGET', p .. ':mark:' .. m, 'expert') == expert then return {'ok', 1} end
+end
+return {'ok', 0}
+"#;
+
 pub fn script(body: &str) -> redis::Script {
     redis::Script::new(&format!("{PRELUDE}\n{body}"))
 }

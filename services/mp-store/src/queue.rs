@@ -159,4 +159,19 @@ impl Store {
             .await?;
         Ok(r.1)
     }
+
+    /// Whether `expert` holds `image`'s lease or has marked it: what lets an expert (not an
+    /// admin) see an image.
+    pub async fn may_view(&self, expert: &str, image: &str) -> Result<bool> {
+        let mut c = self.conn.clone();
+        let r: (String, u64) = self
+            .scripts
+            .may_view
+            .arg(&self.prefix)
+            .arg(image)
+            .arg(expert)
+            .invoke_async(&mut c)
+            .await?;
+        Ok(r.1 == 1)
+    }
 }
