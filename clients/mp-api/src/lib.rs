@@ -124,6 +124,7 @@ pub async fn create_expert(
         let req = pb::CreateExpertRequest {
             name: name.into(),
             role: role.into(),
+            ttl_s: 0,
         };
         match admin.admin.clone().create_expert(req).await {
             Ok(r) => return Ok(r.into_inner()),

@@ -200,38 +200,125 @@ pub fn expert_sim(a: SimArgs) -> Result<()> {
     })
 }
 
+/// The gateway and the admin's token, for every admin subcommand.
+#[derive(Args, Clone)]
+pub struct AdminConn {
+    #[arg(long, default_value = "http://127.0.0.1:50051")]
+    pub addr: String,
+    #[arg(long, env = "MP_TOKEN")]
+    pub token: String,
+}
+
 #[derive(Subcommand)]
 pub enum AdminCmd {
     /// Create an expert (or admin) and print its token
     CreateExpert {
-        #[arg(long, default_value = "http://127.0.0.1:50051")]
-        addr: String,
-        #[arg(long, env = "MP_TOKEN")]
-        token: String,
+        #[command(flatten)]
+        conn: AdminConn,
         #[arg(long)]
         name: String,
         #[arg(long, default_value = "expert")]
         role: String,
+        /// Days the token is valid for (default: until revoked)
+        #[arg(long)]
+        ttl_days: Option<f64>,
+    },
+    /// Refuse an expert's token from now on, on every gateway (its marks stay)
+    RevokeToken {
+        #[command(flatten)]
+        conn: AdminConn,
+        /// The expert's id (see list-experts)
+        #[arg(long)]
+        expert: String,
+    },
+    /// Every expert: id, name, role, marks, created, expiry, revocation
+    ListExperts {
+        #[command(flatten)]
+        conn: AdminConn,
     },
 }
 
+fn refused(s: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{:?}: {}", s.code(), s.message())
+}
+
+/// A Unix time in ms as UTC `YYYY-MM-DD HH:MM`, or `-` for 0.
+fn when(ms: u64) -> String {
+    if ms == 0 {
+        return "-".into();
+    }
+    let secs = (ms / 1000) as i64;
+    let rem = secs.rem_euclid(86_400);
+    format!(
+        "{} {:02}:{:02}",
+        crate::report::date_of(secs),
+        rem / 3600,
+        rem % 3600 / 60
+    )
+}
+
 pub fn admin(cmd: AdminCmd) -> Result<()> {
-    let AdminCmd::CreateExpert {
-        addr,
-        token,
-        name,
-        role,
-    } = cmd;
     runtime()?.block_on(async {
-        let c = Client::connect(&addr, &token).await?;
-        let r = c
-            .admin
-            .clone()
-            .create_expert(mp_proto::v1::CreateExpertRequest { name, role })
-            .await
-            .map_err(|s| anyhow::anyhow!("{:?}: {}", s.code(), s.message()))?
-            .into_inner();
-        println!("expert {} token {}", r.expert_id, r.token);
+        match cmd {
+            AdminCmd::CreateExpert {
+                conn,
+                name,
+                role,
+                ttl_days,
+            } => {
+                let ttl_s = match ttl_days {
+                    None => 0,
+                    Some(d) if d.is_finite() && d > 0.0 => (d * 86_400.0).ceil() as u64,
+                    Some(d) => bail!("--ttl-days {d}: give a positive number of days"),
+                };
+                let c = Client::connect(&conn.addr, &conn.token).await?;
+                let r = c
+                    .admin
+                    .clone()
+                    .create_expert(mp_proto::v1::CreateExpertRequest { name, role, ttl_s })
+                    .await
+                    .map_err(refused)?
+                    .into_inner();
+                println!("expert {} token {}", r.expert_id, r.token);
+            }
+            AdminCmd::RevokeToken { conn, expert } => {
+                let c = Client::connect(&conn.addr, &conn.token).await?;
+                c.admin
+                    .clone()
+                    .revoke_expert(mp_proto::v1::RevokeExpertRequest {
+                        expert_id: expert.clone(),
+                    })
+                    .await
+                    .map_err(refused)?;
+                println!("expert {expert}: token revoked on every gateway");
+            }
+            AdminCmd::ListExperts { conn } => {
+                let c = Client::connect(&conn.addr, &conn.token).await?;
+                let r = c
+                    .admin
+                    .clone()
+                    .list_experts(mp_proto::v1::ListExpertsRequest {})
+                    .await
+                    .map_err(refused)?
+                    .into_inner();
+                println!(
+                    "{:<12}  {:<20}  {:<6}  {:>6}  {:<16}  {:<16}  revoked (UTC)",
+                    "id", "name", "role", "marks", "created (UTC)", "expires (UTC)"
+                );
+                for e in r.experts {
+                    println!(
+                        "{:<12}  {:<20}  {:<6}  {:>6}  {:<16}  {:<16}  {}",
+                        e.expert_id,
+                        e.name,
+                        e.role,
+                        e.marks,
+                        when(e.created_ms),
+                        when(e.expires_ms),
+                        when(e.revoked_ms)
+                    );
+                }
+            }
+        }
         Ok(())
     })
 }

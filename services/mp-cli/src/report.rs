@@ -47,6 +47,11 @@ pub fn today() -> String {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
         .unwrap_or(0);
+    date_of(secs)
+}
+
+/// `YYYY-MM-DD` (UTC) of a Unix time in seconds.
+pub fn date_of(secs: i64) -> String {
     // Civil date from days since the epoch (Howard Hinnant's algorithm).
     let z = secs.div_euclid(86_400) + 719_468;
     let era = z.div_euclid(146_097);

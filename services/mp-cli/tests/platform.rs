@@ -112,7 +112,8 @@ async fn every_bad_request_gets_a_clear_status_and_health_follows_redis() {
             ann.admin
                 .create_expert(pb::CreateExpertRequest {
                     name: "x".into(),
-                    role: "admin".into()
+                    role: "admin".into(),
+                    ttl_s: 0,
                 })
                 .await
         )
@@ -127,7 +128,8 @@ async fn every_bad_request_gets_a_clear_status_and_health_follows_redis() {
                 .clone()
                 .create_expert(pb::CreateExpertRequest {
                     name: "x".into(),
-                    role: "boss".into()
+                    role: "boss".into(),
+                    ttl_s: 0,
                 })
                 .await
         )
@@ -565,6 +567,89 @@ async fn each_call_follows_the_who_may_do_what_table() {
     assert_eq!(sa.marks_per_expert.len(), 1);
     assert_eq!(sa.marks_per_expert[0].expert_id, sa.whoami);
     assert_eq!(sb.marks_per_expert.len(), 2);
+
+    // Tokens: revoked at once on every gateway, including one that has the token cached;
+    // an expiring token stops at its time even while cached. Admin calls are for admins.
+    let make = |name: &str, ttl_s: u64| {
+        let mut a = boss.admin.clone();
+        let req = pb::CreateExpertRequest {
+            name: name.into(),
+            role: "expert".into(),
+            ttl_s,
+        };
+        async move { a.create_expert(req).await.unwrap().into_inner() }
+    };
+    let (cat, dot) = (make("cat", 0).await, make("dot", 2).await);
+    let other = gateway(&redis.url(), &ck, 30_000, 4 << 20).await;
+    let cat_here = Client::new(&gw.addr, &cat.token).unwrap();
+    let cat_there = Client::new(&other.addr, &cat.token).unwrap();
+    let dot_there = Client::new(&other.addr, &dot.token).unwrap();
+    let ask = |c: &Client| {
+        let mut s = c.stats.clone();
+        async move { s.get_stats(pb::StatsRequest {}).await }
+    };
+    for c in [&cat_here, &cat_there, &dot_there] {
+        assert!(
+            ask(c).await.is_ok(),
+            "a new token works (and is cached now)"
+        );
+    }
+    let list = boss
+        .admin
+        .list_experts(pb::ListExpertsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .experts;
+    let row = |name: &str| list.iter().find(|e| e.name == name).unwrap().clone();
+    assert_eq!(list.len(), 5, "{list:?}");
+    assert_eq!((row("e1").marks, row("e1").revoked_ms), (1, 0));
+    assert!(row("dot").expires_ms > 0 && row("cat").expires_ms == 0);
+    assert_eq!(
+        code(ann.admin.list_experts(pb::ListExpertsRequest {}).await).0,
+        Code::PermissionDenied
+    );
+    let revoke = |id: &str| pb::RevokeExpertRequest {
+        expert_id: id.into(),
+    };
+    assert_eq!(
+        code(ann.admin.revoke_expert(revoke(&cat.expert_id)).await).0,
+        Code::PermissionDenied
+    );
+    assert_eq!(
+        code(boss.admin.revoke_expert(revoke("nobody")).await).0,
+        Code::NotFound
+    );
+    let me = ask(&boss).await.unwrap().into_inner().whoami;
+    assert_eq!(
+        code(boss.admin.revoke_expert(revoke(&me)).await).0,
+        Code::FailedPrecondition
+    );
+    boss.admin
+        .revoke_expert(revoke(&cat.expert_id))
+        .await
+        .unwrap();
+    let (c, m) = code(ask(&cat_here).await);
+    assert!(c == Code::Unauthenticated && m.contains("revoked"), "{m}");
+    // The other gateway cached the token for 10 s; the announcement drops it.
+    let start = Instant::now();
+    while ask(&cat_there).await.is_ok() {
+        assert!(
+            start.elapsed() < Duration::from_secs(1),
+            "the other gateway still takes the revoked token"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let revoked_after = start.elapsed();
+    assert!(revoked_after < Duration::from_secs(1), "{revoked_after:?}");
+    // dot's token expires while cached.
+    let expires = row("dot").expires_ms;
+    while mp_store::now_ms() < expires + 20 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (c, m) = code(ask(&dot_there).await);
+    assert!(c == Code::Unauthenticated && m.contains("expired"), "{m}");
+    other.stop().await;
     gw.stop().await;
 }
 

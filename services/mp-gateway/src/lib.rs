@@ -10,6 +10,7 @@
 //! Health starts NotServing and flips to Serving while Redis answers.
 //! The gateway holds no state of its own beyond caches: everything lives in Redis.
 
+pub mod auth;
 pub mod config;
 pub mod service;
 pub mod views;

@@ -27,7 +27,6 @@ pub fn status(e: StoreError) -> Status {
     }
 }
 
-const AUTH_CACHE_TTL: Duration = Duration::from_secs(10);
 const MAX_ID_LEN: usize = 200;
 
 /// Shared state behind every service.
@@ -41,7 +40,7 @@ pub struct Gateway {
     /// Whether a worker listened for view requests lately, and when that was checked.
     view_workers: Cached<bool>,
     project_cache: Cached<Arc<mp_store::ProjectInfo>>,
-    auth_cache: Arc<Mutex<HashMap<String, (Expert, Instant)>>>,
+    auth: crate::auth::AuthCache,
 }
 
 /// A value and when it was read.
@@ -103,7 +102,7 @@ impl Gateway {
             waiters: ViewWaiters::default(),
             view_workers: Default::default(),
             project_cache: Default::default(),
-            auth_cache: Arc::new(Mutex::new(HashMap::new())),
+            auth: Default::default(),
         }
     }
 
@@ -115,8 +114,11 @@ impl Gateway {
     }
 
     pub fn set_store(&self, store: Store) {
-        if self.store.set(store.clone()).is_ok() && self.config.view_wait_ms > 0 {
-            self.waiters.follow(store);
+        if self.store.set(store.clone()).is_ok() {
+            self.auth.follow(store.clone());
+            if self.config.view_wait_ms > 0 {
+                self.waiters.follow(store);
+            }
         }
     }
 
@@ -131,21 +133,13 @@ impl Gateway {
             .and_then(|h| h.strip_prefix("Bearer "))
             .ok_or_else(|| Status::unauthenticated("authorization must be \"Bearer <token>\""))?
             .trim();
-        if let Ok(cache) = self.auth_cache.lock() {
-            if let Some((e, at)) = cache.get(token) {
-                if at.elapsed() < AUTH_CACHE_TTL {
-                    return Ok(e.clone());
-                }
-            }
+        if let Some(e) = self.auth.get(token) {
+            return Ok(e);
         }
+        let epoch = self.auth.epoch();
         let e = self.store()?.authenticate(token).await.map_err(status)?;
         let _ = self.store()?.touch_online(&e.id).await;
-        if let Ok(mut cache) = self.auth_cache.lock() {
-            if cache.len() > 10_000 {
-                cache.clear();
-            }
-            cache.insert(token.to_string(), (e.clone(), Instant::now()));
-        }
+        self.auth.put(token, &e, epoch);
         Ok(e)
     }
 
@@ -780,15 +774,71 @@ impl pb::admin_service_server::AdminService for Gateway {
         } else {
             body.role.parse().map_err(status)?
         };
+        let expires = match body.ttl_s {
+            0 => None,
+            t if t > 100 * 365 * 86_400 => {
+                return Err(Status::invalid_argument("ttl_s: at most 100 years"))
+            }
+            t => Some(mp_store::now_ms() + t * 1000),
+        };
         let (id, token) = self
             .store()?
-            .create_expert(&body.name, role)
+            .create_expert_until(&body.name, role, expires)
             .await
             .map_err(status)?;
         info!(expert = %id, name = %body.name, role = role.as_str(), "expert created");
         Ok(Response::new(pb::CreateExpertReply {
             expert_id: id,
             token,
+        }))
+    }
+
+    async fn revoke_expert(
+        &self,
+        req: Request<pb::RevokeExpertRequest>,
+    ) -> Result<Response<pb::RevokeExpertReply>, Status> {
+        let e = self.admin(&req).await?;
+        let id = &req.get_ref().expert_id;
+        check_id("expert_id", id)?;
+        if *id == e.id {
+            return Err(Status::failed_precondition(
+                "an admin cannot revoke its own token (another admin can)",
+            ));
+        }
+        self.store()?.revoke_expert(id).await.map_err(status)?;
+        // This gateway forgets at once, whatever its subscription's state.
+        self.auth.invalidate();
+        info!(expert = %id, by = %e.id, "token revoked");
+        Ok(Response::new(pb::RevokeExpertReply {}))
+    }
+
+    async fn list_experts(
+        &self,
+        req: Request<pb::ListExpertsRequest>,
+    ) -> Result<Response<pb::ListExpertsReply>, Status> {
+        self.admin(&req).await?;
+        let store = self.store()?;
+        let marks: HashMap<String, u64> = store
+            .marks_per_expert()
+            .await
+            .map_err(status)?
+            .into_iter()
+            .map(|(id, _, n)| (id, n))
+            .collect();
+        let experts = store.experts().await.map_err(status)?;
+        Ok(Response::new(pb::ListExpertsReply {
+            experts: experts
+                .into_iter()
+                .map(|e| pb::ExpertInfo {
+                    marks: marks.get(&e.id).copied().unwrap_or(0),
+                    expert_id: e.id,
+                    name: e.name,
+                    role: e.role.as_str().to_string(),
+                    created_ms: e.created_ms,
+                    expires_ms: e.expires_ms.unwrap_or(0),
+                    revoked_ms: e.revoked_ms.unwrap_or(0),
+                })
+                .collect(),
         }))
     }
 

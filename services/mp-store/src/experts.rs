@@ -5,6 +5,16 @@ use super::*;
 impl Store {
     /// Creates an expert; returns (id, token). Only the token's SHA-256 is stored.
     pub async fn create_expert(&self, name: &str, role: Role) -> Result<(String, String)> {
+        self.create_expert_until(name, role, None).await
+    }
+
+    /// [`Store::create_expert`] with a token that stops working at `expires_ms` (Unix ms).
+    pub async fn create_expert_until(
+        &self,
+        name: &str,
+        role: Role,
+        expires_ms: Option<u64>,
+    ) -> Result<(String, String)> {
         if name.trim().is_empty() || name.len() > 100 {
             return Err(StoreError::InvalidArgument(
                 "expert name must hold 1 to 100 characters".into(),
@@ -12,17 +22,18 @@ impl Store {
         }
         let id = new_id()[..12].to_string();
         let token = format!("mp_{}{}", new_id(), new_id());
+        let mut fields = vec![
+            ("name", name.to_string()),
+            ("role", role.as_str().to_string()),
+            ("created_ms", now_ms().to_string()),
+        ];
+        if let Some(t) = expires_ms {
+            fields.push(("expires_ms", t.to_string()));
+        }
         let mut c = self.conn.clone();
         let mut pipe = redis::pipe();
         pipe.atomic()
-            .hset_multiple(
-                self.k(&format!("expert:{id}")),
-                &[
-                    ("name", name),
-                    ("role", role.as_str()),
-                    ("created_ms", &now_ms().to_string()),
-                ],
-            )
+            .hset_multiple(self.k(&format!("expert:{id}")), &fields)
             .ignore()
             .set(self.k(&format!("token:{}", hash_token(&token))), &id)
             .ignore()
@@ -38,14 +49,62 @@ impl Store {
         if h.is_empty() {
             return Err(StoreError::NotFound(format!("expert {id} does not exist")));
         }
+        let ms = |k: &str| text(&h, k).parse::<u64>().ok();
         Ok(Expert {
             id: id.to_string(),
             name: text(&h, "name"),
             role: text(&h, "role").parse()?,
+            created_ms: ms("created_ms").unwrap_or(0),
+            expires_ms: ms("expires_ms"),
+            revoked_ms: ms("revoked_ms"),
         })
     }
 
-    /// The expert a bearer token belongs to.
+    /// Every expert, by creation time.
+    pub async fn experts(&self) -> Result<Vec<Expert>> {
+        let mut out = Vec::new();
+        for id in self.members("experts").await? {
+            match self.expert(&id).await {
+                Ok(e) => out.push(e),
+                Err(StoreError::NotFound(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        out.sort_by(|a, b| (a.created_ms, &a.id).cmp(&(b.created_ms, &b.id)));
+        Ok(out)
+    }
+
+    /// Refuses `id`'s token from now on: the expert is marked revoked (its marks and proposals
+    /// stay; its token then answers "token revoked"), and every gateway is told on
+    /// `P:auth:revoked` to drop what it cached.
+    pub async fn revoke_expert(&self, id: &str) -> Result<()> {
+        let e = self.expert(id).await?;
+        let mut c = self.conn.clone();
+        let _: () = redis::pipe()
+            .atomic()
+            .hset(self.k(&format!("expert:{id}")), "revoked_ms", now_ms())
+            .ignore()
+            .publish(self.k("auth:revoked"), &e.id)
+            .ignore()
+            .query_async(&mut c)
+            .await?;
+        Ok(())
+    }
+
+    /// The ids announced by [`Store::revoke_expert`], on a connection of its own; the stream
+    /// ends when that connection is lost.
+    pub async fn revocations(
+        &self,
+    ) -> Result<impl futures::Stream<Item = String> + Send + 'static> {
+        use futures::StreamExt;
+        let mut sub = self.client.get_async_pubsub().await?;
+        sub.subscribe(self.k("auth:revoked")).await?;
+        Ok(sub
+            .into_on_message()
+            .filter_map(|m| async move { m.get_payload::<String>().ok() }))
+    }
+
+    /// The expert a bearer token belongs to, unless the token expired or was revoked.
     pub async fn authenticate(&self, token: &str) -> Result<Expert> {
         if token.is_empty() || token.len() > 200 {
             return Err(StoreError::Unauthenticated(
@@ -57,7 +116,14 @@ impl Store {
             .get(self.k(&format!("token:{}", hash_token(token))))
             .await?;
         let id = id.ok_or_else(|| StoreError::Unauthenticated("unknown token".into()))?;
-        self.expert(&id).await
+        let e = self.expert(&id).await?;
+        if e.revoked_ms.is_some() {
+            return Err(StoreError::Unauthenticated("token revoked".into()));
+        }
+        if e.expires_ms.is_some_and(|t| now_ms() >= t) {
+            return Err(StoreError::Unauthenticated("token expired".into()));
+        }
+        Ok(e)
     }
 
     pub async fn touch_online(&self, expert: &str) -> Result<()> {

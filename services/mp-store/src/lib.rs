@@ -83,6 +83,11 @@ pub struct Expert {
     pub id: String,
     pub name: String,
     pub role: Role,
+    pub created_ms: u64,
+    /// When its token stops working (Unix ms); `None`: until revoked.
+    pub expires_ms: Option<u64>,
+    /// When its token was revoked (Unix ms).
+    pub revoked_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

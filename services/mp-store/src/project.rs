@@ -162,7 +162,7 @@ impl Store {
         self.members(&format!("split:{split}")).await
     }
 
-    async fn members(&self, set: &str) -> Result<Vec<String>> {
+    pub(crate) async fn members(&self, set: &str) -> Result<Vec<String>> {
         let mut c = self.conn.clone();
         let mut v: Vec<String> = c.smembers(self.k(set)).await?;
         v.sort();
