@@ -217,6 +217,25 @@ async fn every_bad_request_gets_a_clear_status_and_health_follows_redis() {
         c == Code::InvalidArgument && m.contains("5x5") && m.contains("8x8"),
         "{m}"
     );
+    // The largest mask in a 20-byte request: refused on the lease's own size before it is
+    // decoded (16 Mi pixels), for an unknown lease and for one whose image is 8x8.
+    let huge = pb::RleMask {
+        width: rle::MAX_SIDE,
+        height: rle::MAX_SIDE,
+        values: vec![1],
+        lengths: vec![rle::MAX_SIDE * rle::MAX_SIDE],
+    };
+    let (c, m) = code(
+        ann.queue
+            .submit(submit("no-such-lease", Some(huge.clone()), "k"))
+            .await,
+    );
+    assert!(c == Code::NotFound && m.contains("no-such-lease"), "{m}");
+    let (c, m) = code(ann.queue.submit(submit(&l.lease_id, Some(huge), "k")).await);
+    assert!(
+        c == Code::InvalidArgument && m.contains("the leased image is 8x8"),
+        "{m}"
+    );
     let mut bad_value = good.clone();
     bad_value.values[0] = 3;
     let (c, m) = code(

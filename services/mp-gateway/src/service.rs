@@ -461,8 +461,19 @@ impl pb::queue_service_server::QueueService for Gateway {
                 .mask
                 .as_ref()
                 .ok_or_else(|| Status::invalid_argument("mask is required"))?;
-            // Ownership, lease state and the mask's size against the image are checked
-            // inside the submit script, in the same round trip that stores the mark.
+            // The lease's owner and the mask's size against the leased image first, so that
+            // nothing is decoded for a lease that is not the caller's or a size that cannot
+            // fit; the submit script checks all again in the round trip that stores the mark.
+            self.store()?
+                .check_submit(
+                    &body.lease_id,
+                    &e.id,
+                    &body.idempotency_key,
+                    mask.width,
+                    mask.height,
+                )
+                .await
+                .map_err(status)?;
             let values = rle::decode(mask).map_err(|e| Status::invalid_argument(e.to_string()))?;
             if values.iter().all(|&v| v == 0) {
                 return Err(Status::invalid_argument(

@@ -75,7 +75,8 @@ local seq = redis.call('INCR', p .. ':seq')
 redis.call('ZADD', p .. ':leases', deadline, img)
 redis.call('HSET', p .. ':image_lease', img, lid)
 redis.call('HSET', p .. ':lease:' .. lid, 'image', img, 'expert', expert, 'deadline', deadline,
-  'seq', seq, 'state', 'active', 'model_version', version, 'priority', prio)
+  'seq', seq, 'state', 'active', 'model_version', version, 'priority', prio,
+  'width', size[1] or '0', 'height', size[2] or '0')
 return {'ok', img, prio, tostring(deadline), seq, version, size[1] or '0', size[2] or '0'}
 "#;
 

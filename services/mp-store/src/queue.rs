@@ -174,4 +174,44 @@ impl Store {
             .await?;
         Ok(r.1 == 1)
     }
+
+    /// Checks a submit's lease before its mask is decoded: the lease exists and is
+    /// `expert`'s, and the mask's claimed size is the leased image's (so a small request
+    /// cannot make the gateway build a mask of the largest size for nothing). A repeat of an
+    /// earlier submit (its idempotency key known) passes, whatever became of its lease, and so
+    /// do leases made before leases recorded their image's size: the submit script checks
+    /// everything again.
+    pub async fn check_submit(
+        &self,
+        lease: &str,
+        expert: &str,
+        key: &str,
+        width: u32,
+        height: u32,
+    ) -> Result<()> {
+        let mut c = self.conn.clone();
+        let ((owner, w, h), repeat): ((Option<String>, Option<u32>, Option<u32>), bool) =
+            redis::pipe()
+                .cmd("HMGET")
+                .arg(self.k(&format!("lease:{lease}")))
+                .arg(&["expert", "width", "height"])
+                .exists(self.k(&format!("idem:{expert}:{key}")))
+                .query_async(&mut c)
+                .await?;
+        if repeat {
+            return Ok(());
+        }
+        match owner {
+            None => Err(lease_error("not_found", lease)),
+            Some(o) if o != expert => Err(lease_error("not_owner", lease)),
+            _ => match (w, h) {
+                (Some(w), Some(h)) if (w, h) != (width, height) => {
+                    Err(StoreError::InvalidArgument(format!(
+                        "mask is {width}x{height}, the leased image is {w}x{h}"
+                    )))
+                }
+                _ => Ok(()),
+            },
+        }
+    }
 }
