@@ -190,14 +190,14 @@ impl Store {
         height: u32,
     ) -> Result<()> {
         let mut c = self.conn.clone();
-        let ((owner, w, h), repeat): ((Option<String>, Option<u32>, Option<u32>), bool) =
-            redis::pipe()
-                .cmd("HMGET")
-                .arg(self.k(&format!("lease:{lease}")))
-                .arg(&["expert", "width", "height"])
-                .exists(self.k(&format!("idem:{expert}:{key}")))
-                .query_async(&mut c)
-                .await?;
+        type LeaseShape = (Option<String>, Option<u32>, Option<u32>);
+        let ((owner, w, h), repeat): (LeaseShape, bool) = redis::pipe()
+            .cmd("HMGET")
+            .arg(self.k(&format!("lease:{lease}")))
+            .arg(&["expert", "width", "height"])
+            .exists(self.k(&format!("idem:{expert}:{key}")))
+            .query_async(&mut c)
+            .await?;
         if repeat {
             return Ok(());
         }
