@@ -669,6 +669,40 @@ async fn each_call_follows_the_who_may_do_what_table() {
     let (c, m) = code(ask(&dot_there).await);
     assert!(c == Code::Unauthenticated && m.contains("expired"), "{m}");
     other.stop().await;
+
+    // Views of versions other than the serving one: only of the 5 newest.
+    for v in 2..=7u64 {
+        store
+            .publish_version(&mp_store::ModelVersionRecord {
+                version: v,
+                parent: v - 1,
+                created_ms: 0,
+                reason: "test".into(),
+                val_accuracy: 0.5,
+                val_loss: 0.7,
+                test_accuracy: 0.5,
+                file: "v1.safetensors".into(),
+            })
+            .await
+            .unwrap();
+    }
+    store.set_serving_version(2).await.unwrap();
+    let at = |v: u64| {
+        let mut i = boss.images.clone();
+        let req = pb::GetImageRequest {
+            image_id: la.image_id.clone(),
+            model_version: v,
+        };
+        async move { i.get_image(req).await }
+    };
+    assert!(at(3).await.is_ok(), "among the 5 newest");
+    assert!(at(2).await.is_ok(), "the serving version");
+    let (c, m) = code(at(1).await);
+    assert!(
+        c == Code::FailedPrecondition && m.contains("5 newest"),
+        "{m}"
+    );
+    assert_eq!(code(at(8).await).0, Code::NotFound);
     gw.stop().await;
 }
 

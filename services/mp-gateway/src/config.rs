@@ -24,6 +24,9 @@ pub struct GatewayConfig {
     /// How long `GetImage` waits for the workers to compute a view that is not stored yet
     /// before computing it itself (0: never ask the workers).
     pub view_wait_ms: u64,
+    /// `GetImage` computes views for the serving version and the N newest versions only
+    /// (each other version would cost a model load): older ones are refused.
+    pub view_versions: u64,
 }
 
 impl Default for GatewayConfig {
@@ -38,6 +41,7 @@ impl Default for GatewayConfig {
             max_message_bytes: 4 * 1024 * 1024,
             reaper_interval_ms: 500,
             view_wait_ms: 5_000,
+            view_versions: 5,
         }
     }
 }
@@ -103,6 +107,9 @@ impl GatewayConfig {
         }
         if let Some(v) = get("MP_VIEW_WAIT_MS") {
             self.view_wait_ms = num("MP_VIEW_WAIT_MS", v)?;
+        }
+        if let Some(v) = get("MP_VIEW_VERSIONS") {
+            self.view_versions = num("MP_VIEW_VERSIONS", v)?;
         }
         Ok(())
     }

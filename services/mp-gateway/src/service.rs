@@ -183,6 +183,24 @@ impl Gateway {
         Ok(())
     }
 
+    /// A view of a version other than the serving one: only of one of the
+    /// `view_versions` newest (each other version would cost a model load).
+    async fn check_view_version(&self, version: u64) -> Result<(), Status> {
+        let newest = self.store()?.newest_version().await.map_err(status)?;
+        let window = self.config.view_versions.max(1);
+        if version > newest {
+            return Err(Status::not_found(format!(
+                "model version {version} does not exist"
+            )));
+        }
+        if version + window <= newest {
+            return Err(Status::failed_precondition(format!(
+                "model version {version} is older than the {window} newest (newest {newest}); views are computed for those and the serving version only"
+            )));
+        }
+        Ok(())
+    }
+
     async fn model_view(
         &self,
         version: u64,
@@ -539,11 +557,14 @@ impl pb::image_service_server::ImageService for Gateway {
             self.may_see_image(&e, &body.image_id).await?;
             let image = self.store()?.image(&body.image_id).await.map_err(status)?;
             let project = self.project().await?;
-            let version = if body.model_version == 0 {
-                self.store()?.serving_version().await.map_err(status)?
-            } else {
-                body.model_version
+            let serving = self.store()?.serving_version().await.map_err(status)?;
+            let version = match body.model_version {
+                0 => serving,
+                v => v,
             };
+            if version != serving {
+                self.check_view_version(version).await?;
+            }
             let view = self.model_view(version, image.clone()).await?;
             // A suggestion is an extra: a damaged one is logged and left out, not an error.
             let suggestion = match self.store()?.suggestion(version, &image.id).await {

@@ -63,6 +63,13 @@ impl Store {
         Ok(())
     }
 
+    /// The highest version number published (0 before any).
+    pub async fn newest_version(&self) -> Result<u64> {
+        let mut c = self.conn.clone();
+        let keys: Vec<u64> = c.hkeys(self.k("model:versions")).await?;
+        Ok(keys.into_iter().max().unwrap_or(0))
+    }
+
     pub async fn versions(&self) -> Result<Vec<ModelVersionRecord>> {
         let mut c = self.conn.clone();
         let h: HashMap<u64, String> = c.hgetall(self.k("model:versions")).await?;
