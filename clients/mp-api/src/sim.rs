@@ -324,6 +324,12 @@ async fn expert(
                 .await;
                 continue;
             }
+            // Holding the most leases an expert may: a lease whose reply was lost (a gateway
+            // killed mid-call) still counts until it expires. Wait for that.
+            Err(s) if s.code() == tonic::Code::ResourceExhausted => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
             Err(s) => {
                 errors.push(format!("lease: {s}"));
                 break;

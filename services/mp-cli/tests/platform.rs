@@ -507,6 +507,16 @@ async fn each_call_follows_the_who_may_do_what_table() {
         async move { i.get_image(req).await }
     };
     let (la, lb) = (lease(&mut ann).await, lease(&mut bob).await);
+    // At most 2 leases per expert (the default): a third is refused until one is released.
+    let lc = lease(&mut bob).await;
+    let (c, m) = code(bob.queue.lease(pb::LeaseRequest {}).await);
+    assert!(c == Code::ResourceExhausted && m.contains("hold 2"), "{m}");
+    bob.queue
+        .skip(pb::SkipRequest {
+            lease_id: lc.lease_id.clone(),
+        })
+        .await
+        .unwrap();
 
     // GetImage: the lease holder and admins; not another expert, not a held-out image.
     assert!(view(&ann, &la.image_id).await.is_ok());

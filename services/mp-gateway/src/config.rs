@@ -27,6 +27,8 @@ pub struct GatewayConfig {
     /// `GetImage` computes views for the serving version and the N newest versions only
     /// (each other version would cost a model load): older ones are refused.
     pub view_versions: u64,
+    /// Leases one expert may hold at once (0: no limit).
+    pub leases_per_expert: u64,
 }
 
 impl Default for GatewayConfig {
@@ -42,6 +44,7 @@ impl Default for GatewayConfig {
             reaper_interval_ms: 500,
             view_wait_ms: 5_000,
             view_versions: 5,
+            leases_per_expert: 2,
         }
     }
 }
@@ -107,6 +110,9 @@ impl GatewayConfig {
         }
         if let Some(v) = get("MP_VIEW_WAIT_MS") {
             self.view_wait_ms = num("MP_VIEW_WAIT_MS", v)?;
+        }
+        if let Some(v) = get("MP_LEASES_PER_EXPERT") {
+            self.leases_per_expert = num("MP_LEASES_PER_EXPERT", v)?;
         }
         if let Some(v) = get("MP_VIEW_VERSIONS") {
             self.view_versions = num("MP_VIEW_VERSIONS", v)?;

@@ -20,6 +20,7 @@ pub fn status(e: StoreError) -> Status {
         StoreError::NotFound(m) => Status::not_found(m),
         StoreError::InvalidArgument(m) => Status::invalid_argument(m),
         StoreError::FailedPrecondition(m) => Status::failed_precondition(m),
+        StoreError::ResourceExhausted(m) => Status::resource_exhausted(m),
         StoreError::PermissionDenied(m) => Status::permission_denied(m),
         StoreError::Unauthenticated(m) => Status::unauthenticated(m),
         StoreError::Unavailable(m) => Status::unavailable(m),
@@ -413,7 +414,11 @@ impl pb::queue_service_server::QueueService for Gateway {
             tracing::Span::current().record("expert", e.id.as_str());
             let grant = self
                 .store()?
-                .lease(&e.id, self.config.lease_ttl_ms)
+                .lease_limited(
+                    &e.id,
+                    self.config.lease_ttl_ms,
+                    self.config.leases_per_expert,
+                )
                 .await
                 .map_err(status)?;
             Ok(Response::new(match grant {

@@ -43,6 +43,8 @@ pub enum StoreError {
     Unauthenticated(String),
     #[error("{0}")]
     Unavailable(String),
+    #[error("{0}")]
+    ResourceExhausted(String),
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
 }

@@ -44,9 +44,11 @@ local function active_lease(p, lid, expert, now)
     return nil, 'expired'
   end
   l['key'] = key
+  l['id'] = lid
   return l, nil
 end
 local function release(p, l, state)
+  redis.call('ZREM', p .. ':held:' .. l['expert'], l['id'])
   redis.call('ZREM', p .. ':leases', l['image'])
   redis.call('HDEL', p .. ':image_lease', l['image'])
   local seq = redis.call('INCR', p .. ':seq')
@@ -56,13 +58,22 @@ local function release(p, l, state)
 end
 "#;
 
-/// ARGV: prefix, lease_id, expert, ttl_ms.
-/// The lease records the serving model version (falling back to the current one), read here
+/// ARGV: prefix, lease_id, expert, ttl_ms, most leases the expert may hold (0: no limit).
+/// `P:held:{expert}` holds the expert's lease ids by deadline: leases past theirs no longer
+/// count, whether or not they were reclaimed yet. The lease records the serving model version (falling back to the current one), read here
 /// so that a lease costs one round trip.
-/// Returns {'ok', image, priority, deadline, seq, model_version, width, height} or {'empty'}.
+/// Returns {'ok', image, priority, deadline, seq, model_version, width, height}, {'empty'} or
+/// {'too_many', held}.
 pub const LEASE: &str = r#"
 local p, lid, expert, ttl = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
+local most = tonumber(ARGV[5] or '0')
 local now = now_ms()
+local held = p .. ':held:' .. expert
+redis.call('ZREMRANGEBYSCORE', held, '-inf', now)
+if most > 0 then
+  local n = redis.call('ZCARD', held)
+  if n >= most then return {'too_many', tostring(n)} end
+end
 reclaim(p, now)
 local popped = redis.call('ZPOPMIN', p .. ':queue')
 if #popped == 0 then return {'empty'} end
@@ -77,6 +88,8 @@ redis.call('HSET', p .. ':image_lease', img, lid)
 redis.call('HSET', p .. ':lease:' .. lid, 'image', img, 'expert', expert, 'deadline', deadline,
   'seq', seq, 'state', 'active', 'model_version', version, 'priority', prio,
   'width', size[1] or '0', 'height', size[2] or '0')
+redis.call('ZADD', held, deadline, lid)
+redis.call('PEXPIRE', held, ttl + 60000)
 return {'ok', img, prio, tostring(deadline), seq, version, size[1] or '0', size[2] or '0'}
 "#;
 
@@ -89,6 +102,8 @@ if not l then return {err} end
 local deadline = now + ttl
 redis.call('HSET', l['key'], 'deadline', deadline)
 redis.call('ZADD', p .. ':leases', deadline, l['image'])
+redis.call('ZADD', p .. ':held:' .. expert, deadline, lid)
+redis.call('PEXPIRE', p .. ':held:' .. expert, ttl + 60000)
 return {'ok', tostring(deadline)}
 "#;
 

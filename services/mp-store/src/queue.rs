@@ -21,6 +21,17 @@ impl Store {
 
     /// Claims the lowest-priority image for `expert` for `ttl_ms`; `None` when the queue is empty.
     pub async fn lease(&self, expert: &str, ttl_ms: u64) -> Result<Option<LeaseGrant>> {
+        self.lease_limited(expert, ttl_ms, 0).await
+    }
+
+    /// [`Store::lease`] for an expert who may hold at most `most` leases at once (0: no
+    /// limit); one more is [`StoreError::ResourceExhausted`].
+    pub async fn lease_limited(
+        &self,
+        expert: &str,
+        ttl_ms: u64,
+        most: u64,
+    ) -> Result<Option<LeaseGrant>> {
         let mut c = self.conn.clone();
         let lease_id = new_id();
         let v: Vec<redis::Value> = self
@@ -30,6 +41,7 @@ impl Store {
             .arg(&lease_id)
             .arg(expert)
             .arg(ttl_ms)
+            .arg(most)
             .invoke_async(&mut c)
             .await?;
         let words: Vec<String> = v.iter().map(value_string).collect();
@@ -45,6 +57,10 @@ impl Store {
                 height: words[7].parse().unwrap_or(0),
             })),
             Some("empty") => Ok(None),
+            Some("too_many") => Err(StoreError::ResourceExhausted(format!(
+                "you hold {} leases, the most an expert may: submit or skip one first",
+                words.get(1).map(String::as_str).unwrap_or("?")
+            ))),
             other => Err(StoreError::Corrupt(format!(
                 "lease script answered {other:?}"
             ))),
