@@ -394,15 +394,7 @@ fn clean_reference(data: &Path) -> Result<Option<f64>> {
     };
     tch::manual_seed(0);
     let mut m = mp_core::model::Model::new(
-        mp_core::model::ModelSpec {
-            arch: mp_core::model::Arch::SmallCnn,
-            classes: clean_train.classes.clone(),
-            channels: clean_train.channels,
-            height: clean_train.height,
-            width: clean_train.width,
-            version: 1,
-            script: None,
-        },
+        mp_core::model::ModelSpec::for_dataset(mp_core::model::Arch::SmallCnn, clean_train),
         mp_core::device::auto(),
     )?;
     mp_core::train::train(

@@ -267,15 +267,7 @@ pub fn train(a: TrainArgs) -> Result<()> {
         splits.train.clone()
     };
     tch::manual_seed(a.seed as i64);
-    let spec = ModelSpec {
-        arch: a.arch.parse()?,
-        classes: train_ds.classes.clone(),
-        channels: train_ds.channels,
-        height: train_ds.height,
-        width: train_ds.width,
-        version: 1,
-        script: None,
-    };
+    let spec = ModelSpec::for_dataset(a.arch.parse()?, &train_ds);
     let mut model = Model::new(spec, mp_core::device::auto())?;
     let guidance_set = a.guidance.pick(&train_ds, a.seed)?;
     let cfg = TrainConfig {

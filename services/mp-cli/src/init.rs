@@ -5,7 +5,7 @@
 
 use crate::common::{bar, parse_size};
 use crate::platform::runtime;
-use crate::project::ProjectConfig;
+use crate::project::{ProjectConfig, ProjectPlace};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use mp_core::data::folder::{list_image_folder, DecodeOptions, FolderListing, Listed};
@@ -23,13 +23,8 @@ pub struct InitArgs {
     /// Image folder (ROOT/{train,val,test}/{class}/*.png)
     #[arg(long)]
     pub data: PathBuf,
-    #[arg(long, default_value = "redis://127.0.0.1:6379")]
-    pub redis_url: String,
-    #[arg(long, default_value = "mp")]
-    pub prefix: String,
-    /// Shared checkpoint directory
-    #[arg(long, default_value = "checkpoints")]
-    pub checkpoints: PathBuf,
+    #[command(flatten)]
+    pub place: ProjectPlace,
     /// Base model to start from: a TorchScript module of your own (`torch.jit.save`; needs
     /// --config) or one of our checkpoints (else one is trained)
     #[arg(long)]
@@ -65,9 +60,11 @@ impl InitArgs {
     pub fn new(data: PathBuf, redis_url: String, checkpoints: PathBuf) -> Self {
         InitArgs {
             data,
-            redis_url,
-            prefix: "mp".into(),
-            checkpoints,
+            place: ProjectPlace {
+                redis_url,
+                prefix: "mp".into(),
+                checkpoints,
+            },
             model: None,
             config: None,
             epochs: 4,
@@ -239,15 +236,7 @@ fn train_base_model(
         bail!("{}: train/ holds no readable image", a.data.display());
     }
     tch::manual_seed(0);
-    let spec = ModelSpec {
-        arch: a.arch.parse::<Arch>()?,
-        classes: train_ds.classes.clone(),
-        channels: train_ds.channels,
-        height: train_ds.height,
-        width: train_ds.width,
-        version: 1,
-        script: None,
-    };
+    let spec = ModelSpec::for_dataset(a.arch.parse::<Arch>()?, &train_ds);
     let mut m = Model::new(spec, mp_core::device::auto())?;
     let cfg = TrainConfig {
         epochs: a.epochs,
@@ -293,8 +282,8 @@ pub fn project_init(a: InitArgs) -> Result<String> {
         }
     };
     let test_files = listing.splits[2].clone().unwrap_or_default();
-    std::fs::create_dir_all(&a.checkpoints)
-        .with_context(|| format!("creating {}", a.checkpoints.display()))?;
+    std::fs::create_dir_all(&a.place.checkpoints)
+        .with_context(|| format!("creating {}", a.place.checkpoints.display()))?;
     let mut bad = BadFiles {
         skip: a.skip_bad,
         files: Default::default(),
@@ -345,9 +334,10 @@ pub fn project_init(a: InitArgs) -> Result<String> {
     let images_url = match &a.image_store {
         Some(u) => u.clone(),
         None => a
+            .place
             .checkpoints
             .canonicalize()
-            .with_context(|| format!("resolving {}", a.checkpoints.display()))?
+            .with_context(|| format!("resolving {}", a.place.checkpoints.display()))?
             .join("images")
             .display()
             .to_string(),
@@ -355,8 +345,8 @@ pub fn project_init(a: InitArgs) -> Result<String> {
     let images = mp_store::ImageStore::open(&images_url, 0)?;
     let rt = runtime()?;
     let store = rt
-        .block_on(Store::connect(&a.redis_url, &a.prefix))
-        .with_context(|| format!("connecting to {}", a.redis_url))?
+        .block_on(Store::connect(&a.place.redis_url, &a.place.prefix))
+        .with_context(|| format!("connecting to {}", a.place.redis_url))?
         .with_image_store(images);
 
     let total = train_files.len() + val_files.len() + test_files.len();
@@ -440,7 +430,7 @@ pub fn project_init(a: InitArgs) -> Result<String> {
         .with_context(|| format!("{}: no readable validation image", a.data.display()))?;
     let t = test.eval();
     let file = "v1.safetensors".to_string();
-    model.save(&a.checkpoints.join(&file))?;
+    model.save(&a.place.checkpoints.join(&file))?;
     let token = rt.block_on(async {
         println!("images stored in {}", store.image_store().await?.url());
         store

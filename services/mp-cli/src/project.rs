@@ -145,18 +145,25 @@ pub fn import_module(path: &Path, config: &ProjectConfig, device: tch::Device) -
     Ok(model)
 }
 
+/// Where a project lives: its Redis, key prefix and checkpoint directory.
+#[derive(Args, Clone)]
+pub struct ProjectPlace {
+    #[arg(long, default_value = "redis://127.0.0.1:6379")]
+    pub redis_url: String,
+    #[arg(long, default_value = "mp")]
+    pub prefix: String,
+    /// The project's (shared) checkpoint directory
+    #[arg(long, default_value = "checkpoints")]
+    pub checkpoints: PathBuf,
+}
+
 #[derive(Args)]
 pub struct ExportArgs {
     /// Model version to export (default: the current one)
     #[arg(long)]
     pub version: Option<u64>,
-    #[arg(long, default_value = "redis://127.0.0.1:6379")]
-    pub redis_url: String,
-    #[arg(long, default_value = "mp")]
-    pub prefix: String,
-    /// The project's checkpoint directory
-    #[arg(long, default_value = "checkpoints")]
-    pub checkpoints: PathBuf,
+    #[command(flatten)]
+    pub place: ProjectPlace,
     /// Output directory (default: export-v<N>)
     #[arg(long)]
     pub out: Option<PathBuf>,
@@ -166,9 +173,9 @@ pub struct ExportArgs {
 /// `state_dict.safetensors`.
 pub fn export(a: ExportArgs) -> Result<Vec<PathBuf>> {
     let rec = runtime()?.block_on(async {
-        let store = Store::connect(&a.redis_url, &a.prefix)
+        let store = Store::connect(&a.place.redis_url, &a.place.prefix)
             .await
-            .with_context(|| format!("connecting to {}", a.redis_url))?;
+            .with_context(|| format!("connecting to {}", a.place.redis_url))?;
         let v = match a.version {
             Some(v) => v,
             None => store.current_version().await?,
@@ -178,7 +185,7 @@ pub fn export(a: ExportArgs) -> Result<Vec<PathBuf>> {
             .await
             .with_context(|| format!("model version {v}"))
     })?;
-    let path = a.checkpoints.join(&rec.file);
+    let path = a.place.checkpoints.join(&rec.file);
     let model = Model::load(&path, tch::Device::Cpu)?;
     let out = a
         .out

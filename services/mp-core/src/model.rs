@@ -111,6 +111,19 @@ pub struct ModelSpec {
 }
 
 impl ModelSpec {
+    /// Version 1 of a built-in architecture for `ds`'s classes and image size.
+    pub fn for_dataset(arch: Arch, ds: &crate::data::Dataset) -> ModelSpec {
+        ModelSpec {
+            arch,
+            classes: ds.classes.clone(),
+            channels: ds.channels,
+            height: ds.height,
+            width: ds.width,
+            version: 1,
+            script: None,
+        }
+    }
+
     pub fn num_classes(&self) -> i64 {
         self.classes.len() as i64
     }
