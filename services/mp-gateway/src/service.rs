@@ -5,7 +5,6 @@ use crate::GatewayConfig;
 use mp_proto::rle;
 use mp_proto::v1::{self as pb};
 use mp_store::{Expert, ProposalRecord, Role, Store, StoreError};
-use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -774,7 +773,19 @@ impl pb::stats_service_server::StatsService for Gateway {
     ) -> Result<Response<pb::Stats>, Status> {
         let e = self.expert(&req).await?;
         let c = self.store()?.counts().await.map_err(status)?;
-        let per = self.store()?.marks_per_expert().await.map_err(status)?;
+        // Other experts' names and counts are for admins; an expert sees its own, read
+        // without fetching anyone's name.
+        let per = match e.role {
+            Role::Admin => self.store()?.marks_per_expert().await.map_err(status)?,
+            Role::Expert => {
+                let counts = self.store()?.marks_counts().await.map_err(status)?;
+                counts
+                    .get(&e.id)
+                    .map(|&n| (e.id.clone(), e.name.clone(), n))
+                    .into_iter()
+                    .collect()
+            }
+        };
         let versions = self.store()?.versions().await.map_err(status)?;
         Ok(Response::new(pb::Stats {
             queue_depth: c.queue_depth,
@@ -782,10 +793,8 @@ impl pb::stats_service_server::StatsService for Gateway {
             experts_online: c.experts_online,
             marks_total: c.marks_total,
             refine_jobs_pending: c.refine_pending,
-            // Other experts' names and counts are for admins; an expert sees its own.
             marks_per_expert: per
                 .into_iter()
-                .filter(|(id, _, _)| e.role == Role::Admin || *id == e.id)
                 .map(|(id, name, n)| pb::ExpertCount {
                     expert_id: id,
                     name,
@@ -855,13 +864,7 @@ impl pb::admin_service_server::AdminService for Gateway {
     ) -> Result<Response<pb::ListExpertsReply>, Status> {
         self.admin(&req).await?;
         let store = self.store()?;
-        let marks: HashMap<String, u64> = store
-            .marks_per_expert()
-            .await
-            .map_err(status)?
-            .into_iter()
-            .map(|(id, _, n)| (id, n))
-            .collect();
+        let marks = store.marks_counts().await.map_err(status)?;
         let experts = store.experts().await.map_err(status)?;
         Ok(Response::new(pb::ListExpertsReply {
             experts: experts

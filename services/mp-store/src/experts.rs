@@ -132,12 +132,16 @@ impl Store {
         Ok(())
     }
 
+    /// Expert id → marks, for every expert with marks (one read, no names).
+    pub async fn marks_counts(&self) -> Result<HashMap<String, u64>> {
+        let mut c = self.conn.clone();
+        Ok(c.hgetall(self.k("marks_per_expert")).await?)
+    }
+
     /// (expert id, name, marks) for every expert with marks.
     pub async fn marks_per_expert(&self) -> Result<Vec<(String, String, u64)>> {
-        let mut c = self.conn.clone();
-        let h: HashMap<String, u64> = c.hgetall(self.k("marks_per_expert")).await?;
         let mut out = Vec::new();
-        for (id, n) in h {
+        for (id, n) in self.marks_counts().await? {
             let name = self.expert(&id).await.map(|e| e.name).unwrap_or_default();
             out.push((id, name, n));
         }
