@@ -112,7 +112,7 @@ fn run_once(env: &Env, ordering: &str, seed: u64) -> Result<Run> {
     let mut init = InitArgs::new(env.data.to_path_buf(), url.clone(), ck.clone());
     init.model = Some(env.base.to_path_buf());
     init.ordering = ordering.to_string();
-    let admin = project_init(init)?;
+    let admin = project_init(init)?.context("a fresh Redis holds no project")?;
     let port = mp_store::server::free_port()?;
     let addr = format!("http://127.0.0.1:{port}");
     let ckp = ck.display().to_string();
@@ -231,7 +231,7 @@ fn throughput(env: &Env, jobs: usize) -> Result<Vec<(usize, usize, f64)>> {
     let ck = dir.join("checkpoints");
     let mut init = InitArgs::new(env.data.to_path_buf(), url.clone(), ck.clone());
     init.model = Some(env.base.to_path_buf());
-    let admin = project_init(init)?;
+    let admin = project_init(init)?.context("a fresh Redis holds no project")?;
     let port = mp_store::server::free_port()?;
     let addr = format!("http://127.0.0.1:{port}");
     let ckp = ck.display().to_string();

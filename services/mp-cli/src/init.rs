@@ -53,6 +53,21 @@ pub struct InitArgs {
     /// Leave out files that cannot be read or decoded (they are listed) instead of refusing
     #[arg(long)]
     pub skip_bad: bool,
+    /// Start over when the prefix already holds a project: delete it (every key under the
+    /// prefix) and initialise again. Without it a second init does nothing
+    #[arg(long)]
+    pub force: bool,
+    /// Where the admin token goes (created with mode 0600; never printed unless
+    /// --print-token). Not used when MP_ADMIN_TOKEN gives the token
+    #[arg(long, default_value = "admin.token")]
+    pub token_file: PathBuf,
+    /// Also print the admin token on stdout (for scripts)
+    #[arg(long)]
+    pub print_token: bool,
+    /// The admin's token chosen by the operator (from the environment only, MP_ADMIN_TOKEN:
+    /// a Kubernetes Secret, say); else one is made
+    #[arg(skip)]
+    pub admin_token: Option<String>,
 }
 
 impl InitArgs {
@@ -74,6 +89,10 @@ impl InitArgs {
             ordering: "alignment".into(),
             image_store: None,
             skip_bad: false,
+            force: false,
+            token_file: PathBuf::from("admin.token"),
+            print_token: false,
+            admin_token: None,
         }
     }
 }
@@ -251,14 +270,55 @@ fn train_base_model(
     Ok(Some(m))
 }
 
-/// Initialises the project; returns the admin token.
+/// `mp project init`: initialises the project unless the prefix holds one already (then
+/// nothing is done, unless `--force`), and hands the admin token over without logging it.
+pub fn init_command(mut a: InitArgs) -> Result<()> {
+    a.admin_token = std::env::var("MP_ADMIN_TOKEN")
+        .ok()
+        .filter(|t| !t.is_empty());
+    let (file, print, given) = (a.token_file.clone(), a.print_token, a.admin_token.is_some());
+    let Some(token) = project_init(a)? else {
+        return Ok(());
+    };
+    if given {
+        println!("the admin's token is the one in MP_ADMIN_TOKEN");
+    } else {
+        crate::common::write_secret(&file, &token)?;
+        println!("admin token written to {} (mode 0600)", file.display());
+    }
+    if print {
+        println!("{token}");
+    }
+    Ok(())
+}
+
+/// Initialises the project; returns the admin token, or `None` when the prefix already
+/// holds a project and `force` is off (nothing is done: init is safe to run twice).
 ///
 /// The folder is listed first, then streamed `INIT_CHUNK` images at a time: decoded (on all
 /// cores), fitted to the model's input (channels, resize policy), scored by the base model
 /// (queue priority, or val/test accuracy) and stored; memory holds one chunk, never the
 /// folder. The project, its first version, its queue and its admin are written only after
 /// every image is stored, so a refused init leaves no project behind.
-pub fn project_init(a: InitArgs) -> Result<String> {
+pub fn project_init(a: InitArgs) -> Result<Option<String>> {
+    let rt = runtime()?;
+    let store = rt
+        .block_on(Store::connect(&a.place.redis_url, &a.place.prefix))
+        .with_context(|| format!("connecting to {}", a.place.redis_url))?;
+    if let Some(p) = rt.block_on(store.project())? {
+        if !a.force {
+            println!(
+                "{} already holds the project {} (prefix {}): nothing to do (--force deletes it and starts over)",
+                a.place.redis_url, p.name, a.place.prefix
+            );
+            return Ok(None);
+        }
+        let n = rt.block_on(store.delete_project())?;
+        println!(
+            "--force: deleted the project {} ({n} keys under {}:)",
+            p.name, a.place.prefix
+        );
+    }
     let config = project_config(&a)?;
     let ordering = a.ordering.parse::<mp_core::align::Ordering>()?;
     let listing = list_image_folder(&a.data)?;
@@ -343,11 +403,7 @@ pub fn project_init(a: InitArgs) -> Result<String> {
             .to_string(),
     };
     let images = mp_store::ImageStore::open(&images_url, 0)?;
-    let rt = runtime()?;
-    let store = rt
-        .block_on(Store::connect(&a.place.redis_url, &a.place.prefix))
-        .with_context(|| format!("connecting to {}", a.place.redis_url))?
-        .with_image_store(images);
+    let store = store.with_image_store(images);
 
     let total = train_files.len() + val_files.len() + test_files.len();
     let pb = bar(total as u64, "storing images");
@@ -457,7 +513,15 @@ pub fn project_init(a: InitArgs) -> Result<String> {
             .await?;
         store.ensure_job_groups().await?;
         let queued = store.enqueue(&items).await?;
-        let (_, token) = store.create_expert(&a.admin_name, Role::Admin).await?;
+        let token = match &a.admin_token {
+            Some(t) => {
+                store
+                    .create_expert_with_token(&a.admin_name, Role::Admin, t)
+                    .await?;
+                t.clone()
+            }
+            None => store.create_expert(&a.admin_name, Role::Admin).await?.1,
+        };
         println!(
             "project {}: {} images queued, model v1 val acc {:.2} %{}",
             a.data.display(),
@@ -468,5 +532,5 @@ pub fn project_init(a: InitArgs) -> Result<String> {
         );
         anyhow::Ok(token)
     })?;
-    Ok(token)
+    Ok(Some(token))
 }

@@ -119,9 +119,7 @@ fn main() {
         Command::Bench(BenchCmd::Scale(a)) => bench_scale::run(a),
         Command::Bench(BenchCmd::Views(a)) => bench_views::run(a),
         Command::Gateway(a) => platform::gateway(a),
-        Command::Project(platform::ProjectCmd::Init(a)) => {
-            init::project_init(a).map(|t| println!("admin token: {t}"))
-        }
+        Command::Project(platform::ProjectCmd::Init(a)) => init::init_command(a),
         Command::Worker(a) => nodes::worker(a),
         Command::Trainer(a) => nodes::trainer(a),
         Command::Up(a) => nodes::up(a),

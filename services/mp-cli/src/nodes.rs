@@ -1,7 +1,7 @@
 //! Compute nodes and the one-machine mode: `mp worker`, `mp trainer`, `mp up`.
 
 use crate::init::{project_init, InitArgs};
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use clap::Args;
 use mp_node::trainer::TrainerConfig;
 use mp_node::worker::WorkerConfig;
@@ -54,6 +54,10 @@ pub struct NodeArgs {
     /// gRPC health endpoint (empty = none)
     #[arg(long, env = "MP_HEALTH_LISTEN", default_value = "")]
     pub health_listen: String,
+    /// A job delivered this many times without being acknowledged (one that brings down
+    /// every node that takes it) goes to the dead letters (`mp admin jobs`)
+    #[arg(long, env = "MP_MAX_DELIVERIES", default_value_t = mp_store::DEFAULT_MAX_DELIVERIES)]
+    pub max_deliveries: u64,
 }
 
 #[derive(Args)]
@@ -102,8 +106,9 @@ pub fn worker(a: WorkerArgs) -> Result<()> {
         consumer: a
             .name
             .clone()
-            .unwrap_or_else(|| format!("worker-{}", std::process::id())),
+            .unwrap_or_else(mp_node::worker::default_consumer),
         claim_idle_ms: a.claim_idle_ms,
+        max_deliveries: a.node.max_deliveries,
         device: device(&a.node.device)?,
         health_listen: a.node.health_listen.clone(),
         view_batch: a
@@ -121,6 +126,7 @@ pub fn worker(a: WorkerArgs) -> Result<()> {
         propagation: a.propagation.parse()?,
         ..Default::default()
     };
+    mp_node::exit_on_panic("worker");
     actix_main(move |stop| mp_node::worker::run(cfg, stop))
 }
 
@@ -166,12 +172,14 @@ pub fn trainer(a: TrainerArgs) -> Result<()> {
         device: device(&a.node.device)?,
         health_listen: a.node.health_listen.clone(),
         rescore_every: a.rescore_every,
+        max_deliveries: a.node.max_deliveries,
         ..Default::default()
     };
     cfg.guidance.loss = a.loss.parse()?;
     cfg.guidance.lambda = a.lambda;
     cfg.guidance.propagation = a.propagation.parse()?;
     cfg.guidance.swap = a.swap;
+    mp_node::exit_on_panic("trainer");
     actix_main(move |stop| mp_node::trainer::run(cfg, stop))
 }
 
@@ -204,10 +212,29 @@ pub struct UpArgs {
     /// Start the services, print the address and token, and stop again (smoke test)
     #[arg(long)]
     pub check: bool,
+    /// Also print the admin token (it is always in DIR/admin.token, mode 0600)
+    #[arg(long)]
+    pub print_token: bool,
+}
+
+/// One supervised child: how to start it again, and its restarts.
+pub struct Kid {
+    pub name: String,
+    args: Vec<String>,
+    log: PathBuf,
+    child: Option<Child>,
+    started: std::time::Instant,
+    restarts: u32,
+    /// When a crashed child is due to start again.
+    due: Option<std::time::Instant>,
 }
 
 /// Child processes stopped with SIGINT (then SIGKILL) when dropped.
-pub struct Children(pub Vec<(String, Child)>);
+#[derive(Default)]
+pub struct Children(pub Vec<Kid>);
+
+/// A child that ran this long before exiting starts again at once (its back-off resets).
+const STEADY: Duration = Duration::from_secs(60);
 
 fn strings(v: &[&str]) -> Vec<String> {
     v.iter().map(|x| x.to_string()).collect()
@@ -215,21 +242,17 @@ fn strings(v: &[&str]) -> Vec<String> {
 
 impl Children {
     pub fn spawn(&mut self, name: &str, args: &[String], log: &std::path::Path) -> Result<()> {
-        let exe = std::env::current_exe()?;
-        let out =
-            std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
-        let child = Command::new(exe)
-            .args(args)
-            .env(
-                "RUST_LOG",
-                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
-            )
-            .stdin(Stdio::null())
-            .stdout(out.try_clone()?)
-            .stderr(out)
-            .spawn()
-            .with_context(|| format!("starting {name}"))?;
-        self.0.push((name.to_string(), child));
+        std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
+        let child = start(name, args, log)?;
+        self.0.push(Kid {
+            name: name.to_string(),
+            args: args.to_vec(),
+            log: log.to_path_buf(),
+            child: Some(child),
+            started: std::time::Instant::now(),
+            restarts: 0,
+            due: None,
+        });
         Ok(())
     }
 
@@ -302,24 +325,92 @@ impl Children {
         self.spawn(consumer, &args, log)
     }
 
-    /// The first child that exited, if any.
-    pub fn exited(&mut self) -> Option<String> {
-        self.0
-            .iter_mut()
-            .find_map(|(n, c)| matches!(c.try_wait(), Ok(Some(_))).then(|| n.clone()))
+    /// Restarts crashed children: one that exited is started again after a back-off (1 s,
+    /// doubling to 60 s; at once again after a minute of steady running). Returns what it
+    /// did, one line per event, for the operator.
+    pub fn supervise(&mut self) -> Vec<String> {
+        let now = std::time::Instant::now();
+        let mut said = Vec::new();
+        for k in &mut self.0 {
+            if let Some(c) = k.child.as_mut() {
+                let Ok(Some(status)) = c.try_wait() else {
+                    continue;
+                };
+                k.child = None;
+                if k.started.elapsed() >= STEADY {
+                    k.restarts = 0;
+                }
+                let wait = Duration::from_secs(1u64 << k.restarts.min(6)).min(STEADY);
+                k.restarts += 1;
+                k.due = Some(now + wait);
+                said.push(format!(
+                    "{} exited ({status}); starting it again in {} s (restart {}; log {})",
+                    k.name,
+                    wait.as_secs(),
+                    k.restarts,
+                    k.log.display()
+                ));
+            }
+            if k.due.is_some_and(|d| now >= d) {
+                k.due = None;
+                match start(&k.name, &k.args, &k.log) {
+                    Ok(c) => {
+                        k.child = Some(c);
+                        k.started = now;
+                        said.push(format!("{} started again", k.name));
+                    }
+                    Err(e) => {
+                        k.due = Some(now + STEADY.min(Duration::from_secs(10)));
+                        said.push(format!("{} did not start: {e:#}", k.name));
+                    }
+                }
+            }
+        }
+        said
     }
+}
+
+/// Starts `mp ARGS` with its output appended to `log`.
+fn start(name: &str, args: &[String], log: &std::path::Path) -> Result<Child> {
+    let exe = std::env::current_exe()?;
+    let out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .with_context(|| format!("opening {}", log.display()))?;
+    let mut cmd = Command::new(exe);
+    cmd.args(args)
+        .env(
+            "RUST_LOG",
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+        )
+        .stdin(Stdio::null())
+        .stdout(out.try_clone()?)
+        .stderr(out);
+    // A child outlives no supervisor: killed with SIGKILL, `mp up` takes its children along.
+    // SAFETY: prctl is async-signal-safe and touches only the child's own attributes.
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd.spawn().with_context(|| format!("starting {name}"))
 }
 
 impl Drop for Children {
     fn drop(&mut self) {
-        for (_, c) in &self.0 {
+        for c in self.0.iter().filter_map(|k| k.child.as_ref()) {
             let _ = Command::new("kill")
                 .arg("-INT")
                 .arg(c.id().to_string())
                 .status();
         }
         let start = std::time::Instant::now();
-        for (_, c) in &mut self.0 {
+        for c in self.0.iter_mut().filter_map(|k| k.child.as_mut()) {
             while start.elapsed() < Duration::from_secs(10) {
                 if let Ok(Some(_)) = c.try_wait() {
                     break;
@@ -359,7 +450,7 @@ pub fn up(a: UpArgs) -> Result<()> {
         let s = mp_store::Store::connect(&url, "mp").await?;
         anyhow::Ok(s.project().await?.is_some())
     })?;
-    if !initialised || !token_file.exists() {
+    if !initialised {
         println!(
             "initialising the project ({})",
             if a.model.is_some() {
@@ -372,8 +463,20 @@ pub fn up(a: UpArgs) -> Result<()> {
             model: a.model.clone(),
             config: a.config.clone(),
             ..InitArgs::new(data.clone(), url.clone(), checkpoints.clone())
+        })?
+        .context("the project appeared while it was being initialised")?;
+        crate::common::write_secret(&token_file, &token)?;
+    } else if !token_file.exists() {
+        // The project is there but its token file went: a new admin, not a new project.
+        let token = crate::platform::runtime()?.block_on(async {
+            let s = mp_store::Store::connect(&url, "mp").await?;
+            anyhow::Ok(s.create_expert("admin", mp_store::Role::Admin).await?.1)
         })?;
-        std::fs::write(&token_file, &token)?;
+        crate::common::write_secret(&token_file, &token)?;
+        println!(
+            "{} was missing: a new admin token is in it",
+            token_file.display()
+        );
     }
     let token = std::fs::read_to_string(&token_file)?.trim().to_string();
     let ck = checkpoints.display().to_string();
@@ -400,13 +503,21 @@ pub fn up(a: UpArgs) -> Result<()> {
     }
     println!("Machine Punishment is up");
     println!("  gateway      http://{}", a.listen);
-    println!("  admin token  {token}");
+    println!("  admin token  in {} (mode 0600)", token_file.display());
+    if a.print_token {
+        println!("               {token}");
+    }
     println!(
         "  redis        {url} (data in {})",
         dir.join("redis").display()
     );
     println!("  logs         {}", logs.display());
-    println!("  try:  mp expert-sim --addr http://{} --token {token} --marks {} --experts 4 --leases 10 --commit", a.listen, data.display());
+    println!(
+        "  try:  mp expert-sim --addr http://{} --token \"$(cat {})\" --marks {} --experts 4 --leases 10 --commit",
+        a.listen,
+        token_file.display(),
+        data.display()
+    );
     println!("Ctrl-C stops everything.");
     let (tx, rx) = std::sync::mpsc::channel();
     let _ = std::thread::spawn(move || {
@@ -427,11 +538,8 @@ pub fn up(a: UpArgs) -> Result<()> {
         if rx.recv_timeout(Duration::from_millis(200)).is_ok() {
             break;
         }
-        if let Some(name) = kids.exited() {
-            eprintln!("{name} exited; see {}", logs.display());
-            drop(kids);
-            redis.stop();
-            bail!("{name} exited");
+        for line in kids.supervise() {
+            println!("{line}");
         }
         if deadline.is_some_and(|d| std::time::Instant::now() > d) {
             break;

@@ -236,6 +236,13 @@ pub enum AdminCmd {
         #[command(flatten)]
         conn: AdminConn,
     },
+    /// The jobs given up on (delivered too often without being acknowledged), newest first
+    Jobs {
+        #[command(flatten)]
+        conn: AdminConn,
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+    },
 }
 
 fn refused(s: tonic::Status) -> anyhow::Error {
@@ -315,6 +322,31 @@ pub fn admin(cmd: AdminCmd) -> Result<()> {
                         when(e.created_ms),
                         when(e.expires_ms),
                         when(e.revoked_ms)
+                    );
+                }
+            }
+            AdminCmd::Jobs { conn, limit } => {
+                let c = Client::connect(&conn.addr, &conn.token).await?;
+                let r = c
+                    .admin
+                    .clone()
+                    .dead_jobs(mp_proto::v1::DeadJobsRequest { limit })
+                    .await
+                    .map_err(refused)?
+                    .into_inner();
+                println!("{} jobs given up on", r.jobs.len());
+                for j in r.jobs {
+                    let mut fields: Vec<String> =
+                        j.fields.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                    fields.sort();
+                    println!(
+                        "{}  {}  {}  delivered {} times: {}\n    {}",
+                        when(j.dead_ms),
+                        j.stream,
+                        j.job_id,
+                        j.deliveries,
+                        j.error,
+                        fields.join(" ")
                     );
                 }
             }

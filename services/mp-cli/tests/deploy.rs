@@ -62,6 +62,25 @@ fn docker_compose_is_consistent() {
             );
         }
     }
+    // The admin token: the operator's, given to init only, never written by it anywhere.
+    let init = &doc["services"]["init"];
+    assert!(
+        init["environment"]["MP_ADMIN_TOKEN"]
+            .as_str()
+            .is_some_and(|v| v.starts_with("${MP_ADMIN_TOKEN:?")),
+        "init must take the admin token from the operator's environment"
+    );
+    let init_cmd = strings(&init["command"]).join(" ");
+    assert!(
+        init_cmd.contains("mp project init") && !init_cmd.contains('>'),
+        "init's output must not be written to a volume: {init_cmd}"
+    );
+    for svc in ["gateway", "trainer", "worker"] {
+        assert!(
+            doc["services"][svc]["environment"]["MP_ADMIN_TOKEN"].is_null(),
+            "{svc} has no business with the admin token"
+        );
+    }
     for svc in ["trainer", "worker"] {
         let dev = &doc["services"][svc]["deploy"]["resources"]["reservations"]["devices"][0];
         assert_eq!(
@@ -141,6 +160,20 @@ fn kubernetes_manifests_are_consistent() {
         );
         assert!(spec["nodeSelector"].is_mapping(), "{name} node selector");
     }
+    // The init Job takes the admin token from a Secret.
+    let (_, job) = docs
+        .iter()
+        .find(|(_, d)| d["kind"] == "Job" && d["metadata"]["name"] == "mp-init")
+        .unwrap();
+    let env = &job["spec"]["template"]["spec"]["containers"][0]["env"];
+    assert!(
+        env.as_sequence()
+            .into_iter()
+            .flatten()
+            .any(|e| e["name"] == "MP_ADMIN_TOKEN"
+                && e["valueFrom"]["secretKeyRef"]["name"].is_string()),
+        "the init Job takes MP_ADMIN_TOKEN from a Secret"
+    );
     let (_, so) = docs
         .iter()
         .find(|(_, d)| d["kind"] == "ScaledObject")

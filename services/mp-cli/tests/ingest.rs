@@ -33,6 +33,7 @@ async fn init_names_bad_files_skips_them_on_request_and_stores_pixels_outside_re
             .arg("--data")
             .arg(&data)
             .args(extra)
+            .current_dir(dir.path())
             .env("MP_THREADS", "1")
             .output()
             .unwrap();
@@ -99,6 +100,63 @@ async fn init_names_bad_files_skips_them_on_request_and_stores_pixels_outside_re
     let got = store.image(&ids[0]).await.unwrap();
     assert_eq!((got.width as usize, got.channels), (ds.width, 1));
     assert_eq!(got.pixels, want);
+
+    // The admin token went to a file only its owner reads, not to the output.
+    let token_file = dir.path().join("admin.token");
+    let token = std::fs::read_to_string(&token_file)
+        .unwrap()
+        .trim()
+        .to_string();
+    assert!(!text.contains(&token), "{text}");
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&token_file).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "{mode:o}");
+    let admin = store.authenticate(&token).await.unwrap();
+    assert_eq!(admin.role, mp_store::Role::Admin);
+
+    // A second init on the project does nothing: same images, same admin, one version.
+    let (ok, text) = init(&["--skip-bad"]);
+    assert!(ok && text.contains("nothing to do"), "{text}");
+    assert_eq!(store.image_ids().await.unwrap(), ids);
+    assert_eq!(store.experts().await.unwrap().len(), 1);
+    assert_eq!(store.versions().await.unwrap().len(), 1);
+
+    // --force starts over; with MP_ADMIN_TOKEN the operator's token is the admin's, and
+    // neither the output nor the token file carries it.
+    let chosen = format!("op_{}", "7".repeat(40));
+    let o = Command::new(env!("CARGO_BIN_EXE_mp"))
+        .args(["project", "init", "--force", "--skip-bad", "--epochs", "1"])
+        .args(["--redis-url", &redis.url()])
+        .arg("--checkpoints")
+        .arg(&ck)
+        .arg("--data")
+        .arg(&data)
+        .current_dir(dir.path())
+        .env("MP_THREADS", "1")
+        .env("MP_ADMIN_TOKEN", &chosen)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(
+        o.status.success() && text.contains("--force: deleted"),
+        "{text}"
+    );
+    assert!(!text.contains(&chosen), "{text}");
+    assert_eq!(std::fs::read_to_string(&token_file).unwrap().trim(), token);
+    assert!(
+        store.authenticate(&token).await.is_err(),
+        "the old admin is gone"
+    );
+    assert_eq!(
+        store.authenticate(&chosen).await.unwrap().role,
+        mp_store::Role::Admin
+    );
+    assert_eq!(store.experts().await.unwrap().len(), 1);
+    assert_eq!(store.image_ids().await.unwrap().len(), 40);
 }
 
 fn walk(dir: &std::path::Path) -> usize {

@@ -205,7 +205,7 @@ async fn two_commits_racing_on_one_base_version_one_applies_the_other_is_rebased
         let v3 = store.version(3).await.unwrap();
         assert_eq!(v3.parent, 2, "v3 must build on v2: no update lost");
     }
-    // Both marks guide training from now on.
+    // The committed marks guide training from now on; one handed back does not (yet).
     let guidance: Vec<String> = store
         .guidance_marks()
         .await
@@ -213,10 +213,39 @@ async fn two_commits_racing_on_one_base_version_one_applies_the_other_is_rebased
         .into_iter()
         .map(|m| m.proposal_id)
         .collect();
-    assert!(
-        guidance.contains(&pa) && guidance.contains(&pb_),
-        "{guidance:?}"
+    assert!(guidance.contains(&first.id), "{guidance:?}");
+    assert_eq!(
+        guidance.contains(&second.id),
+        second.status == "committed",
+        "{guidance:?} {second:?}"
     );
+    // Commit jobs delivered again (a trainer that died before acknowledging them) change
+    // nothing: no version, no second guidance entry.
+    let newest = store.newest_version().await.unwrap();
+    for p in [&pa, &pb_] {
+        store
+            .add_job(
+                mp_store::COMMIT_STREAM,
+                &[("proposal", p.to_string()), ("expert", "again".to_string())],
+            )
+            .await
+            .unwrap();
+    }
+    let start = Instant::now();
+    while store
+        .backlog(mp_store::COMMIT_STREAM, "commit")
+        .await
+        .unwrap()
+        > 0
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "commit jobs stuck"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(store.newest_version().await.unwrap(), newest);
+    assert_eq!(store.guidance_marks().await.unwrap().len(), guidance.len());
     // Rollback through the API: the trainer follows.
     let admin_c = Client::new(&addr, &admin).unwrap();
     admin_c
@@ -259,25 +288,29 @@ fn up_starts_everything_prints_address_and_token_and_stops_cleanly() {
     mp_core::data::folder::write_split(&data, "test", &held, false).unwrap();
     let grpc = mp_store::server::free_port().unwrap();
     let redis = mp_store::server::free_port().unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_mp"))
-        .args([
-            "up",
-            "--check",
-            "--workers",
-            "1",
-            "--listen",
-            &format!("127.0.0.1:{grpc}"),
-            "--redis-port",
-            &redis.to_string(),
-        ])
-        .arg("--dir")
-        .arg(dir.path().join("up"))
-        .arg("--data")
-        .arg(&data)
-        .env("MP_THREADS", "1")
-        .output()
-        .unwrap();
+    let up = || {
+        Command::new(env!("CARGO_BIN_EXE_mp"))
+            .args([
+                "up",
+                "--check",
+                "--workers",
+                "1",
+                "--listen",
+                &format!("127.0.0.1:{grpc}"),
+                "--redis-port",
+                &redis.to_string(),
+            ])
+            .arg("--dir")
+            .arg(dir.path().join("up"))
+            .arg("--data")
+            .arg(&data)
+            .env("MP_THREADS", "1")
+            .output()
+            .unwrap()
+    };
+    let out = up();
     let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("initialising the project"), "{stdout}");
     assert!(
         out.status.success(),
         "{stdout}\n{}",
@@ -288,13 +321,17 @@ fn up_starts_everything_prints_address_and_token_and_stops_cleanly() {
             && stdout.contains(&format!("127.0.0.1:{grpc}")),
         "{stdout}"
     );
-    let token = stdout
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("admin token"))
+    // The admin token is in a file only its owner reads, never in the output.
+    let token_file = dir.path().join("up/admin.token");
+    let token = std::fs::read_to_string(&token_file)
         .unwrap()
         .trim()
         .to_string();
     assert!(token.starts_with("mp_") && token.len() > 40, "{token}");
+    assert!(!stdout.contains(&token), "{stdout}");
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&token_file).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "{mode:o}");
     assert!(dir.path().join("up/checkpoints/v1.safetensors").exists());
     assert!(
         dir.path().join("up/redis/appendonlydir").exists(),
@@ -307,6 +344,15 @@ fn up_starts_everything_prints_address_and_token_and_stops_cleanly() {
             "port {port} still open"
         );
     }
+    // A second start finds the project and its token: nothing is initialised again.
+    let again = up();
+    let stdout = String::from_utf8_lossy(&again.stdout);
+    assert!(again.status.success(), "{stdout}");
+    assert!(
+        stdout.contains("Machine Punishment is up") && !stdout.contains("initialising"),
+        "{stdout}"
+    );
+    assert_eq!(std::fs::read_to_string(&token_file).unwrap().trim(), token);
 }
 
 /// Learned propagation through the real processes: after a few committed marks on data whose
@@ -336,6 +382,8 @@ async fn suggested_marks_reach_the_image_view_and_can_be_accepted() {
         ])
         .args(["--epochs", "2", "--data"])
         .arg(&data)
+        .arg("--token-file")
+        .arg(dir.path().join("admin.token"))
         .env("MP_THREADS", "1")
         .output()
         .unwrap();
@@ -345,9 +393,7 @@ async fn suggested_marks_reach_the_image_view_and_can_be_accepted() {
         "{stdout}{}",
         String::from_utf8_lossy(&init.stderr)
     );
-    let admin = stdout
-        .lines()
-        .find_map(|l| l.strip_prefix("admin token: "))
+    let admin = std::fs::read_to_string(dir.path().join("admin.token"))
         .unwrap()
         .trim()
         .to_string();
@@ -799,4 +845,219 @@ async fn views_not_stored_are_computed_by_a_worker_for_every_waiting_expert() {
             .fold(0f32, f32::max);
         assert!(pdiff < 1e-5, "probabilities differ by {pdiff}");
     }
+}
+
+/// A worker whose actor panics stops with a clear log line and status 70 (never a worker
+/// that answers every job with an error while its health says Serving), leaving its job
+/// unacknowledged; a job that brings down every worker that takes it is given up on after
+/// `--max-deliveries`, its proposal failed, visible in the stats and the dead letters.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_worker_stops_and_a_poison_job_goes_to_the_dead_letters() {
+    let dir = tempfile::tempdir().unwrap();
+    let redis = RedisServer::start_free(&dir.path().join("redis")).unwrap();
+    let store = Store::connect(&redis.url(), "mp").await.unwrap();
+    let ck = dir.path().join("ck");
+    let admin = mp_e2e::platform_project(&store, 20, &ck).await;
+    let gw = gateway(&redis.url(), &ck).await;
+    let ckp = ck.to_str().unwrap().to_string();
+    let url = redis.url();
+    let worker = |log: &str, extra: &[&str]| {
+        common::Proc(
+            Command::new(env!("CARGO_BIN_EXE_mp"))
+                .args(["worker", "--redis-url", &url, "--checkpoints", &ckp])
+                .args(["--claim-idle-ms", "300", "--max-deliveries", "2"])
+                .args(extra)
+                .env("RUST_LOG", "info")
+                .env("MP_THREADS", "1")
+                .env("MP_FAILPOINTS", "refine")
+                .stdout(std::process::Stdio::null())
+                .stderr(std::fs::File::create(dir.path().join(log)).unwrap())
+                .spawn()
+                .unwrap(),
+        )
+    };
+    let c = mp_e2e::expert(&gw.addr, &admin, "ann").await;
+    let pid = mark_one(&c, "k1").await;
+    for (n, log) in ["a.log", "b.log"].into_iter().enumerate() {
+        let mut w = worker(log, &[]);
+        let start = Instant::now();
+        let code = loop {
+            if let Some(s) = w.0.try_wait().unwrap() {
+                break s.code();
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "worker {n} did not stop"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        assert_eq!(code, Some(mp_node::PANIC_EXIT));
+        let text = std::fs::read_to_string(dir.path().join(log)).unwrap();
+        assert!(
+            text.contains("panicked") && text.contains("failpoint refine"),
+            "{text}"
+        );
+        // Not acknowledged, not failed: the job waits for another worker.
+        let p = store.proposal(&pid).await.unwrap();
+        assert_eq!(p.status, "running", "{}", p.message);
+        assert_eq!(store.counts().await.unwrap().dead_jobs, 0);
+    }
+    // The third delivery is over the limit: given up on, not run.
+    let _w = worker("c.log", &[]);
+    let p = wait_status(&store, &pid, &["failed"], Duration::from_secs(30)).await;
+    assert!(
+        p.message.contains("given up after 3 deliveries"),
+        "{}",
+        p.message
+    );
+    let admin_c = Client::new(&gw.addr, &admin).unwrap();
+    let stats = admin_c
+        .stats
+        .clone()
+        .get_stats(pb::StatsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(stats.dead_jobs, 1);
+    let dead = admin_c
+        .admin
+        .clone()
+        .dead_jobs(pb::DeadJobsRequest { limit: 0 })
+        .await
+        .unwrap()
+        .into_inner()
+        .jobs;
+    assert_eq!(dead.len(), 1);
+    assert_eq!(
+        (
+            dead[0].stream.as_str(),
+            dead[0].deliveries,
+            dead[0].fields.get("proposal")
+        ),
+        ("jobs:refine", 3, Some(&pid))
+    );
+    let e = c
+        .admin
+        .clone()
+        .dead_jobs(pb::DeadJobsRequest { limit: 0 })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied);
+    // The CLI shows it.
+    let out = Command::new(env!("CARGO_BIN_EXE_mp"))
+        .args(["admin", "jobs", "--addr", &gw.addr, "--token", &admin])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("1 jobs given up on") && text.contains(&pid),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// `mp up` keeps its children running: a worker killed with SIGKILL is started again (after
+/// a back-off), and `mp up` says so instead of stopping everything.
+#[test]
+fn up_starts_a_crashed_child_again() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let ds = mp_e2e::shortcut_dataset(60, true, 3);
+    mp_core::data::folder::write_split(&data, "train", &ds, true).unwrap();
+    let held = mp_e2e::shortcut_dataset(20, false, 4);
+    mp_core::data::folder::write_split(&data, "val", &held, false).unwrap();
+    let grpc = mp_store::server::free_port().unwrap();
+    let redis = mp_store::server::free_port().unwrap();
+    let up_dir = dir.path().join("up");
+    let mut up = common::Proc(
+        Command::new(env!("CARGO_BIN_EXE_mp"))
+            .args(["up", "--workers", "1", "--epochs-per-round", "1"])
+            .args(["--listen", &format!("127.0.0.1:{grpc}")])
+            .args(["--redis-port", &redis.to_string()])
+            .arg("--dir")
+            .arg(&up_dir)
+            .arg("--data")
+            .arg(&data)
+            .env("MP_THREADS", "1")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let out = up.0.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut seen = String::new();
+    let mut wait_for = |what: &str, within: Duration| {
+        let start = Instant::now();
+        while !seen.contains(what) {
+            let left = within.saturating_sub(start.elapsed());
+            assert!(!left.is_zero(), "no {what:?} in:\n{seen}");
+            if let Ok(l) = rx.recv_timeout(left) {
+                seen.push_str(&l);
+                seen.push('\n');
+            }
+        }
+    };
+    wait_for("Machine Punishment is up", Duration::from_secs(120));
+    let log_file = up_dir.join("logs/worker-0.log");
+    let started = |n: usize| {
+        let start = Instant::now();
+        loop {
+            let log = std::fs::read_to_string(&log_file).unwrap_or_default();
+            if log.matches("worker pool started").count() >= n {
+                return;
+            }
+            if start.elapsed() > Duration::from_secs(60) {
+                let ps = Command::new("ps").args(["-ef"]).output().unwrap();
+                panic!(
+                    "{log}\n{}",
+                    String::from_utf8_lossy(&ps.stdout)
+                        .lines()
+                        .filter(|l| l.contains("mp worker"))
+                        .collect::<Vec<_>>()
+                        .join("\n")
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    started(1);
+    let pattern = format!(
+        "{}/checkpoints --name worker-0",
+        up_dir.canonicalize().unwrap().display()
+    );
+    let pgrep = Command::new("pgrep")
+        .args(["-f", &pattern])
+        .output()
+        .unwrap();
+    let pid = String::from_utf8_lossy(&pgrep.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or_else(|| panic!("no worker process matching {pattern}"))
+        .to_string();
+    assert!(Command::new("kill")
+        .args(["-9", &pid])
+        .status()
+        .unwrap()
+        .success());
+    wait_for("worker-0 exited", Duration::from_secs(10));
+    wait_for("worker-0 started again", Duration::from_secs(10));
+    // The new worker joins (its output goes on in the same log).
+    started(2);
+    // Still up, and stops cleanly on Ctrl-C.
+    assert!(up.0.try_wait().unwrap().is_none(), "{seen}");
+    Command::new("kill")
+        .args(["-INT", &up.0.id().to_string()])
+        .status()
+        .unwrap();
+    let status = up.0.wait().unwrap();
+    assert!(status.success(), "{status}");
 }

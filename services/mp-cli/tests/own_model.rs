@@ -118,6 +118,8 @@ async fn import_refine_commit_export_round_trip() {
             &url,
             "--checkpoints",
             ckp,
+            "--token-file",
+            d.join("admin.token").to_str().unwrap(),
         ])
     };
 
@@ -150,10 +152,8 @@ async fn import_refine_commit_export_round_trip() {
     let o = init("net.pt", &d.join("project.toml"));
     assert!(o.status.success(), "{}", text(&o));
     assert!(text(&o).contains("1 batch norm, 1 dropout"), "{}", text(&o));
-    let admin = text(&o)
-        .lines()
-        .find_map(|l| l.strip_prefix("admin token: "))
-        .expect("admin token printed")
+    let admin = std::fs::read_to_string(d.join("admin.token"))
+        .unwrap()
         .trim()
         .to_string();
     let project = store.project().await.unwrap().unwrap();

@@ -29,6 +29,7 @@ pub mod align;
 pub mod counterfactual;
 pub mod data;
 pub mod device;
+pub mod durable;
 pub mod error;
 pub mod loss;
 pub mod model;

@@ -602,7 +602,7 @@ impl Model {
             serde_json::to_string(&self.spec.classes).unwrap_or_default(),
         );
         let st = dir.join("state_dict.safetensors");
-        write_atomic(&st, &serialize_state(&self.state(), meta)?)?;
+        crate::durable::write_durable(&st, &serialize_state(&self.state(), meta)?)?;
         let mut out = vec![st];
         if let Net::Script(n) = &self.net {
             let pt = dir.join("model.pt");
@@ -712,10 +712,10 @@ impl Model {
             let file = dir.join(&s.module);
             if !file.is_file() {
                 let module = script::module_bytes(&s.module, &[])?;
-                write_atomic(&file, &module)?;
+                crate::durable::write_durable(&file, &module)?;
             }
         }
-        write_atomic(path, &bytes)
+        crate::durable::write_durable(path, &bytes)
     }
 
     pub fn load(path: &Path, device: Device) -> Result<Model> {
@@ -803,18 +803,6 @@ pub(crate) fn deserialize_state(
         out.insert(name, t);
     }
     Ok((meta, out))
-}
-
-/// Temporary file + rename, creating the directory.
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(|e| CoreError::io(dir, e))?;
-    }
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = std::path::PathBuf::from(tmp);
-    std::fs::write(&tmp, bytes).map_err(|e| CoreError::io(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| CoreError::io(path, e))
 }
 
 #[cfg(test)]

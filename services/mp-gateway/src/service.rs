@@ -20,6 +20,7 @@ pub fn status(e: StoreError) -> Status {
         StoreError::InvalidArgument(m) => Status::invalid_argument(m),
         StoreError::FailedPrecondition(m) => Status::failed_precondition(m),
         StoreError::ResourceExhausted(m) => Status::resource_exhausted(m),
+        StoreError::Aborted(m) => Status::aborted(m),
         StoreError::PermissionDenied(m) => Status::permission_denied(m),
         StoreError::Unauthenticated(m) => Status::unauthenticated(m),
         StoreError::Unavailable(m) => Status::unavailable(m),
@@ -705,34 +706,20 @@ impl pb::proposal_service_server::ProposalService for Gateway {
             let decision = pb::decide_request::Decision::try_from(body.decision).map_err(|_| {
                 Status::invalid_argument(format!("unknown decision {}", body.decision))
             })?;
-            if p.status != "ready" {
-                return Err(Status::failed_precondition(format!(
-                    "proposal {} is {}, not ready",
-                    p.id, p.status
-                )));
-            }
-            let new_status = match decision {
-                pb::decide_request::Decision::Commit => "committing",
-                pb::decide_request::Decision::Reject => "rejected",
+            let commit = match decision {
+                pb::decide_request::Decision::Commit => true,
+                pb::decide_request::Decision::Reject => false,
                 pb::decide_request::Decision::Unspecified => {
                     return Err(Status::invalid_argument(
                         "decision must be COMMIT or REJECT",
                     ))
                 }
             };
+            // One script: the status check, the new status and the commit job together.
             self.store()?
-                .update_proposal(&p.id, new_status, &[("decided_by", e.id.clone())])
+                .decide(&p.id, &e.id, commit)
                 .await
                 .map_err(status)?;
-            if new_status == "committing" {
-                self.store()?
-                    .add_job(
-                        mp_store::COMMIT_STREAM,
-                        &[("proposal", p.id.clone()), ("expert", e.id.clone())],
-                    )
-                    .await
-                    .map_err(status)?;
-            }
             let p = self.store()?.proposal(&p.id).await.map_err(status)?;
             Ok(Response::new(proposal_to_pb(&p)))
         }
@@ -793,6 +780,7 @@ impl pb::stats_service_server::StatsService for Gateway {
             experts_online: c.experts_online,
             marks_total: c.marks_total,
             refine_jobs_pending: c.refine_pending,
+            dead_jobs: c.dead_jobs,
             marks_per_expert: per
                 .into_iter()
                 .map(|(id, name, n)| pb::ExpertCount {
@@ -901,5 +889,30 @@ impl pb::admin_service_server::AdminService for Gateway {
         self.admin(&req).await?;
         self.store()?.request_round_end().await.map_err(status)?;
         Ok(Response::new(pb::EndRoundReply {}))
+    }
+
+    async fn dead_jobs(
+        &self,
+        req: Request<pb::DeadJobsRequest>,
+    ) -> Result<Response<pb::DeadJobsReply>, Status> {
+        self.admin(&req).await?;
+        let limit = match req.get_ref().limit {
+            0 => 100,
+            n => (n as usize).min(1000),
+        };
+        let jobs = self.store()?.dead_jobs(limit).await.map_err(status)?;
+        Ok(Response::new(pb::DeadJobsReply {
+            jobs: jobs
+                .into_iter()
+                .map(|j| pb::DeadJob {
+                    stream: j.stream,
+                    job_id: j.job_id,
+                    deliveries: j.deliveries,
+                    error: j.error,
+                    dead_ms: j.dead_ms,
+                    fields: j.fields,
+                })
+                .collect(),
+        }))
     }
 }

@@ -85,18 +85,12 @@ pub fn proposal_file(id: &str) -> String {
     format!("proposals/{id}.safetensors")
 }
 
-/// Writes bytes atomically (temporary file, then rename).
+/// Writes bytes durably ([`mp_core::durable::write_durable`]: unique temporary, fsync,
+/// rename, fsync of the directory), off the async threads.
 pub async fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    if let Some(dir) = path.parent() {
-        tokio::fs::create_dir_all(dir)
-            .await
-            .map_err(|e| NodeError::Io(format!("{}: {e}", dir.display())))?;
-    }
-    let tmp = path.with_extension("tmp");
-    tokio::fs::write(&tmp, bytes)
+    let (path, bytes) = (path.to_path_buf(), bytes.to_vec());
+    tokio::task::spawn_blocking(move || mp_core::durable::write_durable(&path, &bytes))
         .await
-        .map_err(|e| NodeError::Io(format!("{}: {e}", tmp.display())))?;
-    tokio::fs::rename(&tmp, path)
-        .await
-        .map_err(|e| NodeError::Io(format!("{}: {e}", path.display())))
+        .map_err(|e| NodeError::Io(format!("checkpoint writer: {e}")))??;
+    Ok(())
 }

@@ -68,6 +68,62 @@ pub async fn connect(
     }
 }
 
+/// `ROLE-HOST-PID`: one consumer name per process, unique across pods (where every PID is
+/// 1) and across machines — never a default shared by two processes.
+pub fn consumer_name(role: &str) -> String {
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
+        .map(|h| h.trim().to_string())
+        .unwrap_or_default();
+    format!("{role}-{host}-{}", std::process::id())
+}
+
+/// The exit status of a node that stopped on a panic (EX_SOFTWARE).
+pub const PANIC_EXIT: i32 = 70;
+
+/// Makes a panic on any thread of this process (an actor's: tch panics on CUDA out of memory,
+/// for one) end the process with one clear log line and status [`PANIC_EXIT`], instead of
+/// leaving a node whose actor is gone answering every job with a mailbox error while its
+/// health says Serving. The jobs it held stay unacknowledged and go to the other nodes; its
+/// supervisor (`mp up`, Kubernetes) starts it again.
+pub fn exit_on_panic(role: &'static str) {
+    std::panic::set_hook(Box::new(move |info| {
+        let payload = info.payload();
+        let msg = payload
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "(no message)".into());
+        let at = info
+            .location()
+            .map(|l| format!("{}:{}", l.file(), l.line()))
+            .unwrap_or_default();
+        let thread = std::thread::current()
+            .name()
+            .unwrap_or("unnamed")
+            .to_string();
+        tracing::error!(
+            role,
+            thread,
+            at,
+            panic = %msg,
+            "a {role} thread panicked: the process stops (status {PANIC_EXIT}); the jobs it held go to the other nodes"
+        );
+        std::process::exit(PANIC_EXIT);
+    }));
+}
+
+/// Fault injection for the reliability tests: panics when `MP_FAILPOINTS` (names separated
+/// by commas) holds `name`. Unset in production, where it costs one environment lookup.
+pub fn failpoint(name: &str) {
+    if let Ok(v) = std::env::var("MP_FAILPOINTS") {
+        if v.split(',').any(|f| f.trim() == name) {
+            panic!("failpoint {name}");
+        }
+    }
+}
+
 /// Sleeps `ms` milliseconds, or less if `stop` changes first (so a node shuts down
 /// promptly from any of its waits).
 pub async fn nap(stop: &mut tokio::sync::watch::Receiver<bool>, ms: u64) {

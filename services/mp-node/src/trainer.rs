@@ -135,9 +135,18 @@ impl Handler<Rebase> for TrainerCore {
 impl Handler<SaveVersion> for TrainerCore {
     type Result = Result<(), NodeError>;
     fn handle(&mut self, m: SaveVersion, _: &mut SyncContext<Self>) -> Self::Result {
+        let device = self.device;
         let model = self.model()?;
         model.spec.version = m.version;
         model.save(&m.path)?;
+        // A version is published only when its file loads back as this model.
+        let back = Model::load(&m.path, device)?;
+        if back.spec != model.spec {
+            return Err(NodeError::Invalid(format!(
+                "{} does not load back as the model saved",
+                m.path.display()
+            )));
+        }
         Ok(())
     }
 }
@@ -164,6 +173,8 @@ pub struct TrainerConfig {
     pub health_listen: String,
     /// Images per score job (workers share the rescoring).
     pub score_chunk: usize,
+    /// A commit job delivered this many times without being acknowledged is given up on.
+    pub max_deliveries: u64,
 }
 
 impl Default for TrainerConfig {
@@ -193,6 +204,7 @@ impl Default for TrainerConfig {
             rescore_every: 3,
             device: mp_core::device::auto(),
             health_listen: String::new(),
+            max_deliveries: mp_store::DEFAULT_MAX_DELIVERIES,
             score_chunk: 500,
         }
     }
@@ -299,17 +311,10 @@ impl Coordinator {
         Ok((v, t))
     }
 
-    /// Saves the trainer's model as the next version and makes it current.
-    async fn publish(&mut self, reason: String) -> Result<u64> {
-        let latest = self
-            .store
-            .versions()
-            .await?
-            .iter()
-            .map(|r| r.version)
-            .max()
-            .unwrap_or(0);
-        let version = latest.max(self.version) + 1;
+    /// Saves the trainer's model as the next version (its file written durably and loaded
+    /// back) and evaluates it; nothing is published yet.
+    async fn save_version(&mut self, reason: String) -> Result<ModelVersionRecord> {
+        let version = self.store.newest_version().await?.max(self.version) + 1;
         let file = format!("v{version}.safetensors");
         self.core
             .send(SaveVersion {
@@ -318,42 +323,71 @@ impl Coordinator {
             })
             .await??;
         let (v, t) = self.evaluate().await?;
-        let rec = ModelVersionRecord {
+        Ok(ModelVersionRecord {
             version,
             parent: self.version,
             created_ms: mp_store::now_ms(),
-            reason: reason.clone(),
+            reason,
             val_accuracy: v.accuracy,
             val_loss: v.loss,
             test_accuracy: t.map(|t| t.accuracy).unwrap_or(f64::NAN),
             file,
-        };
-        self.store.publish_version(&rec).await?;
-        self.version = version;
-        info!(version, %reason, val_acc = v.accuracy, test_acc = rec.test_accuracy, "published");
-        Ok(version)
+        })
     }
 
+    fn published(&mut self, rec: &ModelVersionRecord) {
+        self.version = rec.version;
+        info!(version = rec.version, reason = %rec.reason, val_acc = rec.val_accuracy,
+            test_acc = rec.test_accuracy, "published");
+    }
+
+    /// Saves the trainer's model as the next version and makes it current, only on top of
+    /// the version it was trained from ([`StoreError::Aborted`](mp_store::StoreError) when a
+    /// rollback came in between).
+    async fn publish(&mut self, reason: String) -> Result<u64> {
+        let rec = self.save_version(reason).await?;
+        self.store.publish_version(&rec).await?;
+        self.published(&rec);
+        Ok(rec.version)
+    }
+
+    /// Publishes the trainer's model (the proposal's weights, adopted) as the version that
+    /// commits `pid`; the proposal's status and its mark's place in the guidance change in
+    /// the same step.
+    async fn publish_commit(
+        &mut self,
+        pid: &str,
+        reason: String,
+        fields: &[(&str, String)],
+    ) -> Result<()> {
+        let rec = self.save_version(reason).await?;
+        match self.store.publish_commit(&rec, pid, fields).await? {
+            None => {
+                self.published(&rec);
+                if self.counted.insert(pid.to_string()) {
+                    self.round_commits += 1;
+                }
+            }
+            Some(v) => info!(proposal = %pid, version = v, "already committed; left as it is"),
+        }
+        Ok(())
+    }
+
+    /// Applies a `committing` proposal (or finishes one whose rebase was interrupted). A
+    /// proposal in any other state — committed already, by a job delivered before — is left
+    /// alone, so a redelivered commit job never applies a mark twice.
     async fn apply_commit(&mut self, pid: &str) -> Result<()> {
         let p = self.store.proposal(pid).await?;
-        if p.status != "committing" {
+        if p.status != "committing" && p.status != "rebasing" {
             return Ok(());
         }
-        self.store.add_guidance(&p.mark_id).await?;
-        if self.counted.insert(pid.to_string()) {
-            self.round_commits += 1;
-        }
-        if p.base_version == self.version {
+        if p.base_version == self.version && p.status == "committing" {
             let path = self.cfg.checkpoints.join(proposal_file(pid));
             let bytes = tokio::fs::read(&path)
                 .await
                 .map_err(|e| NodeError::Io(format!("{}: {e}", path.display())))?;
             self.core.send(AdoptWeights(bytes)).await??;
-            let v = self.publish(format!("commit {pid}")).await?;
-            self.store
-                .update_proposal(pid, "committed", &[("committed_version", v.to_string())])
-                .await?;
-            return Ok(());
+            return self.publish_commit(pid, format!("commit {pid}"), &[]).await;
         }
         // Overtaken: re-run the refinement on the current version.
         self.store
@@ -395,26 +429,49 @@ impl Coordinator {
         .map_err(|e| NodeError::Invalid(e.to_string()))?;
         if improved {
             self.core.send(AdoptWeights(proposal.weights)).await??;
-            let v = self
-                .publish(format!("commit {pid} (rebased onto v{base})"))
-                .await?;
-            self.store
-                .update_proposal(
-                    pid,
-                    "committed",
-                    &[
-                        ("committed_version", v.to_string()),
-                        ("base_version", base.to_string()),
-                        ("result", report),
-                        ("message", format!("rebased onto v{base} and applied")),
-                    ],
-                )
-                .await?;
+            self.publish_commit(
+                pid,
+                format!("commit {pid} (rebased onto v{base})"),
+                &[
+                    ("base_version", base.to_string()),
+                    ("result", report),
+                    ("message", format!("rebased onto v{base} and applied")),
+                ],
+            )
+            .await
         } else {
+            // Not committed: the mark stays out of the guidance.
             self.store
                 .update_proposal(pid, "ready", &[("base_version", base.to_string()), ("result", report), ("message", format!("rebased onto v{base}; it no longer passes the validation guard: review it again"))])
                 .await?;
+            Ok(())
         }
+    }
+
+    /// Loads Redis's current version into the trainer when it differs from the trainer's
+    /// (a rollback), or always with `force` (the trainer's weights are no longer a published
+    /// version's: a commit failed after adopting a proposal).
+    async fn follow_current(&mut self, force: bool) -> Result<()> {
+        let cur = self.store.current_version().await?;
+        if cur == self.version && !force {
+            return Ok(());
+        }
+        if cur == self.version {
+            info!(version = cur, "reloading the current version");
+        } else {
+            info!(
+                from = self.version,
+                to = cur,
+                "current version changed outside the trainer; loading it"
+            );
+        }
+        self.core
+            .send(LoadModel(checkpoint_path(
+                &self.cfg.checkpoints,
+                &self.store.version(cur).await?,
+            )))
+            .await??;
+        self.version = cur;
         Ok(())
     }
 
@@ -486,13 +543,22 @@ impl Coordinator {
             .as_ref()
             .map(|p| format!(", propagation {}", p.summary()))
             .unwrap_or_default();
-        let v = self
+        let v = match self
             .publish(format!(
                 "guided training, {} marks{propagation}, {:.0} s",
                 guidance.len(),
                 r.seconds
             ))
-            .await?;
+            .await
+        {
+            Ok(v) => v,
+            Err(NodeError::Store(e @ mp_store::StoreError::Aborted(_))) => {
+                warn!(error = %e, "the current version moved during training; its result is dropped");
+                self.follow_current(true).await?;
+                self.version
+            }
+            Err(e) => return Err(e),
+        };
         self.start_round(v, shared.map(|s| s.file)).await
     }
 
@@ -613,35 +679,25 @@ pub async fn run(cfg: TrainerConfig, mut stop: tokio::sync::watch::Receiver<bool
         rescoring: Default::default(),
     };
     info!(version, "trainer started");
-    let consumer = format!("trainer-{}", std::process::id());
+    let consumer = crate::consumer_name("trainer");
     while !*stop.borrow() {
         // Rollback (or another writer): follow Redis's current version.
-        match store.current_version().await {
-            Ok(cur) if cur != co.version => {
-                info!(
-                    from = co.version,
-                    to = cur,
-                    "current version changed outside the trainer; loading it"
-                );
-                co.core
-                    .send(LoadModel(checkpoint_path(
-                        &cfg.checkpoints,
-                        &store.version(cur).await?,
-                    )))
-                    .await??;
-                co.version = cur;
-            }
-            Ok(_) => {}
-            Err(e) => {
-                let _ = health_tx.send(false);
-                warn!(error = %e, "store unavailable");
-                crate::nap(&mut stop, 500).await;
-                continue;
-            }
+        if let Err(e) = co.follow_current(false).await {
+            let _ = health_tx.send(false);
+            warn!(error = %e, "store unavailable");
+            crate::nap(&mut stop, 500).await;
+            continue;
         }
         let _ = health_tx.send(true);
         let mut jobs = store
-            .reclaim_jobs(COMMIT_STREAM, "commit", &consumer, 60_000, 16)
+            .reclaim_jobs(
+                COMMIT_STREAM,
+                "commit",
+                &consumer,
+                60_000,
+                16,
+                cfg.max_deliveries,
+            )
             .await
             .unwrap_or_default();
         jobs.extend(
@@ -652,13 +708,32 @@ pub async fn run(cfg: TrainerConfig, mut stop: tokio::sync::watch::Receiver<bool
         );
         for job in jobs {
             let pid = job.get("proposal")?.to_string();
-            match co.apply_commit(&pid).await {
+            let mut result = co.apply_commit(&pid).await;
+            // A rollback while the commit was prepared: rebase onto the new current version.
+            for _ in 0..3 {
+                let Err(NodeError::Store(e @ mp_store::StoreError::Aborted(_))) = &result else {
+                    break;
+                };
+                warn!(proposal = %pid, error = %e, "the current version moved; committing again on top of it");
+                co.follow_current(true).await?;
+                result = co.apply_commit(&pid).await;
+            }
+            if result.is_err() {
+                // The adopted weights are no published version's: back to the current one.
+                if let Err(e) = co.follow_current(true).await {
+                    warn!(error = %e, "could not reload the current version");
+                }
+            }
+            match result {
                 Ok(()) => {
                     store.ack(COMMIT_STREAM, "commit", &job.id).await?;
                     co.maybe_rescore().await?;
                 }
                 Err(NodeError::Store(e @ mp_store::StoreError::Redis(_))) => {
-                    warn!(error = %e, "commit deferred")
+                    warn!(error = %e, "commit deferred");
+                    let _ = store
+                        .note_job_error(COMMIT_STREAM, &job.id, &e.to_string())
+                        .await;
                 }
                 Err(e) => {
                     warn!(proposal = %pid, error = %e, "commit failed");

@@ -181,6 +181,7 @@ impl Handler<RefineProposal> for Worker {
     type Result = Result<Proposal, NodeError>;
 
     fn handle(&mut self, msg: RefineProposal, _: &mut SyncContext<Self>) -> Self::Result {
+        crate::failpoint("refine");
         let model = self.model(msg.version, &msg.checkpoint)?;
         Ok(refine(model, &msg.batch, &msg.val, &msg.cfg)?)
     }
@@ -322,6 +323,8 @@ pub struct WorkerConfig {
     pub consumer: String,
     /// Jobs silent this long on another consumer are taken over.
     pub claim_idle_ms: u64,
+    /// A job delivered this many times without being acknowledged is given up on.
+    pub max_deliveries: u64,
     pub refine: RefineConfig,
     /// How the review queue is ordered (alignment by default).
     pub ordering: Ordering,
@@ -352,12 +355,7 @@ const VIEW_REQUEST_MAX_AGE_MS: u64 = 30_000;
 
 /// `worker-HOST-PID`: unique across pods (where every PID is 1) and processes.
 pub fn default_consumer() -> String {
-    let host = std::env::var("HOSTNAME")
-        .ok()
-        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
-        .map(|h| h.trim().to_string())
-        .unwrap_or_default();
-    format!("worker-{host}-{}", std::process::id())
+    crate::consumer_name("worker")
 }
 
 impl Default for WorkerConfig {
@@ -369,6 +367,7 @@ impl Default for WorkerConfig {
             threads: 1,
             consumer: default_consumer(),
             claim_idle_ms: 30_000,
+            max_deliveries: mp_store::DEFAULT_MAX_DELIVERIES,
             refine: RefineConfig::default(),
             ordering: Ordering::Alignment,
             exploration: 0.05,
@@ -791,7 +790,14 @@ pub async fn run(cfg: WorkerConfig, mut stop: tokio::sync::watch::Receiver<bool>
             last_claim = std::time::Instant::now();
             for (stream, group) in [(REFINE_STREAM, "refine"), (SCORE_STREAM, "score")] {
                 match store
-                    .reclaim_jobs(stream, group, &cfg.consumer, cfg.claim_idle_ms, 8)
+                    .reclaim_jobs(
+                        stream,
+                        group,
+                        &cfg.consumer,
+                        cfg.claim_idle_ms,
+                        8,
+                        cfg.max_deliveries,
+                    )
                     .await
                 {
                     Ok(v) => {
@@ -871,7 +877,15 @@ pub async fn run(cfg: WorkerConfig, mut stop: tokio::sync::watch::Receiver<bool>
                             let _ = ctx.store.ack(SCORE_STREAM, "score", &j.id).await;
                         }
                     }
-                    Err(e) => warn!(error = %e, "score jobs failed; they will be retried"),
+                    Err(e) => {
+                        warn!(error = %e, "score jobs failed; they will be retried");
+                        for j in &jobs {
+                            let _ = ctx
+                                .store
+                                .note_job_error(SCORE_STREAM, &j.id, &e.to_string())
+                                .await;
+                        }
+                    }
                 }
                 release();
                 drop(permit);
@@ -891,7 +905,11 @@ pub async fn run(cfg: WorkerConfig, mut stop: tokio::sync::watch::Receiver<bool>
                         let _ = ctx.store.ack(REFINE_STREAM, "refine", &job.id).await;
                     }
                     Err(e) => {
-                        warn!(job = %job.id, error = %e, "refine job failed; it will be retried")
+                        warn!(job = %job.id, error = %e, "refine job failed; it will be retried");
+                        let _ = ctx
+                            .store
+                            .note_job_error(REFINE_STREAM, &job.id, &e.to_string())
+                            .await;
                     }
                 }
                 release();

@@ -15,13 +15,53 @@ impl Store {
         role: Role,
         expires_ms: Option<u64>,
     ) -> Result<(String, String)> {
+        self.create_expert_with(name, role, expires_ms, None).await
+    }
+
+    /// [`Store::create_expert`] with a token chosen by the operator (an admin token kept in
+    /// a Kubernetes Secret, say): at least 32 characters, and not one already in use.
+    pub async fn create_expert_with_token(
+        &self,
+        name: &str,
+        role: Role,
+        token: &str,
+    ) -> Result<String> {
+        if token.len() < 32 || token.len() > 256 || token.chars().any(|c| c.is_whitespace()) {
+            return Err(StoreError::InvalidArgument(
+                "a token must hold 32 to 256 characters and no spaces".into(),
+            ));
+        }
+        let mut c = self.conn.clone();
+        let used: bool = c
+            .exists(self.k(&format!("token:{}", hash_token(token))))
+            .await?;
+        if used {
+            return Err(StoreError::FailedPrecondition(
+                "that token is already some expert's".into(),
+            ));
+        }
+        Ok(self
+            .create_expert_with(name, role, None, Some(token))
+            .await?
+            .0)
+    }
+
+    async fn create_expert_with(
+        &self,
+        name: &str,
+        role: Role,
+        expires_ms: Option<u64>,
+        token: Option<&str>,
+    ) -> Result<(String, String)> {
         if name.trim().is_empty() || name.len() > 100 {
             return Err(StoreError::InvalidArgument(
                 "expert name must hold 1 to 100 characters".into(),
             ));
         }
         let id = new_id()[..12].to_string();
-        let token = format!("mp_{}{}", new_id(), new_id());
+        let token = token
+            .map(str::to_string)
+            .unwrap_or_else(|| format!("mp_{}{}", new_id(), new_id()));
         let mut fields = vec![
             ("name", name.to_string()),
             ("role", role.as_str().to_string()),

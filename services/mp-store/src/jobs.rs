@@ -72,8 +72,92 @@ impl Store {
     }
 
     /// Takes over jobs delivered to a consumer that has been silent for `min_idle_ms`
-    /// (a worker that died mid-job).
+    /// (a worker that died mid-job). A job delivered more than `max_deliveries` times (a
+    /// poison job that brings down every process that takes it) goes to the stream's dead
+    /// letters instead, with its last error ([`Store::note_job_error`]).
     pub async fn reclaim_jobs(
+        &self,
+        stream: &str,
+        group: &str,
+        consumer: &str,
+        min_idle_ms: u64,
+        count: usize,
+        max_deliveries: u64,
+    ) -> Result<Vec<Job>> {
+        let claimed = self
+            .autoclaim(stream, group, consumer, min_idle_ms, count)
+            .await?;
+        if claimed.is_empty() {
+            return Ok(claimed);
+        }
+        let mut c = self.conn.clone();
+        let mut inv = self.scripts.dead_letter.prepare_invoke();
+        inv.arg(&self.prefix)
+            .arg(stream)
+            .arg(group)
+            .arg(max_deliveries.max(1));
+        for j in &claimed {
+            inv.arg(&j.id);
+        }
+        let dead: Vec<String> = inv.invoke_async(&mut c).await?;
+        if !dead.is_empty() {
+            tracing::warn!(stream, jobs = ?dead, max_deliveries, "jobs given up on: moved to the dead letters");
+        }
+        Ok(claimed
+            .into_iter()
+            .filter(|j| !dead.contains(&j.id))
+            .collect())
+    }
+
+    /// Remembers why a job failed this time (a week at most), for its dead letter should it
+    /// be given up on.
+    pub async fn note_job_error(&self, stream: &str, id: &str, error: &str) -> Result<()> {
+        let mut c = self.conn.clone();
+        let key = self.k(&format!("{stream}:errors"));
+        let error: String = error.chars().take(2000).collect();
+        let _: () = redis::pipe()
+            .hset(&key, id, error)
+            .ignore()
+            .expire(&key, IDEMPOTENCY_TTL_S as i64)
+            .ignore()
+            .query_async(&mut c)
+            .await?;
+        Ok(())
+    }
+
+    /// The dead letters of every job stream, newest first, at most `count`.
+    pub async fn dead_jobs(&self, count: usize) -> Result<Vec<DeadJob>> {
+        let mut c = self.conn.clone();
+        let mut out = Vec::new();
+        for stream in JOB_STREAMS {
+            let r: redis::streams::StreamRangeReply = c
+                .xrevrange_count(self.k(&format!("{stream}:dead")), "+", "-", count)
+                .await?;
+            for e in r.ids {
+                let mut job = Job::from_stream_id(e);
+                let mut take = |k: &str| job.fields.remove(k).unwrap_or_default();
+                let (job_id, deliveries, error, dead_ms) = (
+                    take("job_id"),
+                    take("deliveries"),
+                    take("error"),
+                    take("dead_ms"),
+                );
+                out.push(DeadJob {
+                    stream: stream.to_string(),
+                    job_id,
+                    deliveries: deliveries.parse().unwrap_or(0),
+                    error,
+                    dead_ms: dead_ms.parse().unwrap_or(0),
+                    fields: job.fields,
+                });
+            }
+        }
+        out.sort_by_key(|j| std::cmp::Reverse(j.dead_ms));
+        out.truncate(count);
+        Ok(out)
+    }
+
+    async fn autoclaim(
         &self,
         stream: &str,
         group: &str,
@@ -270,12 +354,18 @@ impl Store {
             .stream_backlog(REFINE_STREAM, "refine")
             .await
             .unwrap_or(0);
+        let mut pipe = redis::pipe();
+        for stream in JOB_STREAMS {
+            pipe.xlen(self.k(&format!("{stream}:dead")));
+        }
+        let dead: Vec<u64> = pipe.query_async(&mut c).await?;
         Ok(Counts {
             queue_depth,
             leases_out,
             experts_online,
             marks_total,
             refine_pending,
+            dead_jobs: dead.iter().sum(),
         })
     }
 

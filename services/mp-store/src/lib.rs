@@ -45,6 +45,9 @@ pub enum StoreError {
     Unavailable(String),
     #[error("{0}")]
     ResourceExhausted(String),
+    /// A compare-and-set lost: the state moved underneath (a rollback during a commit).
+    #[error("{0}")]
+    Aborted(String),
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
 }
@@ -237,6 +240,20 @@ pub struct Counts {
     pub experts_online: u64,
     pub marks_total: u64,
     pub refine_pending: u64,
+    /// Jobs given up on, in every stream's dead letters.
+    pub dead_jobs: u64,
+}
+
+/// A job given up on: delivered more than the limit without being acknowledged.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeadJob {
+    pub stream: String,
+    pub job_id: String,
+    pub deliveries: u64,
+    pub error: String,
+    pub dead_ms: u64,
+    /// The job's own fields.
+    pub fields: HashMap<String, String>,
 }
 
 /// Random identifier: 16 bytes as hex.
@@ -266,6 +283,10 @@ pub const SCORE_STREAM: &str = "jobs:score";
 pub const COMMIT_STREAM: &str = "jobs:commit";
 /// Image views a gateway asked the workers for (one entry per missing view).
 pub const VIEW_STREAM: &str = "jobs:view";
+/// The streams whose jobs can be given up on (dead letters: `{stream}:dead`).
+pub const JOB_STREAMS: [&str; 3] = [REFINE_STREAM, SCORE_STREAM, COMMIT_STREAM];
+/// A job delivered this many times without being acknowledged is given up on.
+pub const DEFAULT_MAX_DELIVERIES: u64 = 5;
 
 struct Scripts {
     lease: redis::Script,
@@ -275,6 +296,9 @@ struct Scripts {
     reclaim: redis::Script,
     enqueue: redis::Script,
     may_view: redis::Script,
+    decide: redis::Script,
+    publish: redis::Script,
+    dead_letter: redis::Script,
 }
 
 /// Every connection's timeouts and retries.
@@ -376,6 +400,9 @@ impl Store {
                 reclaim: lua::script(lua::RECLAIM),
                 enqueue: lua::script(lua::ENQUEUE),
                 may_view: lua::script(lua::MAY_VIEW),
+                decide: lua::script(lua::DECIDE),
+                publish: lua::script(lua::PUBLISH),
+                dead_letter: lua::script(lua::DEAD_LETTER),
             }),
             images: Default::default(),
         })

@@ -201,6 +201,107 @@ end
 return {'ok', 0}
 "#;
 
+/// ARGV: prefix, proposal, decider, decision (`commit` or `reject`). A `ready` proposal
+/// becomes `committing` with its commit job queued in the same step, or `rejected`: two
+/// decisions cannot both win, and no proposal is `committing` without a job.
+/// Returns {'ok', status} or {'not_found'} or {'not_ready', status}.
+pub const DECIDE: &str = r#"
+local p, prop, who, decision = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local key = p .. ':proposal:' .. prop
+local status = redis.call('HGET', key, 'status')
+if not status then return {'not_found'} end
+if status ~= 'ready' then return {'not_ready', status} end
+local now = now_ms()
+if decision == 'commit' then
+  redis.call('HSET', key, 'status', 'committing', 'decided_by', who, 'updated_ms', now)
+  redis.call('XADD', p .. ':jobs:commit', '*', 'proposal', prop, 'expert', who)
+  return {'ok', 'committing'}
+end
+redis.call('HSET', key, 'status', 'rejected', 'decided_by', who, 'updated_ms', now)
+return {'ok', 'rejected'}
+"#;
+
+/// ARGV: prefix, version, parent, record JSON, then optionally a proposal id followed by
+/// field, value pairs. Publishes a version only on top of its parent (compare-and-set on
+/// `model:current`: a rollback in between is never overwritten) and, for a commit, marks the
+/// proposal `committed` and adds its mark to the guidance in the same step, so a crash
+/// cannot leave one without the other and a redelivered commit is recognised.
+/// Returns {'ok'}, {'exists'}, {'moved', current}, {'committed', version} or
+/// {'not_committing', status}.
+pub const PUBLISH: &str = r#"
+local p, version, parent, json = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+if redis.call('HEXISTS', p .. ':model:versions', version) == 1 then return {'exists'} end
+local current = redis.call('GET', p .. ':model:current') or '0'
+if current ~= parent then return {'moved', current} end
+local prop = ARGV[5]
+local key
+if prop then
+  key = p .. ':proposal:' .. prop
+  local status = redis.call('HGET', key, 'status')
+  if status == 'committed' then
+    return {'committed', redis.call('HGET', key, 'committed_version') or '0'}
+  end
+  if status ~= 'committing' and status ~= 'rebasing' then
+    return {'not_committing', status or 'missing'}
+  end
+end
+redis.call('HSET', p .. ':model:versions', version, json)
+redis.call('SET', p .. ':model:current', version)
+if prop then
+  redis.call('HSET', key, 'status', 'committed', 'committed_version', version,
+    'updated_ms', now_ms())
+  for i = 6, #ARGV, 2 do redis.call('HSET', key, ARGV[i], ARGV[i + 1]) end
+  local mark = redis.call('HGET', key, 'mark')
+  if mark and redis.call('SADD', p .. ':guidance:set', mark) == 1 then
+    redis.call('RPUSH', p .. ':guidance', mark)
+  end
+end
+return {'ok'}
+"#;
+
+/// ARGV: prefix, stream, group, max deliveries, then job ids just claimed. Every job among
+/// them delivered more than `max` times moves to the stream's dead letters (`{stream}:dead`,
+/// with its fields, its last error from `{stream}:errors`, its delivery count) and is
+/// acknowledged; a proposal it was working on becomes `failed`. Returns the dead ids.
+pub const DEAD_LETTER: &str = r#"
+local p, stream, group, max = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
+local key = p .. ':' .. stream
+local dead = {}
+for i = 5, #ARGV do
+  local id = ARGV[i]
+  local pend = redis.call('XPENDING', key, group, id, id, 1)
+  if #pend == 1 and tonumber(pend[1][4]) > max then
+    local n = tostring(pend[1][4])
+    local entry = redis.call('XRANGE', key, id, id)
+    local fields = {}
+    if #entry == 1 then fields = entry[1][2] end
+    local err = redis.call('HGET', key .. ':errors', id)
+      or 'the process handling it stopped (a crash or a kill) each time'
+    local now = now_ms()
+    local args = {}
+    for _, f in ipairs(fields) do table.insert(args, f) end
+    for _, f in ipairs({'job_id', id, 'deliveries', n, 'error', err, 'dead_ms', now}) do
+      table.insert(args, f)
+    end
+    redis.call('XADD', key .. ':dead', 'MAXLEN', '~', 10000, '*', unpack(args))
+    redis.call('XACK', key, group, id)
+    redis.call('HDEL', key .. ':errors', id)
+    for j = 1, #fields, 2 do
+      if fields[j] == 'proposal' then
+        local pk = p .. ':proposal:' .. fields[j + 1]
+        local st = redis.call('HGET', pk, 'status')
+        if st == 'queued' or st == 'running' or st == 'committing' or st == 'rebasing' then
+          redis.call('HSET', pk, 'status', 'failed', 'updated_ms', now,
+            'message', 'given up after ' .. n .. ' deliveries: ' .. err)
+        end
+      end
+    end
+    table.insert(dead, id)
+  end
+end
+return dead
+"#;
+
 pub fn script(body: &str) -> redis::Script {
     redis::Script::new(&format!("{PRELUDE}\n{body}"))
 }

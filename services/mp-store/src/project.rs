@@ -20,6 +20,34 @@ impl Store {
         .transpose()
     }
 
+    /// Deletes every key of the project (everything under `prefix:`), for `project init
+    /// --force`. The pixels in the image store are left where they are: a new init writes
+    /// over the same object names. Returns how many keys went.
+    pub async fn delete_project(&self) -> Result<u64> {
+        let mut c = self.conn.clone();
+        let pattern = format!("{}:*", self.prefix);
+        let mut cursor: u64 = 0;
+        let mut n = 0;
+        loop {
+            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(&pattern)
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(&mut c)
+                .await?;
+            if !keys.is_empty() {
+                let gone: u64 = redis::cmd("UNLINK").arg(&keys).query_async(&mut c).await?;
+                n += gone;
+            }
+            if next == 0 {
+                return Ok(n);
+            }
+            cursor = next;
+        }
+    }
+
     /// Stores training images (the ones that can be queued) in pipelined batches.
     pub async fn put_images(&self, images: &[ImageRecord]) -> Result<()> {
         self.put_split(images, "images").await

@@ -50,4 +50,34 @@ impl Store {
         let _: () = c.hset_multiple(&key, &items).await?;
         Ok(())
     }
+
+    /// Commits (`commit` true: the proposal becomes `committing` and its commit job is queued)
+    /// or rejects a `ready` proposal, atomically. Returns the new status.
+    pub async fn decide(&self, id: &str, decider: &str, commit: bool) -> Result<String> {
+        let mut c = self.conn.clone();
+        let v: Vec<redis::Value> = self
+            .scripts
+            .decide
+            .prepare_invoke()
+            .arg(&self.prefix)
+            .arg(id)
+            .arg(decider)
+            .arg(if commit { "commit" } else { "reject" })
+            .invoke_async(&mut c)
+            .await?;
+        let words: Vec<String> = v.iter().map(value_string).collect();
+        match words.first().map(String::as_str) {
+            Some("ok") => Ok(words.get(1).cloned().unwrap_or_default()),
+            Some("not_found") => Err(StoreError::NotFound(format!(
+                "proposal {id} does not exist"
+            ))),
+            Some("not_ready") => Err(StoreError::FailedPrecondition(format!(
+                "proposal {id} is {}, not ready",
+                words.get(1).map(String::as_str).unwrap_or("?")
+            ))),
+            other => Err(StoreError::Corrupt(format!(
+                "decide script answered {other:?}"
+            ))),
+        }
+    }
 }

@@ -49,18 +49,69 @@ impl Store {
         Ok(())
     }
 
-    /// Records a version and makes it current.
+    /// Records a version and makes it current, only on top of its parent: when
+    /// `model:current` is no longer `rec.parent` (a rollback, another trainer) the version is
+    /// refused with [`StoreError::Aborted`] and nothing is written.
     pub async fn publish_version(&self, rec: &ModelVersionRecord) -> Result<()> {
+        self.publish(rec, None).await.map(|_| ())
+    }
+
+    /// Publishes the version that applies proposal `pid` and marks the proposal `committed`
+    /// (with `fields`) and its mark part of the guidance, all in one step. `Ok(Some(v))`: the
+    /// proposal was already committed, as version v (a redelivered commit job): nothing is
+    /// written.
+    pub async fn publish_commit(
+        &self,
+        rec: &ModelVersionRecord,
+        pid: &str,
+        fields: &[(&str, String)],
+    ) -> Result<Option<u64>> {
+        self.publish(rec, Some((pid, fields))).await
+    }
+
+    async fn publish(
+        &self,
+        rec: &ModelVersionRecord,
+        commit: Option<(&str, &[(&str, String)])>,
+    ) -> Result<Option<u64>> {
         let mut c = self.conn.clone();
         let json = serde_json::to_string(rec).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        let mut pipe = redis::pipe();
-        pipe.atomic()
-            .hset(self.k("model:versions"), rec.version, json)
-            .ignore()
-            .set(self.k("model:current"), rec.version)
-            .ignore();
-        let _: () = pipe.query_async(&mut c).await?;
-        Ok(())
+        let mut inv = self.scripts.publish.prepare_invoke();
+        inv.arg(&self.prefix)
+            .arg(rec.version)
+            .arg(rec.parent)
+            .arg(json);
+        if let Some((pid, fields)) = commit {
+            inv.arg(pid);
+            for (k, v) in fields {
+                inv.arg(*k).arg(v);
+            }
+        }
+        let v: Vec<redis::Value> = inv.invoke_async(&mut c).await?;
+        let words: Vec<String> = v.iter().map(value_string).collect();
+        let second = || words.get(1).cloned().unwrap_or_default();
+        match words.first().map(String::as_str) {
+            Some("ok") => Ok(None),
+            Some("committed") => Ok(Some(second().parse().unwrap_or(0))),
+            Some("exists") => Err(StoreError::Aborted(format!(
+                "model version {} already exists",
+                rec.version
+            ))),
+            Some("moved") => Err(StoreError::Aborted(format!(
+                "version {} was built on v{} but the current version is now v{}",
+                rec.version,
+                rec.parent,
+                second()
+            ))),
+            Some("not_committing") => Err(StoreError::FailedPrecondition(format!(
+                "proposal {} is {}, not committing",
+                commit.map(|c| c.0).unwrap_or_default(),
+                second()
+            ))),
+            other => Err(StoreError::Corrupt(format!(
+                "publish script answered {other:?}"
+            ))),
+        }
     }
 
     /// The highest version number published (0 before any).

@@ -344,3 +344,175 @@ async fn view_requests_reach_the_stream_and_announcements_reach_every_subscriber
         Some(want)
     );
 }
+
+fn version(v: u64, parent: u64) -> ModelVersionRecord {
+    ModelVersionRecord {
+        version: v,
+        parent,
+        created_ms: 0,
+        reason: format!("v{v}"),
+        val_accuracy: 0.5,
+        val_loss: 1.0,
+        test_accuracy: 0.5,
+        file: format!("v{v}.safetensors"),
+    }
+}
+
+/// A submitted mark's proposal, made `ready` as a worker would.
+async fn ready_proposal(store: &Store, expert: &str) -> mp_store::SubmitResult {
+    store.enqueue(&[("a/0".into(), 0.0)]).await.unwrap();
+    let l = store.lease(expert, 30_000).await.unwrap().unwrap();
+    let r = store
+        .submit(&l.lease_id, expert, "k", 2, 2, &[1, 0, -1, 0])
+        .await
+        .unwrap();
+    store
+        .update_proposal(&r.proposal_id, "ready", &[])
+        .await
+        .unwrap();
+    r
+}
+
+async fn stream_len(store: &Store, stream: &str) -> u64 {
+    let mut c = store.connection();
+    redis::cmd("XLEN")
+        .arg(format!("{}:{stream}", store.prefix()))
+        .query_async(&mut c)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn commit_and_reject_racing_on_one_proposal_one_wins_and_a_commit_always_has_its_job() {
+    let (_d, _s, store, ann) = setup().await;
+    let r = ready_proposal(&store, &ann).await;
+    let mut tasks = Vec::new();
+    for i in 0..16 {
+        let (s, pid, who) = (store.clone(), r.proposal_id.clone(), ann.clone());
+        tasks.push(tokio::spawn(async move {
+            s.decide(&pid, &who, i % 2 == 0).await
+        }));
+    }
+    let mut won = Vec::new();
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(status) => won.push(status),
+            Err(StoreError::FailedPrecondition(m)) => assert!(m.contains("not ready"), "{m}"),
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert_eq!(won.len(), 1, "{won:?}");
+    let p = store.proposal(&r.proposal_id).await.unwrap();
+    assert_eq!(p.status, won[0]);
+    let jobs = stream_len(&store, mp_store::COMMIT_STREAM).await;
+    assert_eq!(jobs, u64::from(won[0] == "committing"));
+    assert!(matches!(
+        store.decide("nope", &ann, true).await,
+        Err(StoreError::NotFound(_))
+    ));
+}
+
+#[tokio::test]
+async fn a_version_is_published_only_on_its_parent_and_a_commit_applies_its_mark_once() {
+    let (_d, _s, store, ann) = setup().await;
+    // Compare-and-set on the parent: v2 on v1 goes in; a rollback to v1 while v3 was being
+    // built on v2 makes v3 lose, and nothing of it is written.
+    store.publish_version(&version(2, 1)).await.unwrap();
+    store.rollback(1).await.unwrap();
+    assert!(matches!(
+        store.publish_version(&version(3, 2)).await,
+        Err(StoreError::Aborted(m)) if m.contains("now v1")
+    ));
+    assert_eq!(store.current_version().await.unwrap(), 1);
+    assert_eq!(store.newest_version().await.unwrap(), 2);
+    assert!(matches!(
+        store.publish_version(&version(2, 1)).await,
+        Err(StoreError::Aborted(m)) if m.contains("already exists")
+    ));
+
+    // A commit: not before the proposal is committing; then the version, the status and
+    // the guidance together; a redelivered commit job changes nothing.
+    let r = ready_proposal(&store, &ann).await;
+    assert!(matches!(
+        store
+            .publish_commit(&version(3, 1), &r.proposal_id, &[])
+            .await,
+        Err(StoreError::FailedPrecondition(_))
+    ));
+    assert!(store.guidance_marks().await.unwrap().is_empty());
+    assert_eq!(store.current_version().await.unwrap(), 1);
+    store.decide(&r.proposal_id, &ann, true).await.unwrap();
+    let done = store
+        .publish_commit(
+            &version(3, 1),
+            &r.proposal_id,
+            &[("message", "applied".to_string())],
+        )
+        .await
+        .unwrap();
+    assert_eq!(done, None);
+    let p = store.proposal(&r.proposal_id).await.unwrap();
+    assert_eq!(
+        (p.status.as_str(), p.committed_version, p.message.as_str()),
+        ("committed", 3, "applied")
+    );
+    assert_eq!(store.current_version().await.unwrap(), 3);
+    let again = store
+        .publish_commit(&version(4, 3), &r.proposal_id, &[])
+        .await
+        .unwrap();
+    assert_eq!(again, Some(3));
+    assert_eq!(store.current_version().await.unwrap(), 3);
+    assert_eq!(store.newest_version().await.unwrap(), 3);
+    let guidance = store.guidance_marks().await.unwrap();
+    assert_eq!(guidance.len(), 1);
+    assert_eq!(guidance[0].id, r.mark_id);
+}
+
+#[tokio::test]
+async fn a_job_delivered_too_often_goes_to_the_dead_letters_with_its_last_error() {
+    let (_d, _s, store, ann) = setup().await;
+    let r = ready_proposal(&store, &ann).await;
+    store.decide(&r.proposal_id, &ann, true).await.unwrap();
+    let stream = mp_store::COMMIT_STREAM;
+    let first = store.read_jobs(stream, "commit", "a", 10, 0).await.unwrap();
+    assert_eq!(first.len(), 1);
+    store
+        .note_job_error(stream, &first[0].id, "disk full")
+        .await
+        .unwrap();
+    // Delivered twice (read, then one take-over): under the limit of 2, handed out again.
+    let again = store
+        .reclaim_jobs(stream, "commit", "b", 0, 10, 2)
+        .await
+        .unwrap();
+    assert_eq!(again.len(), 1);
+    assert_eq!(store.counts().await.unwrap().dead_jobs, 0);
+    // A third delivery would be over it: given up on instead.
+    let third = store
+        .reclaim_jobs(stream, "commit", "c", 0, 10, 2)
+        .await
+        .unwrap();
+    assert!(third.is_empty());
+    assert_eq!(store.backlog(stream, "commit").await.unwrap(), 0);
+    assert_eq!(store.counts().await.unwrap().dead_jobs, 1);
+    let dead = store.dead_jobs(10).await.unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(
+        (
+            dead[0].stream.as_str(),
+            dead[0].job_id.as_str(),
+            dead[0].deliveries,
+            dead[0].error.as_str()
+        ),
+        (stream, first[0].id.as_str(), 3, "disk full")
+    );
+    assert_eq!(dead[0].fields.get("proposal"), Some(&r.proposal_id));
+    let p = store.proposal(&r.proposal_id).await.unwrap();
+    assert_eq!(p.status, "failed");
+    assert!(
+        p.message.contains("3 deliveries: disk full"),
+        "{}",
+        p.message
+    );
+}
