@@ -161,4 +161,52 @@ mod tests {
         assert!(matches!(decode(&many), Err(RleError::TooManyRuns { .. })));
         assert!(bad(&|b| b.values[2] = 7).to_string().contains("value 7"));
     }
+
+    use proptest::prelude::*;
+
+    /// Masks of any size up to 64x64 with runs of any length.
+    fn mask() -> impl Strategy<Value = (u32, u32, Vec<i8>)> {
+        (1u32..=64, 1u32..=64).prop_flat_map(|(w, h)| {
+            let n = (w * h) as usize;
+            // Long runs as well as noise: a run length per value, cut to the size.
+            prop::collection::vec((-1i8..=1, 1usize..=200), 1..=n).prop_map(move |runs| {
+                let mut v: Vec<i8> = runs
+                    .into_iter()
+                    .flat_map(|(x, k)| std::iter::repeat_n(x, k))
+                    .take(n)
+                    .collect();
+                v.resize(n, 0);
+                (w, h, v)
+            })
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        #[test]
+        fn encode_then_decode_gives_the_mask_back((w, h, v) in mask()) {
+            let m = encode(w, h, &v);
+            prop_assert_eq!(decode(&m).unwrap(), v.clone());
+            // Minimal: no two neighbouring runs share a value, no empty run.
+            prop_assert!(m.values.windows(2).all(|p| p[0] != p[1]));
+            prop_assert!(m.lengths.iter().all(|&l| l > 0));
+            prop_assert_eq!(m.lengths.iter().map(|&l| l as u64).sum::<u64>(), (w * h) as u64);
+        }
+
+        #[test]
+        fn decode_never_panics_and_whatever_it_accepts_is_consistent(
+            w in 0u32..=70, h in 0u32..=70,
+            values in prop::collection::vec(-3i32..=3, 0..40),
+            lengths in prop::collection::vec(0u32..=5000, 0..40),
+        ) {
+            let m = RleMask { width: w, height: h, values, lengths };
+            if let Ok(v) = decode(&m) {
+                prop_assert_eq!(v.len() as u64, w as u64 * h as u64);
+                prop_assert!(v.iter().all(|x| (-1..=1).contains(x)));
+                // Re-encoding is the canonical form of the same pixels.
+                prop_assert_eq!(decode(&encode(w, h, &v)).unwrap(), v);
+            }
+        }
+    }
 }

@@ -95,7 +95,9 @@ async fn a_worker_killed_mid_refinement_does_not_lose_the_proposal() {
         report.proposal.iterations > 1
             && report.proposal.saliency_after[0].len() == (SIDE * SIDE) as usize
     );
-    assert!(ck.join(mp_node::data::proposal_file(&pid)).exists());
+    assert!(ck
+        .join(mp_node::data::proposal_file(&pid).unwrap())
+        .exists());
     let log = std::fs::read_to_string(dir.path().join("b.log")).unwrap();
     assert!(log.contains("took over jobs"), "{log}");
     // The expert sees it through the API.

@@ -927,3 +927,84 @@ async fn kill_9_of_the_gateway_mid_run_loses_no_acknowledged_mark() {
 async fn kill_9_of_redis_mid_run_loses_no_acknowledged_mark() {
     kill_mid_run(Victim::Redis).await;
 }
+
+/// `WatchProposal` streams are bounded per expert and per gateway; a closed stream frees its
+/// place at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_streams_are_bounded_per_expert_and_per_gateway() {
+    let dir = tempfile::tempdir().unwrap();
+    let redis = RedisServer::start_free(&dir.path().join("redis")).unwrap();
+    let ck = dir.path().join("ck");
+    let store = Store::connect(&redis.url(), "mp").await.unwrap();
+    let admin = project(&store, 8, &ck).await;
+    let gw = mp_e2e::TestGateway::start(mp_gateway::GatewayConfig {
+        watches_per_expert: 2,
+        watches_total: 3,
+        ..mp_e2e::gateway_config(&redis.url(), &ck)
+    })
+    .await;
+    let clients = experts(&gw.addr, &admin, 2).await;
+    // A proposal each, left `queued` (no worker): their watch streams stay open.
+    let mut pids = Vec::new();
+    for c in &clients {
+        let l = c
+            .queue
+            .clone()
+            .lease(pb::LeaseRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .lease
+            .unwrap();
+        let mut v = vec![0i8; (l.width * l.height) as usize];
+        v[0] = 1;
+        let r = c
+            .queue
+            .clone()
+            .submit(pb::SubmitRequest {
+                lease_id: l.lease_id,
+                mask: Some(rle::encode(l.width, l.height, &v)),
+                idempotency_key: "k".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        pids.push(r.proposal_id);
+    }
+    let watch = |c: &Client, pid: &str| {
+        let mut p = c.proposals.clone();
+        let req = pb::GetProposalRequest {
+            proposal_id: pid.into(),
+        };
+        async move { p.watch_proposal(req).await }
+    };
+    let a1 = watch(&clients[0], &pids[0]).await.unwrap();
+    let _a2 = watch(&clients[0], &pids[0]).await.unwrap();
+    let (c, m) = code(watch(&clients[0], &pids[0]).await);
+    assert!(
+        c == Code::ResourceExhausted && m.contains("per expert"),
+        "{m}"
+    );
+    let _b1 = watch(&clients[1], &pids[1]).await.unwrap();
+    let (c, m) = code(watch(&clients[1], &pids[1]).await);
+    assert!(
+        c == Code::ResourceExhausted && m.contains("try again"),
+        "{m}"
+    );
+    // Closing a stream gives its place back.
+    drop(a1);
+    let start = std::time::Instant::now();
+    loop {
+        match watch(&clients[1], &pids[1]).await {
+            Ok(_) => break,
+            Err(s) => {
+                assert_eq!(s.code(), Code::ResourceExhausted);
+                assert!(
+                    start.elapsed() < std::time::Duration::from_secs(5),
+                    "place not freed"
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+}

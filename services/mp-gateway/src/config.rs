@@ -29,6 +29,12 @@ pub struct GatewayConfig {
     pub view_versions: u64,
     /// Leases one expert may hold at once (0: no limit).
     pub leases_per_expert: u64,
+    /// `WatchProposal` streams one expert may hold open at once on this gateway.
+    pub watches_per_expert: usize,
+    /// `WatchProposal` streams open at once on this gateway, all experts together.
+    pub watches_total: usize,
+    /// Concurrent HTTP/2 streams per client connection.
+    pub max_concurrent_streams: u32,
 }
 
 impl Default for GatewayConfig {
@@ -45,6 +51,9 @@ impl Default for GatewayConfig {
             view_wait_ms: 5_000,
             view_versions: 5,
             leases_per_expert: 2,
+            watches_per_expert: 8,
+            watches_total: 1024,
+            max_concurrent_streams: 256,
         }
     }
 }
@@ -113,6 +122,15 @@ impl GatewayConfig {
         }
         if let Some(v) = get("MP_LEASES_PER_EXPERT") {
             self.leases_per_expert = num("MP_LEASES_PER_EXPERT", v)?;
+        }
+        if let Some(v) = get("MP_WATCHES_PER_EXPERT") {
+            self.watches_per_expert = num("MP_WATCHES_PER_EXPERT", v)?;
+        }
+        if let Some(v) = get("MP_WATCHES_TOTAL") {
+            self.watches_total = num("MP_WATCHES_TOTAL", v)?;
+        }
+        if let Some(v) = get("MP_MAX_CONCURRENT_STREAMS") {
+            self.max_concurrent_streams = num("MP_MAX_CONCURRENT_STREAMS", v)?;
         }
         if let Some(v) = get("MP_VIEW_VERSIONS") {
             self.view_versions = num("MP_VIEW_VERSIONS", v)?;

@@ -187,6 +187,7 @@ pub async fn run(
         .unwrap_or_default();
     info!(%addr, "gateway listening");
     let result = tonic::transport::Server::builder()
+        .max_concurrent_streams(Some(gw.config.max_concurrent_streams.max(1)))
         .trace_fn(|req| tracing::info_span!("grpc", path = %req.uri().path()))
         .add_service(health)
         .add_service(

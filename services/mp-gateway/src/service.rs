@@ -5,6 +5,7 @@ use crate::GatewayConfig;
 use mp_proto::rle;
 use mp_proto::v1::{self as pb};
 use mp_store::{Expert, ProposalRecord, Role, Store, StoreError};
+use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -42,6 +43,27 @@ pub struct Gateway {
     view_workers: Cached<bool>,
     project_cache: Cached<Arc<mp_store::ProjectInfo>>,
     auth: crate::auth::AuthCache,
+    /// Open `WatchProposal` streams per expert.
+    watches: Arc<Mutex<HashMap<String, usize>>>,
+}
+
+/// One open watch stream, counted while it lives.
+struct WatchSlot {
+    watches: Arc<Mutex<HashMap<String, usize>>>,
+    expert: String,
+}
+
+impl Drop for WatchSlot {
+    fn drop(&mut self) {
+        if let Ok(mut w) = self.watches.lock() {
+            if let Some(n) = w.get_mut(&self.expert) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    w.remove(&self.expert);
+                }
+            }
+        }
+    }
 }
 
 /// A value and when it was read.
@@ -95,6 +117,33 @@ fn observed<T>(method: &'static str, started: Instant, r: Result<T, Status>) -> 
 }
 
 impl Gateway {
+    /// A place for one more watch stream of `expert`, or `ResourceExhausted` past
+    /// `watches_per_expert` for it or `watches_total` on this gateway.
+    fn watch_slot(&self, expert: &str) -> Result<WatchSlot, Status> {
+        let mut w = self
+            .watches
+            .lock()
+            .map_err(|_| Status::internal("watch table poisoned"))?;
+        let total: usize = w.values().sum();
+        let mine = w.get(expert).copied().unwrap_or(0);
+        if mine >= self.config.watches_per_expert {
+            return Err(Status::resource_exhausted(format!(
+                "{mine} proposals watched at once already: at most {} per expert",
+                self.config.watches_per_expert
+            )));
+        }
+        if total >= self.config.watches_total {
+            return Err(Status::resource_exhausted(format!(
+                "this gateway serves {total} watch streams already: try again later"
+            )));
+        }
+        *w.entry(expert.to_string()).or_default() += 1;
+        Ok(WatchSlot {
+            watches: self.watches.clone(),
+            expert: expert.to_string(),
+        })
+    }
+
     pub fn new(config: GatewayConfig, views: ViewPool) -> Self {
         Gateway {
             store: Arc::new(tokio::sync::OnceCell::new()),
@@ -104,6 +153,7 @@ impl Gateway {
             view_workers: Default::default(),
             project_cache: Default::default(),
             auth: Default::default(),
+            watches: Default::default(),
         }
     }
 
@@ -650,19 +700,29 @@ impl pb::proposal_service_server::ProposalService for Gateway {
         check_id("proposal_id", &id)?;
         let first = self.store()?.proposal(&id).await.map_err(status)?;
         Self::owner_or_admin(&e, &first, "watches")?;
+        let slot = self.watch_slot(&e.id)?;
         let store = self.store()?.clone();
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         tokio::spawn(async move {
+            let _slot = slot;
             let mut last = (first.status.clone(), first.updated_ms);
             if tx.send(Ok(proposal_to_pb(&first))).await.is_err() || terminal(&first.status) {
                 return;
             }
             let deadline = Instant::now() + Duration::from_secs(30 * 60);
+            // Polls back off while nothing changes (100 ms doubling to 2 s), and start
+            // fast again on a change.
+            let mut pause = Duration::from_millis(100);
             while Instant::now() < deadline {
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                tokio::select! {
+                    _ = tokio::time::sleep(pause) => {}
+                    _ = tx.closed() => return,
+                }
+                pause = (pause * 2).min(Duration::from_secs(2));
                 match store.proposal(&id).await {
                     Ok(p) => {
                         if (p.status.clone(), p.updated_ms) != last {
+                            pause = Duration::from_millis(100);
                             last = (p.status.clone(), p.updated_ms);
                             if tx.send(Ok(proposal_to_pb(&p))).await.is_err() || terminal(&p.status)
                             {

@@ -81,8 +81,11 @@ pub fn checkpoint_path(dir: &Path, rec: &ModelVersionRecord) -> PathBuf {
     dir.join(&rec.file)
 }
 
-pub fn proposal_file(id: &str) -> String {
-    format!("proposals/{id}.safetensors")
+/// Where a proposal's weights go, relative to the checkpoint directory; refused for an id
+/// that is not one of ours (a forged job cannot name a path outside the directory).
+pub fn proposal_file(id: &str) -> Result<String> {
+    mp_store::check_hex_id("proposal", id)?;
+    Ok(format!("proposals/{id}.safetensors"))
 }
 
 /// Writes bytes durably ([`mp_core::durable::write_durable`]: unique temporary, fsync,

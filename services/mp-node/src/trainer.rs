@@ -382,7 +382,7 @@ impl Coordinator {
             return Ok(());
         }
         if p.base_version == self.version && p.status == "committing" {
-            let path = self.cfg.checkpoints.join(proposal_file(pid));
+            let path = self.cfg.checkpoints.join(proposal_file(pid)?);
             let bytes = tokio::fs::read(&path)
                 .await
                 .map_err(|e| NodeError::Io(format!("{}: {e}", path.display())))?;
@@ -419,7 +419,7 @@ impl Coordinator {
         // that the guard had passed.)
         let improved = proposal.best_iteration > 0;
         let base = self.version;
-        let file = proposal_file(pid);
+        let file = proposal_file(pid)?;
         write_atomic(&self.cfg.checkpoints.join(&file), &proposal.weights).await?;
         let report = serde_json::to_string(&ProposalReport {
             width: image.width,
@@ -680,7 +680,17 @@ pub async fn run(cfg: TrainerConfig, mut stop: tokio::sync::watch::Receiver<bool
     };
     info!(version, "trainer started");
     let consumer = crate::consumer_name("trainer");
+    let mut last_trim = Instant::now();
     while !*stop.borrow() {
+        // Acknowledged jobs do not stay in Redis for ever.
+        if last_trim.elapsed() >= Duration::from_secs(60) {
+            last_trim = Instant::now();
+            match store.trim_streams().await {
+                Ok(n) if n > 0 => info!(entries = n, "job streams trimmed"),
+                Ok(_) => {}
+                Err(e) => warn!(error = %e, "trimming the job streams failed"),
+            }
+        }
         // Rollback (or another writer): follow Redis's current version.
         if let Err(e) = co.follow_current(false).await {
             let _ = health_tx.send(false);

@@ -474,7 +474,7 @@ impl Ctx {
         .await;
         match result {
             Ok((proposal, image)) => {
-                let file = proposal_file(&pid);
+                let file = proposal_file(&pid)?;
                 write_atomic(&self.cfg.checkpoints.join(&file), &proposal.weights).await?;
                 let report = ProposalReport {
                     width: image.width,
@@ -577,7 +577,9 @@ impl Ctx {
             let shared = j
                 .fields
                 .get("suggester")
-                .filter(|f| f.starts_with("suggesters/") && !f.contains(".."))
+                .filter(|f| {
+                    f.starts_with("suggesters/") && mp_store::check_relative_file(f).is_ok()
+                })
                 .cloned();
             by_pass.entry((v, shared)).or_default().extend(ids);
         }

@@ -109,6 +109,44 @@ impl Store {
             .collect())
     }
 
+    /// Trims the job streams of what every consumer is done with: entries older than the
+    /// oldest one still pending and than the last one delivered (`XTRIM … MINID ~`), so
+    /// that acknowledged jobs do not pile up in Redis for ever. Never removes a job that
+    /// was not delivered or is still pending. Returns the entries removed.
+    pub async fn trim_streams(&self) -> Result<u64> {
+        let mut c = self.conn.clone();
+        let mut removed = 0;
+        for (stream, group) in [
+            (REFINE_STREAM, "refine"),
+            (SCORE_STREAM, "score"),
+            (COMMIT_STREAM, "commit"),
+        ] {
+            let key = self.k(stream);
+            let exists: bool = c.exists(&key).await?;
+            if !exists {
+                continue;
+            }
+            let groups: redis::streams::StreamInfoGroupsReply = c.xinfo_groups(&key).await?;
+            let Some(g) = groups.groups.iter().find(|g| g.name == group) else {
+                continue;
+            };
+            let pending: redis::streams::StreamPendingReply = c.xpending(&key, group).await?;
+            let keep_from = match pending {
+                redis::streams::StreamPendingReply::Data(d) => d.start_id,
+                _ => g.last_delivered_id.clone(),
+            };
+            let n: u64 = redis::cmd("XTRIM")
+                .arg(&key)
+                .arg("MINID")
+                .arg("~")
+                .arg(&keep_from)
+                .query_async(&mut c)
+                .await?;
+            removed += n;
+        }
+        Ok(removed)
+    }
+
     /// Remembers why a job failed this time (a week at most), for its dead letter should it
     /// be given up on.
     pub async fn note_job_error(&self, stream: &str, id: &str, error: &str) -> Result<()> {

@@ -256,6 +256,41 @@ pub struct DeadJob {
     pub fields: HashMap<String, String>,
 }
 
+/// Checks that a file name read back from Redis stays inside the directory it is joined to:
+/// relative, made of plain components (no `..`, no root), of `[A-Za-z0-9._-]` and `/`, at
+/// most 200 bytes. A forged record then cannot make a node read or write elsewhere.
+pub fn check_relative_file(name: &str) -> Result<()> {
+    use std::path::Component;
+    let plain = !name.is_empty()
+        && name.len() <= 200
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b'/'))
+        && std::path::Path::new(name)
+            .components()
+            .all(|c| matches!(c, Component::Normal(_)));
+    if plain {
+        Ok(())
+    } else {
+        let head: String = name.chars().take(80).collect();
+        Err(StoreError::InvalidArgument(format!(
+            "{head:?} is not a plain file name inside the checkpoint directory"
+        )))
+    }
+}
+
+/// Checks an id minted by [`new_id`] (hex, 1 to 64 digits) before it becomes part of a path.
+pub fn check_hex_id(what: &str, id: &str) -> Result<()> {
+    if !id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_hexdigit()) {
+        Ok(())
+    } else {
+        let head: String = id.chars().take(80).collect();
+        Err(StoreError::InvalidArgument(format!(
+            "{what} {head:?} is not an id of ours"
+        )))
+    }
+}
+
 /// Random identifier: 16 bytes as hex.
 pub fn new_id() -> String {
     let mut b = [0u8; 16];

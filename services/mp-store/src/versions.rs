@@ -74,6 +74,7 @@ impl Store {
         rec: &ModelVersionRecord,
         commit: Option<(&str, &[(&str, String)])>,
     ) -> Result<Option<u64>> {
+        check_relative_file(&rec.file)?;
         let mut c = self.conn.clone();
         let json = serde_json::to_string(rec).map_err(|e| StoreError::Corrupt(e.to_string()))?;
         let mut inv = self.scripts.publish.prepare_invoke();
@@ -141,8 +142,11 @@ impl Store {
 }
 
 fn decode(s: &str) -> Result<ModelVersionRecord> {
-    serde_json::from_str(s).map_err(|e| {
+    let rec: ModelVersionRecord = serde_json::from_str(s).map_err(|e| {
         let head: String = s.chars().take(200).collect();
         StoreError::Corrupt(format!("model version: {e} in {head}"))
-    })
+    })?;
+    check_relative_file(&rec.file)
+        .map_err(|e| StoreError::Corrupt(format!("model version {}: {e}", rec.version)))?;
+    Ok(rec)
 }

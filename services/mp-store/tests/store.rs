@@ -516,3 +516,77 @@ async fn a_job_delivered_too_often_goes_to_the_dead_letters_with_its_last_error(
         p.message
     );
 }
+
+#[tokio::test]
+async fn a_forged_version_record_cannot_name_a_file_outside_the_checkpoint_directory() {
+    let (_d, _s, store, _) = setup().await;
+    for bad in [
+        "../../etc/passwd",
+        "/etc/passwd",
+        "a/../../b",
+        "v2.safetensors\n",
+        "",
+    ] {
+        let mut rec = version(2, 1);
+        rec.file = bad.to_string();
+        assert!(
+            matches!(
+                store.publish_version(&rec).await,
+                Err(StoreError::InvalidArgument(_))
+            ),
+            "{bad:?}"
+        );
+    }
+    assert_eq!(store.current_version().await.unwrap(), 1);
+    // Written behind the store's back: read back as corrupt, never as a path.
+    let mut forged = version(9, 1);
+    forged.file = "../../../root/.ssh/authorized_keys".into();
+    let mut c = store.connection();
+    let _: () = redis::cmd("HSET")
+        .arg("t:model:versions")
+        .arg(9)
+        .arg(serde_json::to_string(&forged).unwrap())
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert!(matches!(
+        store.version(9).await,
+        Err(StoreError::Corrupt(m)) if m.contains("not a plain file name")
+    ));
+    assert!(mp_store::check_relative_file("suggesters/m3-17.safetensors").is_ok());
+    assert!(mp_store::check_hex_id("proposal", "0a1b2c").is_ok());
+    assert!(mp_store::check_hex_id("proposal", "../x").is_err());
+}
+
+#[tokio::test]
+async fn streams_are_trimmed_of_acknowledged_jobs_only() {
+    let (_d, _s, store, _) = setup().await;
+    let stream = mp_store::SCORE_STREAM;
+    for i in 0..300 {
+        store
+            .add_job(
+                stream,
+                &[("kind", "score".to_string()), ("n", i.to_string())],
+            )
+            .await
+            .unwrap();
+    }
+    // 250 delivered: 200 acknowledged, 50 still pending (a worker on them); 50 not delivered.
+    let got = store.read_jobs(stream, "score", "w", 250, 0).await.unwrap();
+    for j in &got[..200] {
+        store.ack(stream, "score", &j.id).await.unwrap();
+    }
+    let removed = store.trim_streams().await.unwrap();
+    assert!(removed > 0 && removed <= 200, "{removed}");
+    assert_eq!(stream_len(&store, stream).await, 300 - removed);
+    // The pending ones can still be taken over, the new ones still read.
+    let pending = store
+        .reclaim_jobs(stream, "score", "v", 0, 100, 5)
+        .await
+        .unwrap();
+    assert_eq!(pending.len(), 50);
+    assert_eq!(pending[0].fields["n"], "200");
+    let rest = store.read_jobs(stream, "score", "v", 100, 0).await.unwrap();
+    assert_eq!(rest.len(), 50);
+    assert_eq!(store.trim_streams().await.unwrap(), 0);
+}

@@ -55,10 +55,20 @@ fn sorted_entries(dir: &Path) -> Result<Vec<PathBuf>> {
 
 fn open_image(path: &Path) -> Result<DynamicImage> {
     let bytes = std::fs::read(path).map_err(|e| CoreError::io(path, e))?;
-    image::load_from_memory(&bytes).map_err(|e| CoreError::Image {
-        path: path.to_path_buf(),
-        message: e.to_string(),
-    })
+    decode_image(&bytes, path)
+}
+
+/// Decodes an image file's bytes (`origin` names it in errors), within the decoder's memory
+/// limits (512 MiB; a file that claims a larger image is refused, not allocated).
+pub fn decode_image(bytes: &[u8], origin: &Path) -> Result<DynamicImage> {
+    image::ImageReader::new(std::io::Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|e| CoreError::io(origin, e))?
+        .decode()
+        .map_err(|e| CoreError::Image {
+            path: origin.to_path_buf(),
+            message: e.to_string(),
+        })
 }
 
 fn stem(path: &Path) -> String {
@@ -69,7 +79,14 @@ fn stem(path: &Path) -> String {
 
 /// Reads a mark PNG into a mask; `want` is the size of the image it belongs to.
 pub fn read_mask(path: &Path, want: (u32, u32)) -> Result<Mask> {
-    let img = open_image(path)?.to_rgb8();
+    let bytes = std::fs::read(path).map_err(|e| CoreError::io(path, e))?;
+    decode_mask(&bytes, want, path)
+}
+
+/// A mark PNG's bytes as a mask (`origin` names it in errors); [`read_mask`] without the file.
+pub fn decode_mask(bytes: &[u8], want: (u32, u32), origin: &Path) -> Result<Mask> {
+    let path = origin;
+    let img = decode_image(bytes, origin)?.to_rgb8();
     let (w, h) = img.dimensions();
     if (w, h) != want {
         return Err(CoreError::MaskSize {
