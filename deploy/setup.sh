@@ -49,6 +49,11 @@ if ! "$MP_VENV/bin/python" -c 'import torchvision, safetensors' 2>/dev/null; the
   "$MP_VENV/bin/pip" install -q torch==2.11.0 torchvision==0.26.0 safetensors >&2
 fi
 
+# kubernetes-validate (the Kubernetes schemas, bundled: works offline) for the manifest test.
+if ! "$MP_VENV/bin/python" -c 'import kubernetes_validate' 2>/dev/null; then
+  mp_log "installing kubernetes-validate into $MP_VENV"
+  "$MP_VENV/bin/pip" install -q kubernetes-validate==1.37.0 >&2
+fi
 # A torchvision ResNet-18 (10 classes, random initialisation, no weight download) as a
 # TorchScript module: the "bring your own model" benchmarks import it through --model.
 export MP_RESNET18_MODULE="$MP_CACHE_DIR/models/resnet18-10.pt"
@@ -75,5 +80,5 @@ export LIBTORCH_USE_PYTORCH=1
 export MP_PYTHON="$MP_VENV/bin/python"
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$MP_CACHE_DIR/target}
 export MP_BIN="$CARGO_TARGET_DIR/release"
-mp_log "building the workspace (release; the first build takes several minutes)"
-(cd "$mp_root" && cargo build --release --workspace --quiet >&2)
+mp_log "building the workspace (release; the first build on 2 cores takes about 20 minutes — tch, tonic and egui — later ones seconds)"
+(cd "$mp_root" && cargo build --release --workspace >&2)

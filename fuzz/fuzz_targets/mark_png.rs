@@ -5,7 +5,7 @@ use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     let origin = std::path::Path::new("fuzz.png");
-    if let Ok(m) = mp_core::data::folder::decode_mask(data, (16, 16), origin) {
-        assert_eq!((m.width, m.height, m.values.len()), (16, 16, 256));
+    if let Ok(m) = mp_core::data::folder::decode_mask(data, (28, 28), origin) {
+        assert_eq!((m.width, m.height, m.values.len()), (28, 28, 784));
     }
 });

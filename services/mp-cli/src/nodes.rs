@@ -508,7 +508,10 @@ pub fn up(a: UpArgs) -> Result<()> {
         println!("               {token}");
     }
     println!(
-        "  redis        {url} (data in {})",
+        "  redis        127.0.0.1:{} (user {}, password in {}; data in {})",
+        a.redis_port,
+        mp_store::server::REDIS_USER,
+        dir.join("redis/redis.password").display(),
         dir.join("redis").display()
     );
     println!("  logs         {}", logs.display());

@@ -148,7 +148,7 @@ pub fn import_module(path: &Path, config: &ProjectConfig, device: tch::Device) -
 /// Where a project lives: its Redis, key prefix and checkpoint directory.
 #[derive(Args, Clone)]
 pub struct ProjectPlace {
-    #[arg(long, default_value = "redis://127.0.0.1:6379")]
+    #[arg(long, env = "MP_REDIS_URL", default_value = "redis://127.0.0.1:6379")]
     pub redis_url: String,
     #[arg(long, default_value = "mp")]
     pub prefix: String,

@@ -81,6 +81,26 @@ fn docker_compose_is_consistent() {
             "{svc} has no business with the admin token"
         );
     }
+    // Redis asks for a password; the platform's services are not root and cannot write
+    // their own image.
+    let redis_cmd = strings(&doc["services"]["redis"]["command"]).join(" ");
+    for want in [
+        "--user mp on >${MP_REDIS_PASSWORD",
+        "-@dangerous",
+        "noeviction",
+    ] {
+        assert!(redis_cmd.contains(want), "redis lacks {want}: {redis_cmd}");
+    }
+    assert!(doc["x-env"]["MP_REDIS_URL"]
+        .as_str()
+        .unwrap()
+        .starts_with("redis://mp:${MP_REDIS_PASSWORD"));
+    assert!(
+        doc["services"]["redis"]["ports"].is_null(),
+        "Redis stays on the compose network"
+    );
+    assert_eq!(doc["x-mp"]["user"], "10001:10001");
+    assert_eq!(doc["x-mp"]["read_only"], true);
     for svc in ["trainer", "worker"] {
         let dev = &doc["services"][svc]["deploy"]["resources"]["reservations"]["devices"][0];
         assert_eq!(
@@ -201,4 +221,131 @@ fn kubernetes_manifests_are_consistent() {
     let p = dir.path().join("g.toml");
     std::fs::write(&p, cm["data"]["gateway.toml"].as_str().unwrap()).unwrap();
     mp_gateway::GatewayConfig::load(Some(&p)).unwrap();
+}
+
+/// Every Kubernetes manifest against the Kubernetes 1.37 schemas, strictly (unknown fields
+/// refused), with `kubernetes-validate` (installed into the venv by deploy/setup.sh; it
+/// bundles the schemas and works offline). KEDA's kinds have no bundled schema: the test
+/// above checks them.
+#[test]
+fn kubernetes_manifests_pass_the_kubernetes_schemas() {
+    let python = std::env::var("MP_PYTHON").unwrap_or_else(|_| "python3".into());
+    let mut files: Vec<PathBuf> = std::fs::read_dir(deploy().join("k8s"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    files.sort();
+    let out = Command::new(&python)
+        .args([
+            "-m",
+            "kubernetes_validate",
+            "--strict",
+            "--kubernetes-version",
+            "1.37.0",
+        ])
+        .args(&files)
+        .output()
+        .unwrap_or_else(|e| panic!("{python}: {e} (deploy/setup.sh installs kubernetes-validate)"));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{text}");
+    let passed = text.matches(" passed for resource ").count();
+    assert!(passed >= 13, "{passed} resources validated:\n{text}");
+    for line in text.lines().filter(|l| l.starts_with("WARN")) {
+        assert!(line.contains("keda.sh"), "{line}");
+    }
+}
+
+/// Production settings of every workload: not root, read-only root filesystem, no privilege
+/// escalation, every capability dropped, CPU and memory limits, pinned image tags; Redis's
+/// URL (it carries the password) only from a Secret; only the platform's pods reach Redis.
+#[test]
+fn every_workload_runs_unprivileged_bounded_and_pinned() {
+    let mut docs = Vec::new();
+    for e in std::fs::read_dir(deploy().join("k8s")).unwrap() {
+        let p = e.unwrap().path();
+        let text = std::fs::read_to_string(&p).unwrap();
+        for d in serde_yaml::Deserializer::from_str(&text) {
+            docs.push((
+                p.file_name().unwrap().to_string_lossy().into_owned(),
+                Value::deserialize(d).unwrap(),
+            ));
+        }
+    }
+    let mut workloads = 0;
+    for (file, d) in &docs {
+        if d["kind"] == "ConfigMap" {
+            let text = serde_yaml::to_string(&d["data"]).unwrap();
+            assert!(
+                !text.contains("MP_REDIS_URL") && !text.contains("redis://"),
+                "{file}: the Redis URL belongs in a Secret"
+            );
+        }
+        if !matches!(
+            d["kind"].as_str(),
+            Some("Deployment" | "StatefulSet" | "Job")
+        ) {
+            continue;
+        }
+        workloads += 1;
+        let pod = &d["spec"]["template"];
+        let spec = &pod["spec"];
+        assert_eq!(spec["securityContext"]["runAsNonRoot"], true, "{file}");
+        let ours = spec["containers"][0]["image"]
+            .as_str()
+            .unwrap()
+            .starts_with("machine-punishment");
+        if ours {
+            assert_eq!(
+                pod["metadata"]["labels"]["app.kubernetes.io/part-of"], "machine-punishment",
+                "{file}: Redis lets in only the platform's pods"
+            );
+        }
+        for c in spec["containers"].as_sequence().unwrap() {
+            let image = c["image"].as_str().unwrap();
+            let tag = image.rsplit_once(':').map(|(_, t)| t).unwrap_or("");
+            assert!(
+                !tag.is_empty() && tag != "latest",
+                "{file}: image {image} is not pinned"
+            );
+            let sc = &c["securityContext"];
+            assert_eq!(sc["readOnlyRootFilesystem"], true, "{file}");
+            assert_eq!(sc["allowPrivilegeEscalation"], false, "{file}");
+            assert_eq!(strings(&sc["capabilities"]["drop"]), vec!["ALL"], "{file}");
+            let limits = &c["resources"]["limits"];
+            assert!(
+                limits["memory"].is_string() && !limits["cpu"].is_null(),
+                "{file}: CPU and memory limits"
+            );
+            if ours {
+                let env = c["env"].as_sequence().cloned().unwrap_or_default();
+                assert!(
+                    env.iter().any(|e| e["name"] == "MP_REDIS_URL"
+                        && e["valueFrom"]["secretKeyRef"]["name"].is_string()),
+                    "{file}: MP_REDIS_URL from a Secret"
+                );
+            }
+        }
+    }
+    assert_eq!(workloads, 5, "gateway, trainer, worker, redis, init");
+    let (_, policy) = docs
+        .iter()
+        .find(|(_, d)| d["kind"] == "NetworkPolicy")
+        .expect("a NetworkPolicy in front of Redis");
+    assert_eq!(policy["spec"]["podSelector"]["matchLabels"]["app"], "redis");
+    let (_, redis) = docs
+        .iter()
+        .find(|(_, d)| d["kind"] == "StatefulSet" && d["metadata"]["name"] == "redis")
+        .unwrap();
+    let args = strings(&redis["spec"]["template"]["spec"]["containers"][0]["args"]).join(" ");
+    for want in [
+        "--user mp on",
+        "-@dangerous",
+        "--maxmemory-policy noeviction",
+    ] {
+        assert!(args.contains(want), "redis args lack {want}: {args}");
+    }
 }

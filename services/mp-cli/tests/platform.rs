@@ -67,7 +67,7 @@ async fn serving(addr: &str) -> i32 {
 async fn every_bad_request_gets_a_clear_status_and_health_follows_redis() {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port().unwrap();
-    let url = format!("redis://127.0.0.1:{port}");
+    let url = mp_store::server::url_for(&dir.path().join("redis"), port).unwrap();
     let ck = dir.path().join("ck");
     // Gateway first: NotServing until Redis answers.
     let gw = gateway(&url, &ck, 300, 64 * 1024).await;

@@ -30,8 +30,64 @@ pub fn cpu_time(pid: &str) -> Option<Duration> {
     Some(Duration::from_millis(ticks * 10))
 }
 
+/// The ACL user the platform connects as (the `default` user has a password of its own).
+pub const REDIS_USER: &str = "mp";
+
+/// What the platform's user may run: everything but Redis's `@dangerous` commands (FLUSHALL,
+/// KEYS, DEBUG, SHUTDOWN, MONITOR, REPLICAOF, ACL, MODULE…), except the few it uses — INFO
+/// (memory figures), LATENCY and CONFIG GET/SET (the latency monitor of the benchmarks).
+pub const REDIS_ACL: &[&str] = &[
+    "~*",
+    "&*",
+    "+@all",
+    "-@dangerous",
+    "+info",
+    "+latency",
+    "+config|get",
+    "+config|set",
+];
+
+/// The platform user's password of the server whose data is in `dir`: made on first use (32
+/// random bytes as hex) and kept in `dir/redis.password`, readable by its owner only, so a
+/// restart on the same directory keeps it.
+pub fn password_for(dir: &Path) -> std::io::Result<String> {
+    secret(dir, "redis.password")
+}
+
+fn secret(dir: &Path, name: &str) -> std::io::Result<String> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = dir.join(name);
+    if let Ok(p) = std::fs::read_to_string(&file) {
+        if !p.trim().is_empty() {
+            return Ok(p.trim().to_string());
+        }
+    }
+    std::fs::create_dir_all(dir)?;
+    let password = format!("{}{}", crate::new_id(), crate::new_id());
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&file)?;
+    f.write_all(password.as_bytes())?;
+    f.sync_all()?;
+    Ok(password)
+}
+
+/// The URL of the server that [`RedisServer::start`] would run on `port` with `dir`.
+pub fn url_for(dir: &Path, port: u16) -> std::io::Result<String> {
+    Ok(format!(
+        "redis://{REDIS_USER}:{}@127.0.0.1:{port}",
+        password_for(dir)?
+    ))
+}
+
 impl RedisServer {
     /// Starts redis-server on 127.0.0.1:`port` with its data in `dir`, and waits until it answers.
+    /// It asks for a password (user [`REDIS_USER`], [`password_for`] `dir`), and that user
+    /// may not run Redis's dangerous commands ([`REDIS_ACL`]).
     pub fn start(dir: &Path, port: u16) -> std::io::Result<RedisServer> {
         std::fs::create_dir_all(dir)?;
         let mut s = RedisServer {
@@ -49,7 +105,18 @@ impl RedisServer {
     }
 
     fn spawn(&mut self) -> std::io::Result<()> {
+        let password = password_for(&self.dir)?;
+        let pass = format!(">{password}");
+        let mut user = vec!["--user", REDIS_USER, "on", &pass];
+        user.extend_from_slice(REDIS_ACL);
+        // The default user keeps every permission behind a password of its own, which the
+        // platform never uses: Redis 7.0 replays the AOF as the default user, and one that
+        // is off or limited makes every MULTI/EXEC of the AOF fail on restart (NOPERM) —
+        // acknowledged writes lost.
+        let admin = format!(">{}", secret(&self.dir, "redis.admin-password")?);
         let child = Command::new("redis-server")
+            .args(["--user", "default", "on", &admin, "~*", "&*", "+@all"])
+            .args(&user)
             .args([
                 "--bind",
                 "127.0.0.1",
@@ -84,11 +151,20 @@ impl RedisServer {
             if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", self.port)) {
                 use std::io::{Read, Write};
                 let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
-                if s.write_all(b"PING\r\n").is_ok() {
+                let hello = format!("AUTH {REDIS_USER} {password}\r\nPING\r\n");
+                if s.write_all(hello.as_bytes()).is_ok() {
+                    let mut got = Vec::new();
                     let mut buf = [0u8; 64];
-                    if let Ok(n) = s.read(&mut buf) {
-                        if buf[..n].starts_with(b"+PONG") {
+                    while let Ok(n) = s.read(&mut buf) {
+                        if n == 0 {
+                            break;
+                        }
+                        got.extend_from_slice(&buf[..n]);
+                        if got.ends_with(b"\r\n") && got.windows(5).any(|w| w == b"+PONG") {
                             return Ok(());
+                        }
+                        if got.len() > 4096 || got.starts_with(b"-") {
+                            break;
                         }
                     }
                 }
@@ -110,8 +186,9 @@ impl RedisServer {
         }
     }
 
+    /// `redis://mp:PASSWORD@127.0.0.1:PORT`.
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        url_for(&self.dir, self.port).unwrap_or_else(|_| format!("redis://127.0.0.1:{}", self.port))
     }
 
     pub fn pid(&self) -> Option<u32> {
@@ -137,11 +214,12 @@ impl RedisServer {
         self.spawn()
     }
 
-    /// Asks the server to shut down cleanly (SHUTDOWN), then reaps it.
+    /// Asks the server to shut down cleanly (SIGTERM: it finishes its AOF), then reaps it.
     pub fn stop(&mut self) {
-        if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", self.port)) {
-            use std::io::Write;
-            let _ = s.write_all(b"SHUTDOWN\r\n");
+        if let Some(c) = self.child.as_ref() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &c.id().to_string()])
+                .status();
         }
         if let Some(mut c) = self.child.take() {
             let start = Instant::now();

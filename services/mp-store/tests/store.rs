@@ -190,6 +190,9 @@ async fn acknowledged_submits_survive_kill_9_of_redis() {
     server.kill9();
     assert!(matches!(store.counts().await, Err(StoreError::Redis(_))));
     server.restart().unwrap();
+    // Every transaction of the AOF replayed (the ACL must not stop the replay).
+    let log = std::fs::read_to_string(server.dir.join("redis.log")).unwrap();
+    assert!(!log.contains("CRITICAL"), "{log}");
     let store = Store::connect(&server.url(), "t").await.unwrap();
     assert_eq!(
         store.mark(&r.mark_id).await.unwrap().values,
@@ -589,4 +592,39 @@ async fn streams_are_trimmed_of_acknowledged_jobs_only() {
     let rest = store.read_jobs(stream, "score", "v", 100, 0).await.unwrap();
     assert_eq!(rest.len(), 50);
     assert_eq!(store.trim_streams().await.unwrap(), 0);
+}
+
+#[tokio::test]
+async fn redis_asks_for_the_password_and_refuses_dangerous_commands_to_the_platform() {
+    let (_d, server, store, _) = setup().await;
+    let open = format!("redis://127.0.0.1:{}", server.port);
+    let no_password = Store::connect(&open, "t").await;
+    let refused = match no_password {
+        Err(e) => e.to_string(),
+        Ok(s) => s.ping().await.unwrap_err().to_string(),
+    };
+    assert!(
+        refused.contains("NOAUTH") || refused.contains("uthenticat"),
+        "{refused}"
+    );
+    let mut c = store.connection();
+    for cmd in ["FLUSHALL", "KEYS", "SHUTDOWN", "MONITOR"] {
+        let mut q = redis::cmd(cmd);
+        if cmd == "KEYS" {
+            q.arg("*");
+        }
+        let r: redis::RedisResult<redis::Value> = q.query_async(&mut c).await;
+        let e = r.expect_err(cmd).to_string();
+        assert!(e.to_lowercase().contains("noperm"), "{cmd}: {e}");
+    }
+    assert!(
+        store.project().await.unwrap().is_some(),
+        "nothing was flushed"
+    );
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(server.dir.join("redis.password"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
 }
