@@ -7,6 +7,7 @@
 pub mod sim;
 
 use mp_proto::v1 as pb;
+use std::path::Path;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
@@ -24,6 +25,8 @@ pub enum ClientError {
         #[source]
         source: tonic::transport::Error,
     },
+    #[error("TLS: {0}")]
+    Tls(String),
 }
 
 /// Adds `authorization: Bearer <token>` to every request.
@@ -51,24 +54,23 @@ pub struct Client {
 }
 
 impl Client {
-    /// A client for `addr` (http://host:port). The channel connects lazily and reconnects
-    /// by itself, so a client outlives a restart of the gateway.
+    /// A client for `addr` (`http://host:port`, or `https://host:port` for a gateway that
+    /// serves TLS: its certificate is checked against the system's roots and, when
+    /// `MP_CA_FILE` names one, that CA). The channel connects lazily and reconnects by
+    /// itself, so a client outlives a restart of the gateway.
     pub fn new(addr: &str, token: &str) -> Result<Client, ClientError> {
-        let ep = Endpoint::from_shared(addr.to_string())
-            .map_err(|_| ClientError::Address(addr.into()))?
-            .connect_timeout(std::time::Duration::from_secs(2))
-            .timeout(std::time::Duration::from_secs(30))
-            .tcp_nodelay(true);
-        let channel = ep.connect_lazy();
-        Self::with_channel(channel, token)
+        Self::with_ca(addr, token, ca_from_env().as_deref())
+    }
+
+    /// [`Client::new`] trusting the CA certificate (PEM) in `ca` for `https://`.
+    pub fn with_ca(addr: &str, token: &str, ca: Option<&Path>) -> Result<Client, ClientError> {
+        let ep = endpoint(addr, ca)?.timeout(std::time::Duration::from_secs(30));
+        Self::with_channel(ep.connect_lazy(), token)
     }
 
     /// Connects now, failing fast when nothing listens.
     pub async fn connect(addr: &str, token: &str) -> Result<Client, ClientError> {
-        let ep = Endpoint::from_shared(addr.to_string())
-            .map_err(|_| ClientError::Address(addr.into()))?
-            .connect_timeout(std::time::Duration::from_secs(2))
-            .tcp_nodelay(true);
+        let ep = endpoint(addr, ca_from_env().as_deref())?;
         let channel = ep.connect().await.map_err(|source| ClientError::Connect {
             addr: addr.into(),
             source,
@@ -91,6 +93,33 @@ impl Client {
             admin: pb::admin_service_client::AdminServiceClient::new(svc()),
         })
     }
+}
+
+/// `MP_CA_FILE`: a CA certificate (PEM) the clients trust for `https://` gateways.
+fn ca_from_env() -> Option<std::path::PathBuf> {
+    std::env::var_os("MP_CA_FILE")
+        .filter(|v| !v.is_empty())
+        .map(Into::into)
+}
+
+/// The endpoint of `addr`; TLS for `https://`, trusting the system's roots and `ca`.
+fn endpoint(addr: &str, ca: Option<&Path>) -> Result<Endpoint, ClientError> {
+    let mut ep = Endpoint::from_shared(addr.to_string())
+        .map_err(|_| ClientError::Address(addr.into()))?
+        .connect_timeout(std::time::Duration::from_secs(2))
+        .tcp_nodelay(true);
+    if addr.starts_with("https://") {
+        let mut tls = tonic::transport::ClientTlsConfig::new().with_native_roots();
+        if let Some(ca) = ca {
+            let pem = std::fs::read(ca)
+                .map_err(|e| ClientError::Tls(format!("{}: {e}", ca.display())))?;
+            tls = tls.ca_certificate(tonic::transport::Certificate::from_pem(pem));
+        }
+        ep = ep
+            .tls_config(tls)
+            .map_err(|e| ClientError::Tls(e.to_string()))?;
+    }
+    Ok(ep)
 }
 
 /// Statuses worth retrying: the server or the network is away for a moment.

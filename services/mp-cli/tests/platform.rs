@@ -1008,3 +1008,127 @@ async fn watch_streams_are_bounded_per_expert_and_per_gateway() {
         }
     }
 }
+
+/// A gateway given a certificate and key serves TLS only: a client with `https://` and the
+/// CA (here a self-signed certificate made by the test) gets through, the `mp` command too
+/// (`MP_CA_FILE`); one that does not trust the certificate, or speaks plaintext, does not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_serves_tls_with_a_certificate_and_clients_check_it() {
+    let dir = tempfile::tempdir().unwrap();
+    // A CA of the test's own, and the gateway's certificate signed by it.
+    let p = |n: &str| dir.path().join(n);
+    let openssl = |args: &[&str]| {
+        let o = Command::new("openssl")
+            .current_dir(dir.path())
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    };
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+    ];
+    openssl(
+        &[
+            &["req", "-x509"][..],
+            &ec,
+            &["-days", "1", "-subj", "/CN=test CA"],
+            &["-keyout", "ca.key", "-out", "ca.pem"],
+        ]
+        .concat(),
+    );
+    openssl(
+        &[
+            &["req"][..],
+            &ec,
+            &[
+                "-subj",
+                "/CN=localhost",
+                "-keyout",
+                "key.pem",
+                "-out",
+                "gw.csr",
+            ],
+        ]
+        .concat(),
+    );
+    std::fs::write(
+        p("ext.cnf"),
+        "basicConstraints=CA:FALSE\nsubjectAltName=DNS:localhost,IP:127.0.0.1\n",
+    )
+    .unwrap();
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        "gw.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "1",
+        "-extfile",
+        "ext.cnf",
+        "-out",
+        "cert.pem",
+    ]);
+    let (ca, cert, key) = (p("ca.pem"), p("cert.pem"), p("key.pem"));
+    let redis = RedisServer::start_free(&dir.path().join("redis")).unwrap();
+    let ck = dir.path().join("ck");
+    let store = Store::connect(&redis.url(), "mp").await.unwrap();
+    let admin = project(&store, 4, &ck).await;
+    let gw = mp_e2e::TestGateway::start(mp_gateway::GatewayConfig {
+        tls_cert: Some(cert.clone()),
+        tls_key: Some(key.clone()),
+        ..mp_e2e::gateway_config(&redis.url(), &ck)
+    })
+    .await;
+    let port = gw.listen.rsplit(':').next().unwrap().to_string();
+    let https = format!("https://localhost:{port}");
+    let stats = |c: Client| async move {
+        c.stats
+            .clone()
+            .get_stats(pb::StatsRequest {})
+            .await
+            .map(|r| r.into_inner())
+    };
+    // Trusted: through.
+    let ok = Client::with_ca(&https, &admin, Some(&ca)).unwrap();
+    let start = Instant::now();
+    let s = loop {
+        match stats(ok.clone()).await {
+            Ok(s) => break s,
+            Err(e)
+                if start.elapsed() < Duration::from_secs(10) && e.code() == Code::Unavailable =>
+            {
+                tokio::time::sleep(Duration::from_millis(100)).await
+            }
+            Err(e) => panic!("{e}"),
+        }
+    };
+    assert_eq!(s.queue_depth, 4);
+    // Not trusted, or not TLS at all: refused.
+    let untrusted = Client::with_ca(&https, &admin, None).unwrap();
+    let e = stats(untrusted).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e}");
+    let plain = Client::new(&format!("http://127.0.0.1:{port}"), &admin).unwrap();
+    assert!(stats(plain).await.is_err());
+    // The command line, with the CA from the environment.
+    let out = Command::new(env!("CARGO_BIN_EXE_mp"))
+        .args(["admin", "list-experts", "--addr", &https, "--token", &admin])
+        .env("MP_CA_FILE", &ca)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success() && String::from_utf8_lossy(&out.stdout).contains("admin"),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -35,6 +35,11 @@ pub struct GatewayConfig {
     pub watches_total: usize,
     /// Concurrent HTTP/2 streams per client connection.
     pub max_concurrent_streams: u32,
+    /// TLS: the certificate chain (PEM) the gateway serves; with `tls_key`, the gateway
+    /// speaks only TLS (clients use `https://`). Unset: plaintext.
+    pub tls_cert: Option<PathBuf>,
+    /// TLS: the certificate's private key (PEM).
+    pub tls_key: Option<PathBuf>,
 }
 
 impl Default for GatewayConfig {
@@ -54,6 +59,8 @@ impl Default for GatewayConfig {
             watches_per_expert: 8,
             watches_total: 1024,
             max_concurrent_streams: 256,
+            tls_cert: None,
+            tls_key: None,
         }
     }
 }
@@ -131,6 +138,12 @@ impl GatewayConfig {
         }
         if let Some(v) = get("MP_MAX_CONCURRENT_STREAMS") {
             self.max_concurrent_streams = num("MP_MAX_CONCURRENT_STREAMS", v)?;
+        }
+        if let Some(v) = get("MP_TLS_CERT") {
+            self.tls_cert = (!v.is_empty()).then(|| PathBuf::from(v));
+        }
+        if let Some(v) = get("MP_TLS_KEY") {
+            self.tls_key = (!v.is_empty()).then(|| PathBuf::from(v));
         }
         if let Some(v) = get("MP_VIEW_VERSIONS") {
             self.view_versions = num("MP_VIEW_VERSIONS", v)?;

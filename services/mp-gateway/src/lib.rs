@@ -30,6 +30,29 @@ pub enum GatewayError {
     Transport(#[from] tonic::transport::Error),
     #[error("metrics on {addr}: {message}")]
     Metrics { addr: String, message: String },
+    #[error("TLS: {0}")]
+    Tls(String),
+}
+
+/// The server's TLS settings: both `tls_cert` and `tls_key` (PEM files), or neither.
+fn tls_config(
+    config: &GatewayConfig,
+) -> Result<Option<tonic::transport::ServerTlsConfig>, GatewayError> {
+    let read = |p: &std::path::Path| {
+        std::fs::read(p).map_err(|e| GatewayError::Tls(format!("{}: {e}", p.display())))
+    };
+    match (&config.tls_cert, &config.tls_key) {
+        (None, None) => Ok(None),
+        (Some(cert), Some(key)) => {
+            let identity = tonic::transport::Identity::from_pem(read(cert)?, read(key)?);
+            Ok(Some(
+                tonic::transport::ServerTlsConfig::new().identity(identity),
+            ))
+        }
+        _ => Err(GatewayError::Tls(
+            "tls_cert and tls_key go together (MP_TLS_CERT, MP_TLS_KEY)".into(),
+        )),
+    }
 }
 
 const SERVICES: [&str; 6] = [
@@ -186,7 +209,12 @@ pub async fn run(
         .map(|a| a.to_string())
         .unwrap_or_default();
     info!(%addr, "gateway listening");
-    let result = tonic::transport::Server::builder()
+    let mut server = tonic::transport::Server::builder();
+    if let Some(tls) = tls_config(&config)? {
+        server = server.tls_config(tls)?;
+        info!("serving TLS");
+    }
+    let result = server
         .max_concurrent_streams(Some(gw.config.max_concurrent_streams.max(1)))
         .trace_fn(|req| tracing::info_span!("grpc", path = %req.uri().path()))
         .add_service(health)
