@@ -35,6 +35,10 @@ pub struct GatewayConfig {
     pub watches_total: usize,
     /// Concurrent HTTP/2 streams per client connection.
     pub max_concurrent_streams: u32,
+    /// Requests a second one expert may make (bursts of twice that); 0: no limit. Admins are
+    /// exempt. Off by default for the simulated experts of the benchmarks; the deployment
+    /// files set it.
+    pub requests_per_expert_s: f64,
     /// TLS: the certificate chain (PEM) the gateway serves; with `tls_key`, the gateway
     /// speaks only TLS (clients use `https://`). Unset: plaintext.
     pub tls_cert: Option<PathBuf>,
@@ -59,6 +63,7 @@ impl Default for GatewayConfig {
             watches_per_expert: 8,
             watches_total: 1024,
             max_concurrent_streams: 256,
+            requests_per_expert_s: 0.0,
             tls_cert: None,
             tls_key: None,
         }
@@ -138,6 +143,9 @@ impl GatewayConfig {
         }
         if let Some(v) = get("MP_MAX_CONCURRENT_STREAMS") {
             self.max_concurrent_streams = num("MP_MAX_CONCURRENT_STREAMS", v)?;
+        }
+        if let Some(v) = get("MP_REQUESTS_PER_EXPERT_S") {
+            self.requests_per_expert_s = num("MP_REQUESTS_PER_EXPERT_S", v)?;
         }
         if let Some(v) = get("MP_TLS_CERT") {
             self.tls_cert = (!v.is_empty()).then(|| PathBuf::from(v));

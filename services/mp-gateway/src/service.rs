@@ -45,6 +45,8 @@ pub struct Gateway {
     auth: crate::auth::AuthCache,
     /// Open `WatchProposal` streams per expert.
     watches: Arc<Mutex<HashMap<String, usize>>>,
+    /// Request tokens per expert, and when they were counted.
+    buckets: Arc<Mutex<HashMap<String, (f64, Instant)>>>,
 }
 
 /// One open watch stream, counted while it lives.
@@ -154,6 +156,7 @@ impl Gateway {
             project_cache: Default::default(),
             auth: Default::default(),
             watches: Default::default(),
+            buckets: Default::default(),
         }
     }
 
@@ -184,14 +187,43 @@ impl Gateway {
             .and_then(|h| h.strip_prefix("Bearer "))
             .ok_or_else(|| Status::unauthenticated("authorization must be \"Bearer <token>\""))?
             .trim();
-        if let Some(e) = self.auth.get(token) {
-            return Ok(e);
-        }
-        let epoch = self.auth.epoch();
-        let e = self.store()?.authenticate(token).await.map_err(status)?;
-        let _ = self.store()?.touch_online(&e.id).await;
-        self.auth.put(token, &e, epoch);
+        let e = match self.auth.get(token) {
+            Some(e) => e,
+            None => {
+                let epoch = self.auth.epoch();
+                let e = self.store()?.authenticate(token).await.map_err(status)?;
+                let _ = self.store()?.touch_online(&e.id).await;
+                self.auth.put(token, &e, epoch);
+                e
+            }
+        };
+        self.within_rate(&e)?;
         Ok(e)
+    }
+
+    /// Per-expert token bucket (`requests_per_expert_s`, bursts of twice that; 0: off;
+    /// admins exempt): one expert cannot take the gateway from the others.
+    fn within_rate(&self, e: &Expert) -> Result<(), Status> {
+        let rate = self.config.requests_per_expert_s;
+        if rate <= 0.0 || e.role == Role::Admin {
+            return Ok(());
+        }
+        let burst = 2.0 * rate;
+        let mut b = self
+            .buckets
+            .lock()
+            .map_err(|_| Status::internal("rate table poisoned"))?;
+        let now = Instant::now();
+        let (tokens, at) = b.entry(e.id.clone()).or_insert((burst, now));
+        *tokens = (*tokens + rate * now.duration_since(*at).as_secs_f64()).min(burst);
+        *at = now;
+        if *tokens < 1.0 {
+            return Err(Status::resource_exhausted(format!(
+                "more than {rate} requests a second: slow down"
+            )));
+        }
+        *tokens -= 1.0;
+        Ok(())
     }
 
     async fn admin<T>(&self, req: &Request<T>) -> Result<Expert, Status> {
@@ -698,9 +730,10 @@ impl pb::proposal_service_server::ProposalService for Gateway {
         let e = self.expert(&req).await?;
         let id = req.get_ref().proposal_id.clone();
         check_id("proposal_id", &id)?;
+        // The bound first: a caller over it costs no Redis read.
+        let slot = self.watch_slot(&e.id)?;
         let first = self.store()?.proposal(&id).await.map_err(status)?;
         Self::owner_or_admin(&e, &first, "watches")?;
-        let slot = self.watch_slot(&e.id)?;
         let store = self.store()?.clone();
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         tokio::spawn(async move {
