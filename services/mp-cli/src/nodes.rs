@@ -159,6 +159,10 @@ pub struct TrainerArgs {
     /// priorities learn from the round's marks (0 = only when a round starts)
     #[arg(long, default_value_t = 3)]
     pub rescore_every: usize,
+    /// Days after which settled proposals' weights and old suggester fits are removed from
+    /// the checkpoint directory (0: kept for ever; model versions are always kept)
+    #[arg(long, env = "MP_RETENTION_DAYS", default_value_t = 7.0)]
+    pub retention_days: f64,
 }
 
 pub fn trainer(a: TrainerArgs) -> Result<()> {
@@ -173,6 +177,7 @@ pub fn trainer(a: TrainerArgs) -> Result<()> {
         health_listen: a.node.health_listen.clone(),
         rescore_every: a.rescore_every,
         max_deliveries: a.node.max_deliveries,
+        retention_days: a.retention_days,
         ..Default::default()
     };
     cfg.guidance.loss = a.loss.parse()?;

@@ -1063,3 +1063,45 @@ fn up_starts_a_crashed_child_again() {
     let status = up.0.wait().unwrap();
     assert!(status.success(), "{status}");
 }
+
+/// Retention: a settled proposal's weights go once old enough; an open proposal's stay, a
+/// recent one's stay, model versions stay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_removes_old_settled_proposal_weights_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let redis = RedisServer::start_free(&dir.path().join("redis")).unwrap();
+    let store = Store::connect(&redis.url(), "mp").await.unwrap();
+    let ck = dir.path().join("ck");
+    let admin = mp_e2e::platform_project(&store, 8, &ck).await;
+    let gw = gateway(&redis.url(), &ck).await;
+    let c = mp_e2e::expert(&gw.addr, &admin, "ann").await;
+    let (settled, open, recent) = (
+        mark_one(&c, "k1").await,
+        mark_one(&c, "k2").await,
+        mark_one(&c, "k3").await,
+    );
+    for pid in [&settled, &recent] {
+        store.update_proposal(pid, "rejected", &[]).await.unwrap();
+    }
+    let week_ago = std::time::SystemTime::now() - Duration::from_secs(8 * 86_400);
+    let weights = |pid: &str| ck.join(mp_node::data::proposal_file(pid).unwrap());
+    for (pid, aged) in [(&settled, true), (&open, true), (&recent, false)] {
+        std::fs::create_dir_all(weights(pid).parent().unwrap()).unwrap();
+        std::fs::write(weights(pid), b"w").unwrap();
+        if aged {
+            std::fs::File::options()
+                .write(true)
+                .open(weights(pid))
+                .unwrap()
+                .set_modified(week_ago)
+                .unwrap();
+        }
+    }
+    let n = mp_node::data::collect_garbage(&store, &ck, Duration::from_secs(7 * 86_400))
+        .await
+        .unwrap();
+    assert_eq!(n, 1);
+    assert!(!weights(&settled).exists());
+    assert!(weights(&open).exists() && weights(&recent).exists());
+    assert!(ck.join("v1.safetensors").exists());
+}

@@ -97,3 +97,53 @@ pub async fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         .map_err(|e| NodeError::Io(format!("checkpoint writer: {e}")))??;
     Ok(())
 }
+
+/// Retention: removes proposal weights (`proposals/{id}.safetensors`) whose proposal is
+/// settled — committed (its weights live on as a version), rejected or failed — or gone, and
+/// suggester fits (`suggesters/`), once older than `keep`. Model versions are never
+/// removed. Returns the files removed.
+pub async fn collect_garbage(
+    store: &mp_store::Store,
+    checkpoints: &Path,
+    keep: std::time::Duration,
+) -> Result<usize> {
+    let old = |p: &Path| {
+        std::fs::metadata(p)
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age >= keep)
+    };
+    let files = |dir: &Path| -> Vec<PathBuf> {
+        std::fs::read_dir(dir)
+            .map(|d| d.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default()
+    };
+    let mut removed = 0;
+    for path in files(&checkpoints.join("proposals")) {
+        let Some(id) = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_suffix(".safetensors"))
+        else {
+            continue;
+        };
+        if mp_store::check_hex_id("proposal", id).is_err() || !old(&path) {
+            continue;
+        }
+        let settled = match store.proposal(id).await {
+            Ok(p) => matches!(p.status.as_str(), "committed" | "rejected" | "failed"),
+            Err(mp_store::StoreError::NotFound(_)) => true,
+            Err(e) => return Err(e.into()),
+        };
+        if settled && std::fs::remove_file(&path).is_ok() {
+            removed += 1;
+        }
+    }
+    for path in files(&checkpoints.join("suggesters")) {
+        if old(&path) && std::fs::remove_file(&path).is_ok() {
+            removed += 1;
+        }
+    }
+    Ok(removed)
+}

@@ -175,6 +175,9 @@ pub struct TrainerConfig {
     pub score_chunk: usize,
     /// A commit job delivered this many times without being acknowledged is given up on.
     pub max_deliveries: u64,
+    /// Settled proposals' weights and old suggester fits are removed after this many days
+    /// (0: kept for ever). Model versions are always kept.
+    pub retention_days: f64,
 }
 
 impl Default for TrainerConfig {
@@ -205,6 +208,7 @@ impl Default for TrainerConfig {
             device: mp_core::device::auto(),
             health_listen: String::new(),
             max_deliveries: mp_store::DEFAULT_MAX_DELIVERIES,
+            retention_days: 7.0,
             score_chunk: 500,
         }
     }
@@ -682,9 +686,18 @@ pub async fn run(cfg: TrainerConfig, mut stop: tokio::sync::watch::Receiver<bool
     let consumer = crate::consumer_name("trainer");
     let mut last_trim = Instant::now();
     while !*stop.borrow() {
-        // Acknowledged jobs do not stay in Redis for ever.
+        // Acknowledged jobs do not stay in Redis for ever, settled proposals' weights not on
+        // disk.
         if last_trim.elapsed() >= Duration::from_secs(60) {
             last_trim = Instant::now();
+            if cfg.retention_days > 0.0 {
+                let keep = Duration::from_secs_f64(cfg.retention_days * 86_400.0);
+                match crate::data::collect_garbage(&store, &cfg.checkpoints, keep).await {
+                    Ok(n) if n > 0 => info!(files = n, "old proposal weights and fits removed"),
+                    Ok(_) => {}
+                    Err(e) => warn!(error = %e, "retention failed"),
+                }
+            }
             match store.trim_streams().await {
                 Ok(n) if n > 0 => info!(entries = n, "job streams trimmed"),
                 Ok(_) => {}
