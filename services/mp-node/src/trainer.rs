@@ -135,12 +135,12 @@ impl Handler<Rebase> for TrainerCore {
 impl Handler<SaveVersion> for TrainerCore {
     type Result = Result<(), NodeError>;
     fn handle(&mut self, m: SaveVersion, _: &mut SyncContext<Self>) -> Self::Result {
-        let device = self.device;
         let model = self.model()?;
         model.spec.version = m.version;
         model.save(&m.path)?;
-        // A version is published only when its file loads back as this model.
-        let back = Model::load(&m.path, device)?;
+        // A version is published only when its file loads back as this model (read on the
+        // CPU: no second copy of the model in GPU memory).
+        let back = Model::load(&m.path, Device::Cpu)?;
         if back.spec != model.spec {
             return Err(NodeError::Invalid(format!(
                 "{} does not load back as the model saved",
@@ -685,11 +685,12 @@ pub async fn run(cfg: TrainerConfig, mut stop: tokio::sync::watch::Receiver<bool
     info!(version, "trainer started");
     let consumer = crate::consumer_name("trainer");
     let mut last_trim = Instant::now();
+    let mut last_gc: Option<Instant> = None;
     while !*stop.borrow() {
-        // Acknowledged jobs do not stay in Redis for ever, settled proposals' weights not on
-        // disk.
-        if last_trim.elapsed() >= Duration::from_secs(60) {
-            last_trim = Instant::now();
+        // Acknowledged jobs do not stay in Redis for ever (every minute), settled proposals'
+        // weights not on disk (every hour: retention is counted in days).
+        if last_gc.is_none_or(|t| t.elapsed() >= Duration::from_secs(3600)) {
+            last_gc = Some(Instant::now());
             if cfg.retention_days > 0.0 {
                 let keep = Duration::from_secs_f64(cfg.retention_days * 86_400.0);
                 match crate::data::collect_garbage(&store, &cfg.checkpoints, keep).await {
@@ -698,6 +699,9 @@ pub async fn run(cfg: TrainerConfig, mut stop: tokio::sync::watch::Receiver<bool
                     Err(e) => warn!(error = %e, "retention failed"),
                 }
             }
+        }
+        if last_trim.elapsed() >= Duration::from_secs(60) {
+            last_trim = Instant::now();
             match store.trim_streams().await {
                 Ok(n) if n > 0 => info!(entries = n, "job streams trimmed"),
                 Ok(_) => {}

@@ -380,30 +380,27 @@ impl Store {
     pub async fn counts(&self) -> Result<Counts> {
         let mut c = self.conn.clone();
         let since = now_ms().saturating_sub(ONLINE_WINDOW_MS);
-        let (queue_depth, leases_out, experts_online, marks_total): (u64, u64, u64, u64) =
-            redis::pipe()
-                .zcard(self.k("queue"))
-                .zcard(self.k("leases"))
-                .zcount(self.k("online"), since, "+inf")
-                .llen(self.k("marks"))
-                .query_async(&mut c)
-                .await?;
+        // One round trip: the counts, then the dead letters of every job stream.
+        let mut pipe = redis::pipe();
+        pipe.zcard(self.k("queue"))
+            .zcard(self.k("leases"))
+            .zcount(self.k("online"), since, "+inf")
+            .llen(self.k("marks"));
+        for stream in JOB_STREAMS {
+            pipe.xlen(self.k(&format!("{stream}:dead")));
+        }
+        let n: Vec<u64> = pipe.query_async(&mut c).await?;
         let refine_pending = self
             .stream_backlog(REFINE_STREAM, "refine")
             .await
             .unwrap_or(0);
-        let mut pipe = redis::pipe();
-        for stream in JOB_STREAMS {
-            pipe.xlen(self.k(&format!("{stream}:dead")));
-        }
-        let dead: Vec<u64> = pipe.query_async(&mut c).await?;
         Ok(Counts {
-            queue_depth,
-            leases_out,
-            experts_online,
-            marks_total,
+            queue_depth: n[0],
+            leases_out: n[1],
+            experts_online: n[2],
+            marks_total: n[3],
             refine_pending,
-            dead_jobs: dead.iter().sum(),
+            dead_jobs: n[4..].iter().sum(),
         })
     }
 
