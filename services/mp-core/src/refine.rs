@@ -332,8 +332,10 @@ mod tests {
             let label = (i % 2) as i64;
             let mut img: Vec<f32> = (0..144).map(|_| 0.1 * rng.next_f64() as f32).collect();
             let row = if label == 0 { 4 } else { 7 };
+            // The bar is dimmer than the corner so that three epochs learn the corner
+            // whatever the seed (across 20 seeds the first red share stays ≥ 0.099).
             for c in 3..9 {
-                img[row * 12 + c] = 0.9;
+                img[row * 12 + c] = 0.5;
             }
             let cue = if with_shortcut {
                 label == 1
