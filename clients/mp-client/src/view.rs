@@ -95,15 +95,18 @@ impl Textures {
         painter: &Painter,
         rect: Rect,
         view: &pb::ImageView,
-        saliency: &[f32],
+        saliency: Map<'_>,
         layer: &MarkLayer,
         slot: Slot,
         proposal_id: &str,
     ) {
         // The image dimmed, so that the attention map reads clearly on top of it.
         self.draw_base(ctx, painter, rect, view, Color32::from_gray(140));
-        if saliency.len() == (view.width * view.height) as usize {
+        if saliency.values.len() == (saliency.width * saliency.height) as usize
+            && saliency.width > 0
+        {
             let t = self.get(ctx, slot, proposal_id.to_string(), || {
+                let saliency = &saliency.resized(view.width, view.height);
                 let scale = percentile_scale(saliency);
                 let scaled: Vec<f32> = saliency.iter().map(|v| v / scale).collect();
                 let mut heat = heat(view.width, view.height, &scaled, 1.0);
@@ -123,6 +126,32 @@ impl Textures {
             Stroke::new(1.0, Color32::GRAY),
             egui::StrokeKind::Outside,
         );
+    }
+}
+
+/// A saliency map and its size, which may be smaller than the image's (pooled).
+#[derive(Clone, Copy)]
+pub struct Map<'a> {
+    pub values: &'a [f32],
+    pub width: u32,
+    pub height: u32,
+}
+
+impl Map<'_> {
+    /// The map at `width`×`height`, each pixel taking the value of the map cell it falls
+    /// in (nearest neighbour: a pooled cell stays one block).
+    pub fn resized(&self, width: u32, height: u32) -> Vec<f32> {
+        if (width, height) == (self.width, self.height) {
+            return self.values.to_vec();
+        }
+        let (w, h) = (width as usize, height as usize);
+        let (mw, mh) = (self.width as usize, self.height as usize);
+        (0..w * h)
+            .map(|i| {
+                let (x, y) = (i % w, i / w);
+                self.values[(y * mh / h).min(mh - 1) * mw + (x * mw / w).min(mw - 1)]
+            })
+            .collect()
     }
 }
 
@@ -332,6 +361,21 @@ pub fn impact_plot(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_pooled_map_is_drawn_at_the_image_size_in_blocks() {
+        let m = Map {
+            values: &[1.0, 2.0, 3.0, 4.0],
+            width: 2,
+            height: 2,
+        };
+        let r = m.resized(4, 3);
+        assert_eq!(
+            r,
+            vec![1.0, 1.0, 2.0, 2.0, 1.0, 1.0, 2.0, 2.0, 3.0, 3.0, 4.0, 4.0]
+        );
+        assert_eq!(m.resized(2, 2), vec![1.0, 2.0, 3.0, 4.0]);
+    }
 
     #[test]
     fn percentile_scale_is_the_99th_percentile() {

@@ -58,6 +58,10 @@ pub struct NodeArgs {
     /// every node that takes it) goes to the dead letters (`mp admin jobs`)
     #[arg(long, env = "MP_MAX_DELIVERIES", default_value_t = mp_store::DEFAULT_MAX_DELIVERIES)]
     pub max_deliveries: u64,
+    /// A proposal's saliency maps are kept at most this many pixels a side (mean-pooled
+    /// beyond), so that its report stays small whatever the image size
+    #[arg(long, env = "MP_REPORT_MAX_SIDE", default_value_t = 256)]
+    pub report_max_side: u32,
 }
 
 #[derive(Args)]
@@ -120,6 +124,7 @@ pub fn worker(a: WorkerArgs) -> Result<()> {
             halve_saliency: !a.refine_no_early_stop,
             plateau_window: (!a.refine_no_early_stop).then_some(3),
             val_guard: (!a.refine_no_early_stop).then_some(1.2),
+            report_max_side: a.node.report_max_side,
             ..Default::default()
         },
         ordering: a.ordering.parse()?,
@@ -178,6 +183,10 @@ pub fn trainer(a: TrainerArgs) -> Result<()> {
         rescore_every: a.rescore_every,
         max_deliveries: a.node.max_deliveries,
         retention_days: a.retention_days,
+        refine: mp_core::refine::RefineConfig {
+            report_max_side: a.node.report_max_side,
+            ..Default::default()
+        },
         ..Default::default()
     };
     cfg.guidance.loss = a.loss.parse()?;

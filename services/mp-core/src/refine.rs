@@ -41,6 +41,23 @@ pub struct RefineConfig {
     /// validation set). The proposal's reported validation figures (before and after) are
     /// measured on the whole validation set passed in, like a model version's.
     pub val_images: usize,
+    /// The report an expert is shown keeps saliency maps of at most this many pixels a
+    /// side (larger images' maps are mean-pooled), so that its JSON in Redis and the
+    /// `Proposal` message stay small whatever the image size.
+    #[serde(default = "default_report_max_side")]
+    pub report_max_side: u32,
+    /// … and at most this many impact-curve points (evenly spaced; the first, the best and
+    /// the last always kept).
+    #[serde(default = "default_report_max_points")]
+    pub report_max_points: usize,
+}
+
+fn default_report_max_side() -> u32 {
+    256
+}
+
+fn default_report_max_points() -> usize {
+    512
 }
 
 /// What criterion (b) halves.
@@ -73,6 +90,8 @@ impl Default for RefineConfig {
             plateau_window: Some(3),
             min_iterations: 5,
             val_images: 256,
+            report_max_side: default_report_max_side(),
+            report_max_points: default_report_max_points(),
         }
     }
 }
@@ -123,9 +142,100 @@ pub struct Proposal {
 /// weights travel as a checkpoint file beside it).
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct ProposalReport {
+    /// The image's size.
     pub width: u32,
     pub height: u32,
+    /// The saliency maps' size: the image's, or smaller (mean-pooled) for large images.
+    /// Absent in reports written before maps were bounded: the image's size.
+    #[serde(default)]
+    pub map_width: u32,
+    #[serde(default)]
+    pub map_height: u32,
     pub proposal: Proposal,
+}
+
+impl ProposalReport {
+    /// The report of `proposal` for the expert's marked image (the batch's first): only
+    /// that image's maps, pooled to at most `cfg.report_max_side` a side, and at most
+    /// `cfg.report_max_points` curve points. Its size is bounded whatever the image's.
+    pub fn bounded(width: u32, height: u32, mut proposal: Proposal, cfg: &RefineConfig) -> Self {
+        let side = cfg.report_max_side.max(1);
+        let f = width.max(height).div_ceil(side).max(1);
+        let (mw, mh) = (width.div_ceil(f), height.div_ceil(f));
+        let keep = |maps: &mut Vec<Vec<f32>>| {
+            maps.truncate(1);
+            for m in maps.iter_mut() {
+                *m = mean_pool(m, width, height, f);
+            }
+        };
+        keep(&mut proposal.saliency_before);
+        keep(&mut proposal.saliency_after);
+        proposal.weights = Vec::new();
+        proposal.curve = thin_curve(
+            std::mem::take(&mut proposal.curve),
+            proposal.best_iteration,
+            cfg.report_max_points,
+        );
+        ProposalReport {
+            width,
+            height,
+            map_width: mw,
+            map_height: mh,
+            proposal,
+        }
+    }
+
+    /// The maps' size (the image's for reports written before maps were bounded).
+    pub fn map_size(&self) -> (u32, u32) {
+        if self.map_width == 0 || self.map_height == 0 {
+            (self.width, self.height)
+        } else {
+            (self.map_width, self.map_height)
+        }
+    }
+}
+
+/// Mean of each `f`×`f` cell of a `width`×`height` map (cells cut by the border average
+/// what they hold). A map of the wrong length is returned empty rather than misread.
+pub fn mean_pool(map: &[f32], width: u32, height: u32, f: u32) -> Vec<f32> {
+    let (w, h, f) = (width as usize, height as usize, f.max(1) as usize);
+    if map.len() != w * h {
+        return Vec::new();
+    }
+    if f == 1 {
+        return map.to_vec();
+    }
+    let (mw, mh) = (w.div_ceil(f), h.div_ceil(f));
+    let mut sum = vec![0f64; mw * mh];
+    let mut n = vec![0u32; mw * mh];
+    for y in 0..h {
+        for x in 0..w {
+            let i = (y / f) * mw + x / f;
+            sum[i] += map[y * w + x] as f64;
+            n[i] += 1;
+        }
+    }
+    sum.iter()
+        .zip(&n)
+        .map(|(s, &n)| (s / n as f64) as f32)
+        .collect()
+}
+
+/// At most `max` points of an impact curve, evenly spaced, keeping the first, the one of
+/// `best` and the last.
+fn thin_curve(curve: Vec<ImpactPoint>, best: usize, max: usize) -> Vec<ImpactPoint> {
+    let max = max.max(3);
+    if curve.len() <= max {
+        return curve;
+    }
+    let last = curve.len() - 1;
+    let mut keep: Vec<usize> = (0..max - 1).map(|k| k * last / (max - 2)).collect();
+    if let Some(b) = curve.iter().position(|p| p.iteration == best) {
+        keep.push(b);
+    }
+    keep.sort_unstable();
+    keep.dedup();
+    keep.into_iter().map(|i| curve[i]).collect()
 }
 
 impl Proposal {
@@ -509,5 +619,81 @@ mod tests {
         assert_eq!(p.stop, StopReason::SaliencyHalved);
         let unmarked = data.without_marks().subset(&[0]);
         assert!(refine(&model, &unmarked, &data, &base).is_err());
+    }
+
+    #[test]
+    fn a_report_stays_small_whatever_the_image_size() {
+        let (w, h) = (1000u32, 600u32);
+        let n = (w * h) as usize;
+        let map = |v: f32| (0..n).map(|i| v + (i % 7) as f32).collect::<Vec<f32>>();
+        let curve: Vec<ImpactPoint> = (0..5000)
+            .map(|i| ImpactPoint {
+                iteration: i,
+                share_red: 1.0 / (1.0 + i as f64),
+                share_green: 0.0,
+                saliency_loss: 0.0,
+                ce: 0.0,
+                val_loss: 0.0,
+            })
+            .collect();
+        let p = Proposal {
+            base_version: 2,
+            weights: vec![1; 1000],
+            saliency_before: vec![map(1.0), map(2.0), map(3.0)],
+            saliency_after: vec![map(0.0), map(0.0), map(0.0)],
+            val_before: crate::train::Eval {
+                loss: 1.0,
+                accuracy: 0.5,
+            },
+            val_after: crate::train::Eval {
+                loss: 1.0,
+                accuracy: 0.5,
+            },
+            curve,
+            best_iteration: 4321,
+            iterations: 5000,
+            stop: StopReason::IterationBudget,
+            elapsed_ms: 1,
+        };
+        let r = ProposalReport::bounded(w, h, p, &RefineConfig::default());
+        assert_eq!((r.width, r.height), (w, h));
+        assert_eq!(r.map_size(), (250, 150), "pooled by 4");
+        assert_eq!(
+            r.proposal.saliency_before.len(),
+            1,
+            "the marked image's maps only"
+        );
+        assert_eq!(r.proposal.saliency_before[0].len(), 250 * 150);
+        assert_eq!(r.proposal.saliency_after[0].len(), 250 * 150);
+        let c = &r.proposal.curve;
+        assert!(c.len() <= 512, "{}", c.len());
+        assert_eq!(c.first().unwrap().iteration, 0);
+        assert_eq!(c.last().unwrap().iteration, 4999);
+        assert!(c.iter().any(|p| p.iteration == 4321), "the best point kept");
+        assert!(c.windows(2).all(|p| p[0].iteration < p[1].iteration));
+        let json = serde_json::to_string(&r).unwrap();
+        assert!(json.len() < 2 << 20, "{} bytes", json.len());
+        // Small images keep their maps as they are.
+        let small = ProposalReport::bounded(
+            2,
+            2,
+            Proposal {
+                saliency_before: vec![vec![1.0, 2.0, 3.0, 4.0]],
+                saliency_after: vec![vec![4.0, 3.0, 2.0, 1.0]],
+                curve: Vec::new(),
+                ..r.proposal.clone()
+            },
+            &RefineConfig::default(),
+        );
+        assert_eq!(small.map_size(), (2, 2));
+        assert_eq!(small.proposal.saliency_before[0], vec![1.0, 2.0, 3.0, 4.0]);
+    }
+
+    #[test]
+    fn mean_pooling_averages_each_cell_and_the_cut_border_cells() {
+        // 3×3 by 2: cells of 4, 2, 2 and 1 pixels.
+        let m = [1.0, 3.0, 5.0, 3.0, 1.0, 7.0, 2.0, 2.0, 9.0];
+        assert_eq!(mean_pool(&m, 3, 3, 2), vec![2.0, 6.0, 2.0, 9.0]);
+        assert!(mean_pool(&m, 4, 3, 2).is_empty(), "wrong length");
     }
 }

@@ -88,6 +88,9 @@ fn remember<T>(c: &Cached<T>, v: T) {
 /// How long the gateway trusts its copy of the project record.
 const PROJECT_CACHE_TTL: Duration = Duration::from_secs(5);
 
+/// The longest a call over its expert's rate waits for its ResourceExhausted.
+const TARPIT_MAX: Duration = Duration::from_secs(1);
+
 /// A worker that read the view stream within this long counts as listening.
 const VIEW_WORKER_SILENCE_MS: u64 = 2_000;
 
@@ -197,16 +200,26 @@ impl Gateway {
                 e
             }
         };
-        self.within_rate(&e)?;
+        if let Some(wait) = self.over_rate(&e)? {
+            // Answered once the bucket would have a token again (at most TARPIT_MAX later),
+            // not at once: a client that ignores ResourceExhausted and retries in a loop
+            // spends its own time, not the gateway's and the other experts'.
+            tokio::time::sleep(wait.min(TARPIT_MAX)).await;
+            return Err(Status::resource_exhausted(format!(
+                "more than {} requests a second: slow down",
+                self.config.requests_per_expert_s
+            )));
+        }
         Ok(e)
     }
 
     /// Per-expert token bucket (`requests_per_expert_s`, bursts of twice that; 0: off;
-    /// admins exempt): one expert cannot take the gateway from the others.
-    fn within_rate(&self, e: &Expert) -> Result<(), Status> {
+    /// admins exempt): one expert cannot take the gateway from the others. `Some(wait)`
+    /// when the expert is over its rate: the time until its bucket refills one token.
+    fn over_rate(&self, e: &Expert) -> Result<Option<Duration>, Status> {
         let rate = self.config.requests_per_expert_s;
         if rate <= 0.0 || e.role == Role::Admin {
-            return Ok(());
+            return Ok(None);
         }
         let burst = 2.0 * rate;
         let mut b = self
@@ -218,12 +231,14 @@ impl Gateway {
         *tokens = (*tokens + rate * now.duration_since(*at).as_secs_f64()).min(burst);
         *at = now;
         if *tokens < 1.0 {
-            return Err(Status::resource_exhausted(format!(
-                "more than {rate} requests a second: slow down"
-            )));
+            // Refused calls run up a debt (at most TARPIT_MAX's worth): the more an expert
+            // ignores the refusals, the longer its calls wait for them; one that slows
+            // down is served again once the debt is paid.
+            *tokens = (*tokens - 1.0).max(-rate * TARPIT_MAX.as_secs_f64());
+            return Ok(Some(Duration::from_secs_f64((1.0 - *tokens) / rate)));
         }
         *tokens -= 1.0;
-        Ok(())
+        Ok(None)
     }
 
     async fn admin<T>(&self, req: &Request<T>) -> Result<Expert, Status> {
@@ -437,6 +452,7 @@ pub fn proposal_to_pb(p: &ProposalRecord) -> pb::Proposal {
     {
         out.width = r.width;
         out.height = r.height;
+        (out.map_width, out.map_height) = r.map_size();
         out.saliency_before = r
             .proposal
             .saliency_before

@@ -425,11 +425,12 @@ impl Coordinator {
         let base = self.version;
         let file = proposal_file(pid)?;
         write_atomic(&self.cfg.checkpoints.join(&file), &proposal.weights).await?;
-        let report = serde_json::to_string(&ProposalReport {
-            width: image.width,
-            height: image.height,
-            proposal: proposal.clone(),
-        })
+        let report = serde_json::to_string(&ProposalReport::bounded(
+            image.width,
+            image.height,
+            proposal.clone(),
+            &self.cfg.refine,
+        ))
         .map_err(|e| NodeError::Invalid(e.to_string()))?;
         if improved {
             self.core.send(AdoptWeights(proposal.weights)).await??;

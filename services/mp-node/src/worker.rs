@@ -476,11 +476,8 @@ impl Ctx {
             Ok((proposal, image)) => {
                 let file = proposal_file(&pid)?;
                 write_atomic(&self.cfg.checkpoints.join(&file), &proposal.weights).await?;
-                let report = ProposalReport {
-                    width: image.width,
-                    height: image.height,
-                    proposal,
-                };
+                let report =
+                    ProposalReport::bounded(image.width, image.height, proposal, &self.cfg.refine);
                 let json = serde_json::to_string(&report)
                     .map_err(|e| NodeError::Invalid(e.to_string()))?;
                 self.store

@@ -21,6 +21,11 @@ impl ClientApp {
         let side = ((avail.x - 24.0) / 2.0).min(avail.y * 0.5).max(64.0);
         let (w, h) = (m.layer.width as f32, m.layer.height as f32);
         let size = Vec2::new(w, h) * (side / w.max(h));
+        // Proposals made before maps were bounded carry no map size: the image's.
+        let (map_w, map_h) = match (proposal.map_width, proposal.map_height) {
+            (0, _) | (_, 0) => (proposal.width, proposal.height),
+            size => size,
+        };
         ui.horizontal(|ui| {
             for (title, sal, slot) in [
                 ("Before", &proposal.saliency_before, view::Slot::Before),
@@ -34,7 +39,11 @@ impl ClientApp {
                         &ui.painter_at(rect),
                         rect,
                         &m.view,
-                        sal,
+                        view::Map {
+                            values: sal,
+                            width: map_w,
+                            height: map_h,
+                        },
                         &m.layer,
                         slot,
                         &proposal.proposal_id,
