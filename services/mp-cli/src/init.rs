@@ -64,6 +64,10 @@ pub struct InitArgs {
     /// Also print the admin token on stdout (for scripts)
     #[arg(long)]
     pub print_token: bool,
+    /// How many different experts mark each image, in turn and blind (1: one; `mp project
+    /// overlap N` changes it later)
+    #[arg(long, default_value_t = 1)]
+    pub overlap: u32,
     /// The admin's token chosen by the operator (from the environment only, MP_ADMIN_TOKEN:
     /// a Kubernetes Secret, say); else one is made
     #[arg(skip)]
@@ -92,6 +96,7 @@ impl InitArgs {
             force: false,
             token_file: PathBuf::from("admin.token"),
             print_token: false,
+            overlap: 1,
             admin_token: None,
         }
     }
@@ -300,6 +305,28 @@ pub fn init_command(mut a: InitArgs) -> Result<()> {
 /// (queue priority, or val/test accuracy) and stored; memory holds one chunk, never the
 /// folder. The project, its first version, its queue and its admin are written only after
 /// every image is stored, so a refused init leaves no project behind.
+/// `mp project overlap N`: how many different experts mark each image from now on.
+pub fn overlap_command(n: u32, place: &ProjectPlace) -> Result<()> {
+    let rt = runtime()?;
+    rt.block_on(async {
+        let store = Store::connect(&place.redis_url, &place.prefix)
+            .await
+            .with_context(|| format!("connecting to {}", place.redis_url))?;
+        if store.project().await?.is_none() {
+            bail!(
+                "no project under prefix {}: run `mp project init` first",
+                place.prefix
+            );
+        }
+        let before = store.overlap().await?;
+        store.set_overlap(n).await?;
+        println!(
+            "overlap {before} -> {n}: each image now goes to {n} different expert(s), in turn"
+        );
+        Ok(())
+    })
+}
+
 pub fn project_init(a: InitArgs) -> Result<Option<String>> {
     let rt = runtime()?;
     let store = rt
@@ -499,6 +526,7 @@ pub fn project_init(a: InitArgs) -> Result<Option<String>> {
                 image_store: store.image_store().await?.url().to_string(),
             })
             .await?;
+        store.set_overlap(a.overlap).await?;
         store
             .publish_version(&ModelVersionRecord {
                 version: 1,

@@ -120,6 +120,9 @@ fn main() {
         Command::Bench(BenchCmd::Views(a)) => bench_views::run(a),
         Command::Gateway(a) => platform::gateway(a),
         Command::Project(platform::ProjectCmd::Init(a)) => init::init_command(a),
+        Command::Project(platform::ProjectCmd::Overlap { n, place }) => {
+            init::overlap_command(n, &place)
+        }
         Command::Worker(a) => nodes::worker(a),
         Command::Trainer(a) => nodes::trainer(a),
         Command::Up(a) => nodes::up(a),

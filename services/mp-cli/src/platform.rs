@@ -72,6 +72,13 @@ pub fn gateway(a: GatewayArgs) -> Result<()> {
 pub enum ProjectCmd {
     /// Load an image folder into Redis, train (or take) the base model, fill the review queue, create an admin
     Init(crate::init::InitArgs),
+    /// How many different experts mark each image (each in turn, blind; never twice to one)
+    Overlap {
+        /// 1 to 16
+        n: u32,
+        #[command(flatten)]
+        place: crate::project::ProjectPlace,
+    },
 }
 
 #[derive(Args, Clone)]

@@ -126,6 +126,7 @@ async fn init_names_bad_files_skips_them_on_request_and_stores_pixels_outside_re
     let chosen = format!("op_{}", "7".repeat(40));
     let o = Command::new(env!("CARGO_BIN_EXE_mp"))
         .args(["project", "init", "--force", "--skip-bad", "--epochs", "1"])
+        .args(["--overlap", "2"])
         .args(["--redis-url", &redis.url()])
         .arg("--checkpoints")
         .arg(&ck)
@@ -157,6 +158,28 @@ async fn init_names_bad_files_skips_them_on_request_and_stores_pixels_outside_re
     );
     assert_eq!(store.experts().await.unwrap().len(), 1);
     assert_eq!(store.image_ids().await.unwrap().len(), 40);
+    // Overlap: set at init, changed later; out of range refused.
+    assert_eq!(store.overlap().await.unwrap(), 2);
+    let overlap = |n: &str| {
+        let o = Command::new(env!("CARGO_BIN_EXE_mp"))
+            .args(["project", "overlap", n, "--redis-url", &redis.url()])
+            .output()
+            .unwrap();
+        (
+            o.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            ),
+        )
+    };
+    let (ok, text) = overlap("3");
+    assert!(ok && text.contains("overlap 2 -> 3"), "{text}");
+    assert_eq!(store.overlap().await.unwrap(), 3);
+    let (ok, text) = overlap("0");
+    assert!(!ok && text.contains("overlap must be 1 to 16"), "{text}");
+    assert_eq!(store.overlap().await.unwrap(), 3);
 }
 
 fn walk(dir: &std::path::Path) -> usize {

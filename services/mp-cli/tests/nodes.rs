@@ -613,6 +613,41 @@ async fn suggested_marks_reach_the_image_view_and_can_be_accepted() {
         "no leased image had a suggestion: {:?}",
         r.events
     );
+    // Blind overlap: once a project has several experts per image, an image someone has
+    // marked comes without its suggestion (the suggester learnt from those marks); an
+    // image nobody marked keeps it.
+    let marked_one = r
+        .events
+        .iter()
+        .find(|e| e.suggested)
+        .unwrap()
+        .image_id
+        .clone();
+    let fresh = unmarked
+        .iter()
+        .find(|id| !r.events.iter().any(|e| &&e.image_id == id))
+        .unwrap()
+        .clone();
+    let suggested = |id: String| {
+        let c = c.clone();
+        async move {
+            c.images
+                .clone()
+                .get_image(pb::GetImageRequest {
+                    image_id: id,
+                    model_version: trained.version,
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .suggestion
+                .is_some()
+        }
+    };
+    assert!(suggested(marked_one.clone()).await, "overlap 1: shown");
+    store.set_overlap(2).await.unwrap();
+    assert!(!suggested(marked_one).await, "overlap 2: marked blind");
+    assert!(suggested(fresh).await);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -754,11 +754,23 @@ async fn assert_exclusive(store: &Store, events: &[LeaseEvent]) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn thirty_two_experts_ten_thousand_leases_never_share_an_image() {
+    thirty_two_experts_ten_thousand_leases(1).await
+}
+
+/// Overlap 3: no expert gets an image twice, no image is marked more than 3 times, none is
+/// held by two at once — and images do get their three marks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thirty_two_experts_ten_thousand_leases_with_overlap_three() {
+    thirty_two_experts_ten_thousand_leases(3).await
+}
+
+async fn thirty_two_experts_ten_thousand_leases(overlap: u32) {
     let dir = tempfile::tempdir().unwrap();
     let redis = RedisServer::start_free(&dir.path().join("redis")).unwrap();
     let store = Store::connect(&redis.url(), "mp").await.unwrap();
     let ck = dir.path().join("ck");
     let admin = project(&store, 5000, &ck).await;
+    store.set_overlap(overlap).await.unwrap();
     let gw = gateway(&redis.url(), &ck, 1500, 1 << 20).await;
     let clients = experts(&gw.addr, &admin, 32).await;
     let cfg = SimConfig {
@@ -782,6 +794,30 @@ async fn thirty_two_experts_ten_thousand_leases_never_share_an_image() {
     // Every acknowledged submit is stored exactly once.
     let marks = store.mark_ids().await.unwrap();
     assert_eq!(marks.len(), r.count(Outcome::Submitted));
+    if overlap > 1 {
+        let mut pairs = std::collections::HashSet::new();
+        for e in &r.events {
+            assert!(
+                pairs.insert((e.expert, e.image_id.as_str())),
+                "expert {} got {} twice",
+                e.expert,
+                e.image_id
+            );
+        }
+        let mut per_image: HashMap<String, usize> = HashMap::new();
+        for id in &marks {
+            *per_image
+                .entry(store.mark(id).await.unwrap().image_id)
+                .or_default() += 1;
+        }
+        let most = per_image.values().copied().max().unwrap();
+        let full = per_image
+            .values()
+            .filter(|&&n| n == overlap as usize)
+            .count();
+        assert_eq!(most, overlap as usize, "an image marked {most} times");
+        assert!(full > 50, "only {full} images got their {overlap} marks");
+    }
     gw.stop().await;
 }
 

@@ -241,6 +241,16 @@ impl Gateway {
         Ok(None)
     }
 
+    /// With overlap (several experts per image), whether image `id` has marks already: its
+    /// next expert must mark it blind.
+    async fn others_marked(&self, id: &str) -> Result<bool, Status> {
+        let store = self.store()?;
+        if store.overlap().await.map_err(status)? <= 1 {
+            return Ok(false);
+        }
+        Ok(store.marks_on_image(id).await.map_err(status)? > 0)
+    }
+
     async fn admin<T>(&self, req: &Request<T>) -> Result<Expert, Status> {
         let e = self.expert(req).await?;
         if e.role != Role::Admin {
@@ -677,6 +687,12 @@ impl pb::image_service_server::ImageService for Gateway {
                     None
                 }
                 Err(e) => return Err(status(e)),
+            };
+            // Blind overlap: the suggester learnt from the marks, so an image that others
+            // have marked already comes without one (it could echo their marks).
+            let suggestion = match suggestion {
+                Some(_) if self.others_marked(&image.id).await? => None,
+                s => s,
             };
             let prediction = view
                 .probabilities

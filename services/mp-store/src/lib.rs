@@ -322,6 +322,8 @@ pub const VIEW_STREAM: &str = "jobs:view";
 pub const JOB_STREAMS: [&str; 3] = [REFINE_STREAM, SCORE_STREAM, COMMIT_STREAM];
 /// A job delivered this many times without being acknowledged is given up on.
 pub const DEFAULT_MAX_DELIVERIES: u64 = 5;
+/// The most experts one image may go to (project overlap).
+pub const MAX_OVERLAP: u32 = 16;
 
 struct Scripts {
     lease: redis::Script,

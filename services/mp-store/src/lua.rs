@@ -9,6 +9,8 @@
 /// Shared prelude: `now_ms()` and `reclaim(prefix, now)`, which returns every expired lease
 /// to the queue at its last priority and marks the lease `expired`.
 const PRELUDE: &str = r#"
+-- With overlap, a lease looks this far down the queue for an image the expert was never leased.
+local OVERLAP_SCAN = 256
 local function now_ms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -62,6 +64,8 @@ end
 /// `P:held:{expert}` holds the expert's lease ids by deadline: leases past theirs no longer
 /// count, whether or not they were reclaimed yet. The lease records the serving model version (falling back to the current one), read here
 /// so that a lease costs one round trip.
+/// With overlap N > 1 (`P:overlap`), the expert gets the first queued image it was never
+/// leased (`P:seen:{image}`); a submit queues the image again until it has N marks.
 /// Returns {'ok', image, priority, deadline, seq, model_version, width, height}, {'empty'} or
 /// {'too_many', held}.
 pub const LEASE: &str = r#"
@@ -75,9 +79,26 @@ if most > 0 then
   if n >= most then return {'too_many', tostring(n)} end
 end
 reclaim(p, now)
-local popped = redis.call('ZPOPMIN', p .. ':queue')
-if #popped == 0 then return {'empty'} end
-local img, prio = popped[1], popped[2]
+local overlap = tonumber(redis.call('GET', p .. ':overlap') or '1') or 1
+local img, prio
+if overlap <= 1 then
+  local popped = redis.call('ZPOPMIN', p .. ':queue')
+  if #popped == 0 then return {'empty'} end
+  img, prio = popped[1], popped[2]
+else
+  -- Overlap: the first queued image this expert was never leased (within the first
+  -- OVERLAP_SCAN), so that one image goes to several experts, never twice to one.
+  local cands = redis.call('ZRANGE', p .. ':queue', 0, OVERLAP_SCAN - 1, 'WITHSCORES')
+  for i = 1, #cands, 2 do
+    if redis.call('SISMEMBER', p .. ':seen:' .. cands[i], expert) == 0 then
+      img, prio = cands[i], cands[i + 1]
+      break
+    end
+  end
+  if not img then return {'empty'} end
+  redis.call('ZREM', p .. ':queue', img)
+  redis.call('SADD', p .. ':seen:' .. img, expert)
+end
 local version = redis.call('GET', p .. ':model:serving')
 if not version then version = redis.call('GET', p .. ':model:current') or '0' end
 local size = redis.call('HMGET', p .. ':img:' .. img, 'width', 'height')
@@ -156,6 +177,11 @@ redis.call('RPUSH', p .. ':marks', mark)
 redis.call('RPUSH', p .. ':marks:image:' .. l['image'], mark)
 redis.call('HINCRBY', p .. ':marks_per_expert', expert, 1)
 local seq = release(p, l, 'submitted')
+-- Overlap: the image goes back to the queue, at its priority, until it has that many marks.
+local overlap = tonumber(redis.call('GET', p .. ':overlap') or '1') or 1
+if overlap > 1 and redis.call('LLEN', p .. ':marks:image:' .. l['image']) < overlap then
+  redis.call('ZADD', p .. ':queue', redis.call('HGET', p .. ':prio', l['image']) or l['priority'] or '0', l['image'])
+end
 redis.call('HSET', p .. ':proposal:' .. prop, 'status', 'queued', 'mark', mark, 'image', l['image'],
   'expert', expert, 'base_version', version, 'created_ms', now, 'updated_ms', now)
 redis.call('XADD', p .. ':jobs:refine', '*', 'kind', 'refine', 'proposal', prop, 'mark', mark,
@@ -171,15 +197,17 @@ return {'ok', reclaim(ARGV[1], now_ms())}
 "#;
 
 /// ARGV: prefix, then image, priority pairs. Queues images that are neither leased nor
-/// marked; updates the priority of those already queued. Returns {'ok', queued}.
+/// marked (with overlap N: marked fewer than N times); updates the priority of those already
+/// queued. Returns {'ok', queued}.
 pub const ENQUEUE: &str = r#"
 local p = ARGV[1]
 local n = 0
+local overlap = tonumber(redis.call('GET', p .. ':overlap') or '1') or 1
 for i = 2, #ARGV, 2 do
   local img, prio = ARGV[i], ARGV[i + 1]
   redis.call('HSET', p .. ':prio', img, prio)
   if redis.call('ZSCORE', p .. ':leases', img) == false
-     and redis.call('EXISTS', p .. ':marks:image:' .. img) == 0 then
+     and redis.call('LLEN', p .. ':marks:image:' .. img) < overlap then
     redis.call('ZADD', p .. ':queue', prio, img)
     n = n + 1
   end

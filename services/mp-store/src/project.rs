@@ -20,6 +20,31 @@ impl Store {
         .transpose()
     }
 
+    /// Overlap: how many different experts mark each image (1, the default: one). Each
+    /// of them gets the image in turn, blind (never while another holds it, never twice).
+    pub async fn set_overlap(&self, n: u32) -> Result<()> {
+        if !(1..=MAX_OVERLAP).contains(&n) {
+            return Err(StoreError::InvalidArgument(format!(
+                "overlap must be 1 to {MAX_OVERLAP}, not {n}"
+            )));
+        }
+        let mut c = self.conn.clone();
+        let _: () = c.set(self.k("overlap"), n).await?;
+        Ok(())
+    }
+
+    pub async fn overlap(&self) -> Result<u32> {
+        let mut c = self.conn.clone();
+        let v: Option<u32> = c.get(self.k("overlap")).await?;
+        Ok(v.unwrap_or(1).max(1))
+    }
+
+    /// How many marks image `id` has.
+    pub async fn marks_on_image(&self, id: &str) -> Result<u64> {
+        let mut c = self.conn.clone();
+        Ok(c.llen(self.k(&format!("marks:image:{id}"))).await?)
+    }
+
     /// Deletes every key of the project (everything under `prefix:`), for `project init
     /// --force`. The pixels in the image store are left where they are: a new init writes
     /// over the same object names. Returns how many keys went.

@@ -628,3 +628,73 @@ async fn redis_asks_for_the_password_and_refuses_dangerous_commands_to_the_platf
         .mode();
     assert_eq!(mode & 0o777, 0o600);
 }
+
+/// Overlap 3: each image goes to three different experts in turn — never twice to one
+/// (marked or skipped), never to two at once — and leaves the queue with its third mark.
+#[tokio::test]
+async fn overlap_sends_an_image_to_n_different_experts_in_turn() {
+    let (_d, _s, store, ann) = setup().await;
+    assert!(matches!(
+        store.set_overlap(0).await,
+        Err(StoreError::InvalidArgument(_))
+    ));
+    assert_eq!(store.overlap().await.unwrap(), 1);
+    store.set_overlap(3).await.unwrap();
+    assert_eq!(store.overlap().await.unwrap(), 3);
+    let mut experts = vec![ann];
+    for name in ["bob", "cy", "dee"] {
+        experts.push(store.create_expert(name, Role::Expert).await.unwrap().0);
+    }
+    store
+        .enqueue(&[("a/0".into(), 0.1), ("a/1".into(), 0.2)])
+        .await
+        .unwrap();
+    let mark = |l: &mp_store::LeaseGrant, e: &str, k: &str| {
+        let (store, lid, e, k) = (
+            store.clone(),
+            l.lease_id.clone(),
+            e.to_string(),
+            k.to_string(),
+        );
+        async move {
+            store
+                .submit(&lid, &e, &k, 2, 2, &[1, 0, 0, -1])
+                .await
+                .unwrap()
+        }
+    };
+    // Ann marks a/0: it comes back first, but not to her; she gets a/1.
+    let l = store.lease(&experts[0], 30_000).await.unwrap().unwrap();
+    assert_eq!(l.image_id, "a/0");
+    mark(&l, &experts[0], "k0").await;
+    assert_eq!(store.marks_on_image("a/0").await.unwrap(), 1);
+    let l_ann = store.lease(&experts[0], 30_000).await.unwrap().unwrap();
+    assert_eq!(l_ann.image_id, "a/1");
+    // Ann skips a/1: it never comes back to her either.
+    store.skip(&l_ann.lease_id, &experts[0]).await.unwrap();
+    assert!(store.lease(&experts[0], 30_000).await.unwrap().is_none());
+    // Bob holds a/0: nobody else gets it meanwhile.
+    let l_bob = store.lease(&experts[1], 30_000).await.unwrap().unwrap();
+    assert_eq!(l_bob.image_id, "a/0");
+    let l_cy = store.lease(&experts[2], 30_000).await.unwrap().unwrap();
+    assert_eq!(l_cy.image_id, "a/1");
+    mark(&l_bob, &experts[1], "k1").await;
+    mark(&l_cy, &experts[2], "k2").await;
+    // Cy marks a/0 as its third expert: then it is done.
+    let l = store.lease(&experts[2], 30_000).await.unwrap().unwrap();
+    assert_eq!(l.image_id, "a/0");
+    mark(&l, &experts[2], "k3").await;
+    assert_eq!(store.marks_on_image("a/0").await.unwrap(), 3);
+    let l = store.lease(&experts[3], 30_000).await.unwrap().unwrap();
+    assert_eq!(l.image_id, "a/1", "a/0 has its three marks");
+    store.skip(&l.lease_id, &experts[3]).await.unwrap();
+    assert!(store.lease(&experts[3], 30_000).await.unwrap().is_none());
+    // A new round's enqueue does not bring back an image with its three marks.
+    store
+        .enqueue(&[("a/0".into(), 0.0), ("a/1".into(), 0.0)])
+        .await
+        .unwrap();
+    let l = store.lease(&experts[1], 30_000).await.unwrap().unwrap();
+    assert_eq!(l.image_id, "a/1");
+    assert!(store.lease(&experts[1], 30_000).await.unwrap().is_none());
+}
