@@ -60,6 +60,9 @@ enum Command {
     /// Administration through the API
     #[command(subcommand)]
     Admin(platform::AdminCmd),
+    /// Reports through the API (admins)
+    #[command(subcommand)]
+    Report(platform::ReportCmd),
     /// Run the saliency / refinement worker pool
     Worker(nodes::WorkerArgs),
     /// Run the trainer (rounds, commits, guided training, checkpoints)
@@ -119,7 +122,7 @@ fn main() {
         Command::Bench(BenchCmd::Scale(a)) => bench_scale::run(a),
         Command::Bench(BenchCmd::Views(a)) => bench_views::run(a),
         Command::Gateway(a) => platform::gateway(a),
-        Command::Project(platform::ProjectCmd::Init(a)) => init::init_command(a),
+        Command::Project(platform::ProjectCmd::Init(a)) => init::init_command(*a),
         Command::Project(platform::ProjectCmd::Overlap { n, place }) => {
             init::overlap_command(n, &place)
         }
@@ -129,6 +132,7 @@ fn main() {
         Command::Export(a) => project::export(a).map(|_| ()),
         Command::ExpertSim(a) => platform::expert_sim(a),
         Command::Admin(c) => platform::admin(c),
+        Command::Report(c) => platform::report(c),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

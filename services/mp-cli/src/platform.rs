@@ -71,7 +71,7 @@ pub fn gateway(a: GatewayArgs) -> Result<()> {
 #[derive(Subcommand)]
 pub enum ProjectCmd {
     /// Load an image folder into Redis, train (or take) the base model, fill the review queue, create an admin
-    Init(crate::init::InitArgs),
+    Init(Box<crate::init::InitArgs>),
     /// How many different experts mark each image (each in turn, blind; never twice to one)
     Overlap {
         /// 1 to 16
@@ -250,6 +250,112 @@ pub enum AdminCmd {
         #[arg(long, default_value_t = 100)]
         limit: u32,
     },
+}
+
+#[derive(Subcommand)]
+pub enum ReportCmd {
+    /// How far experts agree on the images several of them marked (project overlap > 1):
+    /// red and green IoU and Fleiss' kappa, overall, per expert pair, per expert, per class,
+    /// per day, and the images they agree on least
+    Agreement {
+        #[command(flatten)]
+        conn: AdminConn,
+        /// Images listed (lowest agreement first)
+        #[arg(long, default_value_t = 10)]
+        images: usize,
+    },
+}
+
+pub fn report(cmd: ReportCmd) -> Result<()> {
+    runtime()?.block_on(async {
+        match cmd {
+            ReportCmd::Agreement { conn, images } => {
+                let c = Client::connect(&conn.addr, &conn.token).await?;
+                let r = c
+                    .stats
+                    .clone()
+                    .get_agreement(mp_proto::v1::AgreementRequest {})
+                    .await
+                    .map_err(refused)?
+                    .into_inner();
+                print!("{}", agreement_tables(&r, images));
+            }
+        }
+        Ok(())
+    })
+}
+
+/// The agreement report as plain-text tables.
+pub fn agreement_tables(r: &mp_proto::v1::AgreementReport, images: usize) -> String {
+    use std::fmt::Write;
+    let fig = |x: Option<f64>| x.map_or("-".to_string(), |v| format!("{v:.3}"));
+    let row = |f: &Option<mp_proto::v1::AgreementFigures>| {
+        let f = f.clone().unwrap_or_default();
+        format!(
+            "{:>8} {:>9} {:>7} {:>6}",
+            fig(f.red_iou),
+            fig(f.green_iou),
+            fig(f.kappa),
+            f.n
+        )
+    };
+    let head = format!(
+        "{:>8} {:>9} {:>7} {:>6}",
+        "red IoU", "green IoU", "kappa", "n"
+    );
+    let mut out = String::new();
+    let n = r.overall.as_ref().map_or(0, |f| f.n);
+    let _ = writeln!(
+        out,
+        "overlap {}: {n} image(s) marked by two experts or more",
+        r.overlap
+    );
+    if n == 0 {
+        if r.overlap <= 1 {
+            let _ = writeln!(
+                out,
+                "(each image goes to one expert: `mp project overlap N` sends it to N)"
+            );
+        }
+        return out;
+    }
+    let _ = writeln!(
+        out,
+        "\n{:<24} {head}\n{:<24} {}",
+        "overall",
+        "",
+        row(&r.overall)
+    );
+    let _ = writeln!(out, "\nper expert pair\n{:<24} {head}", "");
+    for p in &r.pairs {
+        let _ = writeln!(
+            out,
+            "{:<24} {}",
+            format!("{} / {}", p.expert_a, p.expert_b),
+            row(&p.figures)
+        );
+    }
+    for (title, list) in [
+        ("per expert (against the others)", &r.experts),
+        ("per class", &r.classes),
+        ("per day (UTC)", &r.days),
+    ] {
+        let _ = writeln!(out, "\n{title}\n{:<24} {head}", "");
+        for k in list {
+            let _ = writeln!(out, "{:<24} {}", k.key, row(&k.figures));
+        }
+    }
+    let _ = writeln!(out, "\nleast agreement\n{:<24} {head}  experts", "image");
+    for i in r.images.iter().take(images) {
+        let _ = writeln!(
+            out,
+            "{:<24} {}  {}",
+            i.image_id,
+            row(&i.figures),
+            i.experts.join(", ")
+        );
+    }
+    out
 }
 
 fn refused(s: tonic::Status) -> anyhow::Error {

@@ -821,6 +821,112 @@ async fn thirty_two_experts_ten_thousand_leases(overlap: u32) {
     gw.stop().await;
 }
 
+/// Overlap 2: two experts mark the same images through the API; the agreement report (an
+/// admin's RPC and `mp report agreement`) gives the IoU of their red marks by hand.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agreement_of_two_experts_on_the_same_images() {
+    let dir = tempfile::tempdir().unwrap();
+    let redis = RedisServer::start_free(&dir.path().join("redis")).unwrap();
+    let store = Store::connect(&redis.url(), "mp").await.unwrap();
+    let ck = dir.path().join("ck");
+    let admin = project(&store, 6, &ck).await;
+    store.set_overlap(2).await.unwrap();
+    let gw = gateway(&redis.url(), &ck, 30_000, 1 << 20).await;
+    let cs = experts(&gw.addr, &admin, 2).await;
+    // e0 marks the top half red on 3 images, e1 the top quarter on all 6.
+    let mark = |c: &Client, rows: u32| {
+        let c = c.clone();
+        async move {
+            let l = c
+                .queue
+                .clone()
+                .lease(pb::LeaseRequest {})
+                .await
+                .unwrap()
+                .into_inner()
+                .lease
+                .unwrap();
+            let v: Vec<i8> = (0..l.width * l.height)
+                .map(|i| i8::from(i / l.width < rows * l.height / 8))
+                .collect();
+            c.queue
+                .clone()
+                .submit(pb::SubmitRequest {
+                    lease_id: l.lease_id.clone(),
+                    mask: Some(rle::encode(l.width, l.height, &v)),
+                    idempotency_key: l.lease_id,
+                })
+                .await
+                .unwrap();
+            l.image_id
+        }
+    };
+    let mut first = Vec::new();
+    for _ in 0..3 {
+        first.push(mark(&cs[0], 4).await);
+    }
+    let mut second = Vec::new();
+    for _ in 0..6 {
+        second.push(mark(&cs[1], 2).await);
+    }
+    second.sort();
+    second.dedup();
+    assert_eq!(second.len(), 6, "e1 got each image once");
+    let a = Client::new(&gw.addr, &admin).unwrap();
+    let r = a
+        .stats
+        .clone()
+        .get_agreement(pb::AgreementRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.overlap, 2);
+    let overall = r.overall.clone().unwrap();
+    assert_eq!(overall.n, 3, "three images marked by both");
+    assert!((overall.red_iou.unwrap() - 0.5).abs() < 1e-9, "{overall:?}");
+    assert_eq!(overall.green_iou, None);
+    let k = overall.kappa.unwrap();
+    assert!(k > 0.0 && k < 1.0, "{k}");
+    assert_eq!(r.pairs.len(), 1);
+    assert_eq!(
+        (r.pairs[0].expert_a.as_str(), r.pairs[0].expert_b.as_str()),
+        ("e0", "e1")
+    );
+    assert_eq!(r.experts.len(), 2);
+    assert_eq!(r.images.len(), 3);
+    for i in &r.images {
+        assert!(first.contains(&i.image_id), "{i:?}");
+    }
+    // Names every expert: admins only.
+    let e = cs[0]
+        .stats
+        .clone()
+        .get_agreement(pb::AgreementRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+    let out = Command::new(env!("CARGO_BIN_EXE_mp"))
+        .args(["report", "agreement", "--addr", &gw.addr, "--token", &admin])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for want in [
+        "overlap 2: 3 image(s)",
+        "per expert pair",
+        "e0 / e1",
+        "0.500",
+        "least agreement",
+    ] {
+        assert!(text.contains(want), "{want:?} not in\n{text}");
+    }
+    gw.stop().await;
+}
+
 fn spawn_gateway(port: u16, redis_url: &str, ck: &Path, log: &Path) -> Child {
     spawn_gateway_with(port, redis_url, ck, log, &[])
 }

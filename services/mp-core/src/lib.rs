@@ -25,6 +25,7 @@
 //! on one thread (`tch::Tensor` is `Send`, not `Sync`) and hand it batches of
 //! (image, label, marks); the services convert their wire types at the edge.
 
+pub mod agreement;
 pub mod align;
 pub mod counterfactual;
 pub mod data;

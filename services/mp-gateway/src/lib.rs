@@ -104,6 +104,24 @@ impl Spawned {
     }
 }
 
+/// How often the gateway refreshes the agreement gauges.
+const AGREEMENT_EVERY: Duration = Duration::from_secs(60);
+
+/// Prometheus gauges of the agreement report: the project's means and each expert's
+/// (against the others); NaN where nothing could be measured.
+fn agreement_gauges(r: &mp_core::agreement::Report) {
+    let v = |x: Option<f64>| x.unwrap_or(f64::NAN);
+    metrics::gauge!("mp_agreement_red_iou").set(v(r.overall.red_iou));
+    metrics::gauge!("mp_agreement_green_iou").set(v(r.overall.green_iou));
+    metrics::gauge!("mp_agreement_kappa").set(v(r.overall.kappa));
+    metrics::gauge!("mp_agreement_images").set(r.overall.n as f64);
+    for (expert, f) in &r.experts {
+        let e = expert.clone();
+        metrics::gauge!("mp_agreement_expert_red_iou", "expert" => e.clone()).set(v(f.red_iou));
+        metrics::gauge!("mp_agreement_expert_kappa", "expert" => e).set(v(f.kappa));
+    }
+}
+
 fn install_metrics(addr: &str) -> Result<(), GatewayError> {
     let sock: std::net::SocketAddr = addr.parse().map_err(|e| GatewayError::Metrics {
         addr: addr.into(),
@@ -160,6 +178,8 @@ pub async fn run(
             };
             gw.set_store(store.clone());
             let mut serving = None;
+            let metrics_on = !cfg.metrics_listen.is_empty();
+            let mut agreement_at: Option<std::time::Instant> = None;
             let mut tick =
                 tokio::time::interval(Duration::from_millis(cfg.reaper_interval_ms.max(50)));
             loop {
@@ -195,6 +215,17 @@ pub async fn run(
                         metrics::gauge!("mp_experts_online").set(c.experts_online as f64);
                         metrics::gauge!("mp_marks_total").set(c.marks_total as f64);
                         metrics::gauge!("mp_refine_backlog").set(c.refine_pending as f64);
+                    }
+                    // Agreement (overlap > 1) once a minute: it reads the marks of every
+                    // image several experts marked.
+                    if metrics_on && agreement_at.is_none_or(|t| t.elapsed() >= AGREEMENT_EVERY) {
+                        agreement_at = Some(std::time::Instant::now());
+                        if store.overlap().await.is_ok_and(|n| n > 1) {
+                            match service::agreement_report(&store).await {
+                                Ok(r) => agreement_gauges(&r),
+                                Err(e) => warn!(error = %e, "agreement report failed"),
+                            }
+                        }
                     }
                 } else {
                     metrics::gauge!("mp_up").set(0.0);

@@ -431,6 +431,83 @@ pub fn suggestion_to_pb(
     })
 }
 
+/// The agreement report of the project's images marked by several experts, with the
+/// experts named.
+pub async fn agreement_report(
+    store: &Store,
+) -> Result<mp_core::agreement::Report, mp_store::StoreError> {
+    let names: HashMap<String, String> = store
+        .experts()
+        .await?
+        .into_iter()
+        .map(|e| (e.id, e.name))
+        .collect();
+    let marks: Vec<mp_core::agreement::MarkInput> = store
+        .marks_of_images_with(2)
+        .await?
+        .into_iter()
+        .map(|m| mp_core::agreement::MarkInput {
+            class: m.image_id.split('/').next().unwrap_or_default().to_string(),
+            expert: names.get(&m.expert_id).cloned().unwrap_or(m.expert_id),
+            image_id: m.image_id,
+            time_ms: m.time_ms,
+            values: m.values,
+        })
+        .collect();
+    Ok(mp_core::agreement::report(&marks))
+}
+
+fn figures_to_pb(f: &mp_core::agreement::Figures) -> Option<pb::AgreementFigures> {
+    Some(pb::AgreementFigures {
+        red_iou: f.red_iou,
+        green_iou: f.green_iou,
+        kappa: f.kappa,
+        n: f.n as u32,
+    })
+}
+
+pub fn agreement_to_pb(overlap: u32, r: mp_core::agreement::Report) -> pb::AgreementReport {
+    let keyed = |v: &[(String, mp_core::agreement::Figures)]| {
+        v.iter()
+            .map(|(k, f)| pb::KeyedAgreement {
+                key: k.clone(),
+                figures: figures_to_pb(f),
+            })
+            .collect()
+    };
+    let mut images = r.images.clone();
+    images.sort_by(|a, b| {
+        let key = |i: &mp_core::agreement::ImageAgreement| i.figures.kappa.unwrap_or(f64::MAX);
+        key(a).total_cmp(&key(b))
+    });
+    pb::AgreementReport {
+        overlap,
+        overall: figures_to_pb(&r.overall),
+        pairs: r
+            .pairs
+            .iter()
+            .map(|((a, b), f)| pb::PairAgreement {
+                expert_a: a.clone(),
+                expert_b: b.clone(),
+                figures: figures_to_pb(f),
+            })
+            .collect(),
+        experts: keyed(&r.experts),
+        classes: keyed(&r.classes),
+        days: keyed(&r.days),
+        images: images
+            .iter()
+            .map(|i| pb::ImageAgreement {
+                image_id: i.image_id.clone(),
+                class_name: i.class.clone(),
+                experts: i.experts.clone(),
+                day: i.day.clone(),
+                figures: figures_to_pb(&i.figures),
+            })
+            .collect(),
+    }
+}
+
 pub fn proposal_to_pb(p: &ProposalRecord) -> pb::Proposal {
     use pb::ProposalStatus as S;
     let status = match p.status.as_str() {
@@ -917,6 +994,19 @@ impl pb::stats_service_server::StatsService for Gateway {
             accuracy_history: versions.iter().map(version_to_pb).collect(),
             whoami: e.id,
         }))
+    }
+
+    async fn get_agreement(
+        &self,
+        req: Request<pb::AgreementRequest>,
+    ) -> Result<Response<pb::AgreementReport>, Status> {
+        self.admin(&req).await?;
+        let store = self.store()?;
+        let r = agreement_report(store).await.map_err(status)?;
+        Ok(Response::new(agreement_to_pb(
+            store.overlap().await.map_err(status)?,
+            r,
+        )))
     }
 }
 

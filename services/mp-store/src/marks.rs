@@ -32,6 +32,32 @@ impl Store {
         Ok(c.lrange(self.k("marks"), 0, -1).await?)
     }
 
+    /// The marks of every training image that has at least `min` of them (with overlap,
+    /// the images several experts marked), image by image.
+    pub async fn marks_of_images_with(&self, min: usize) -> Result<Vec<MarkRecord>> {
+        let ids = self.image_ids().await?;
+        let mut c = self.conn.clone();
+        let mut out = Vec::new();
+        for chunk in ids.chunks(1000) {
+            let mut p = redis::pipe();
+            for id in chunk {
+                p.llen(self.k(&format!("marks:image:{id}")));
+            }
+            let lens: Vec<usize> = p.query_async(&mut c).await?;
+            for (id, n) in chunk.iter().zip(lens) {
+                if n >= min.max(1) {
+                    let marks: Vec<String> = c
+                        .lrange(self.k(&format!("marks:image:{id}")), 0, -1)
+                        .await?;
+                    for m in marks {
+                        out.push(self.mark(&m).await?);
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
     /// Adds a committed mark to the guidance set (once).
     pub async fn add_guidance(&self, mark_id: &str) -> Result<bool> {
         let mut c = self.conn.clone();
