@@ -10,6 +10,7 @@ mod bench_views;
 mod commands;
 mod common;
 mod init;
+mod marks_io;
 mod nodes;
 mod platform;
 mod plot;
@@ -30,6 +31,20 @@ struct Cli {
     threads: i32,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Subcommand)]
+enum ExportCmd {
+    /// A model version as TorchScript module (imported modules) + safetensors state_dict
+    Model(project::ExportArgs),
+    /// Every mark: mark PNGs per expert (folder), COCO-style RLE JSON, or JSONL
+    Marks(marks_io::MarksExportArgs),
+}
+
+#[derive(Subcommand)]
+enum ImportCmd {
+    /// Marks in the formats `mp export marks` writes; deduplicated by image and expert
+    Marks(marks_io::MarksImportArgs),
 }
 
 #[derive(Subcommand)]
@@ -69,8 +84,12 @@ enum Command {
     Trainer(nodes::TrainerArgs),
     /// One machine: redis-server, gateway, trainer and workers on the demo project
     Up(nodes::UpArgs),
-    /// Take a model version back to PyTorch: TorchScript module + safetensors state_dict
-    Export(project::ExportArgs),
+    /// Take a model version back to PyTorch, or the marks out to other tools
+    #[command(subcommand)]
+    Export(ExportCmd),
+    /// Bring marks made elsewhere (or exported from another project) in
+    #[command(subcommand)]
+    Import(ImportCmd),
 }
 
 #[derive(Subcommand)]
@@ -129,7 +148,9 @@ fn main() {
         Command::Worker(a) => nodes::worker(a),
         Command::Trainer(a) => nodes::trainer(a),
         Command::Up(a) => nodes::up(a),
-        Command::Export(a) => project::export(a).map(|_| ()),
+        Command::Export(ExportCmd::Model(a)) => project::export(a).map(|_| ()),
+        Command::Export(ExportCmd::Marks(a)) => marks_io::export_marks(a).map(|_| ()),
+        Command::Import(ImportCmd::Marks(a)) => marks_io::import_marks(a).map(|_| ()),
         Command::ExpertSim(a) => platform::expert_sim(a),
         Command::Admin(c) => platform::admin(c),
         Command::Report(c) => platform::report(c),

@@ -240,6 +240,7 @@ async fn import_refine_commit_export_round_trip() {
     let out = d.join("export");
     let o = mp(&[
         "export",
+        "model",
         "--version",
         "2",
         "--redis-url",

@@ -927,6 +927,132 @@ async fn agreement_of_two_experts_on_the_same_images() {
     gw.stop().await;
 }
 
+/// `mp export marks` in each format and `mp import marks` into another project over the
+/// same images give back the same marks (image, expert, pixels); importing again stores
+/// nothing (deduplicated by image and expert).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn marks_export_and_import_round_trip_in_every_format() {
+    let dir = tempfile::tempdir().unwrap();
+    let redis = RedisServer::start_free(&dir.path().join("redis")).unwrap();
+    let store = Store::connect(&redis.url(), "mp").await.unwrap();
+    let ck = dir.path().join("ck");
+    project(&store, 6, &ck).await;
+    store.set_overlap(2).await.unwrap();
+    let mut experts = Vec::new();
+    for name in ["ann", "bob"] {
+        experts.push(
+            store
+                .create_expert(name, mp_store::Role::Expert)
+                .await
+                .unwrap()
+                .0,
+        );
+    }
+    for (k, e) in experts.iter().enumerate() {
+        for j in 0..3 {
+            let l = store.lease(e, 30_000).await.unwrap().unwrap();
+            let n = (l.width * l.height) as usize;
+            let v: Vec<i8> = (0..n)
+                .map(|i| match (i + j + k) % 5 {
+                    0 => 1,
+                    1 => -1,
+                    _ => 0,
+                })
+                .collect();
+            store
+                .submit(&l.lease_id, e, &format!("k{j}"), l.width, l.height, &v)
+                .await
+                .unwrap();
+        }
+    }
+    let names: HashMap<String, String> = store
+        .experts()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| (e.id, e.name))
+        .collect();
+    let summary = |s: &Store, names: &HashMap<String, String>| {
+        let (s, names) = (s.clone(), names.clone());
+        async move {
+            let mut v: Vec<(String, String, Vec<i8>)> = s
+                .all_marks()
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|m| (m.image_id, names[&m.expert_id].clone(), m.values))
+                .collect();
+            v.sort();
+            v
+        }
+    };
+    let want = summary(&store, &names).await;
+    assert_eq!(want.len(), 6);
+    let mp = |args: &[&str]| {
+        let o = Command::new(env!("CARGO_BIN_EXE_mp"))
+            .args(args)
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        assert!(o.status.success(), "{args:?}: {text}");
+        text
+    };
+    let url = redis.url();
+    for (i, format) in ["jsonl", "coco", "folder"].into_iter().enumerate() {
+        let out = dir.path().join(format!("marks.{format}"));
+        let out = out.to_str().unwrap();
+        let text = mp(&[
+            "export",
+            "marks",
+            "--format",
+            format,
+            "--out",
+            out,
+            "--redis-url",
+            &url,
+        ]);
+        assert!(text.contains("6 mark(s) written"), "{text}");
+        // Another project over the same images.
+        let prefix = format!("copy{i}");
+        let other = Store::connect(&url, &prefix).await.unwrap();
+        project(&other, 6, &dir.path().join(format!("ck{i}"))).await;
+        let import = [
+            "import",
+            "marks",
+            "--format",
+            format,
+            "--from",
+            out,
+            "--redis-url",
+            &url,
+            "--prefix",
+            &prefix,
+        ];
+        let text = mp(&import);
+        assert!(
+            text.contains("6 mark(s) imported, 0 already there") && text.contains("ann, bob"),
+            "{text}"
+        );
+        let names: HashMap<String, String> = other
+            .experts()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|e| (e.id, e.name))
+            .collect();
+        assert_eq!(summary(&other, &names).await, want, "{format}");
+        let text = mp(&import);
+        assert!(
+            text.contains("0 mark(s) imported, 6 already there"),
+            "{text}"
+        );
+    }
+}
+
 fn spawn_gateway(port: u16, redis_url: &str, ck: &Path, log: &Path) -> Child {
     spawn_gateway_with(port, redis_url, ck, log, &[])
 }

@@ -336,6 +336,7 @@ struct Scripts {
     decide: redis::Script,
     publish: redis::Script,
     dead_letter: redis::Script,
+    import_mark: redis::Script,
 }
 
 /// Every connection's timeouts and retries.
@@ -440,6 +441,7 @@ impl Store {
                 decide: lua::script(lua::DECIDE),
                 publish: lua::script(lua::PUBLISH),
                 dead_letter: lua::script(lua::DEAD_LETTER),
+                import_mark: lua::script(lua::IMPORT_MARK),
             }),
             images: Default::default(),
         })

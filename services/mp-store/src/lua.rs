@@ -191,6 +191,27 @@ redis.call('EXPIRE', idem, tonumber(ARGV[10]))
 return {'ok', mark, prop, seq, l['image']}
 "#;
 
+/// ARGV: prefix, mark_id, image, expert, time_ms, model_version, width, height, mask bytes,
+/// source. Stores a mark made elsewhere (`mp import marks`): no lease, no proposal. Skipped
+/// when the expert has marked the image already. Returns {'ok'}, {'dup', mark_id},
+/// {'not_found'} (no such image) or {'bad_size', width, height}.
+pub const IMPORT_MARK: &str = r#"
+local p, mark, img, expert = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local size = redis.call('HMGET', p .. ':img:' .. img, 'width', 'height')
+if not size[1] then return {'not_found'} end
+if size[1] ~= ARGV[7] or size[2] ~= ARGV[8] then return {'bad_size', size[1], size[2]} end
+for _, m in ipairs(redis.call('LRANGE', p .. ':marks:image:' .. img, 0, -1)) do
+  if redis.call('HGET', p .. ':mark:' .. m, 'expert') == expert then return {'dup', m} end
+end
+redis.call('HSET', p .. ':mark:' .. mark, 'image', img, 'expert', expert, 'time_ms', ARGV[5],
+  'model_version', ARGV[6], 'width', ARGV[7], 'height', ARGV[8], 'mask', ARGV[9],
+  'idempotency_key', 'import', 'lease', '', 'proposal', '', 'source', ARGV[10])
+redis.call('RPUSH', p .. ':marks', mark)
+redis.call('RPUSH', p .. ':marks:image:' .. img, mark)
+redis.call('HINCRBY', p .. ':marks_per_expert', expert, 1)
+return {'ok'}
+"#;
+
 /// ARGV: prefix. Returns {'ok', reclaimed}.
 pub const RECLAIM: &str = r#"
 return {'ok', reclaim(ARGV[1], now_ms())}

@@ -58,6 +58,69 @@ impl Store {
         Ok(out)
     }
 
+    /// Stores a mark made elsewhere (`mp import marks`, from `source`): no lease, no
+    /// proposal. `Ok(None)` when the expert has marked the image already (the import is
+    /// deduplicated by image and expert), else the new mark's id.
+    pub async fn import_mark(&self, m: &MarkRecord, source: &str) -> Result<Option<String>> {
+        if m.values.len() != (m.width as usize) * (m.height as usize) {
+            return Err(StoreError::InvalidArgument(format!(
+                "mark of {}: {} values for {}x{}",
+                m.image_id,
+                m.values.len(),
+                m.width,
+                m.height
+            )));
+        }
+        let mut c = self.conn.clone();
+        let id = new_id();
+        let bytes: Vec<u8> = m.values.iter().map(|&v| v as u8).collect();
+        let v: Vec<redis::Value> = self
+            .scripts
+            .import_mark
+            .prepare_invoke()
+            .arg(&self.prefix)
+            .arg(&id)
+            .arg(&m.image_id)
+            .arg(&m.expert_id)
+            .arg(m.time_ms)
+            .arg(m.model_version)
+            .arg(m.width)
+            .arg(m.height)
+            .arg(bytes)
+            .arg(source)
+            .invoke_async(&mut c)
+            .await?;
+        let words: Vec<String> = v.iter().map(value_string).collect();
+        match words.first().map(String::as_str) {
+            Some("ok") => Ok(Some(id)),
+            Some("dup") => Ok(None),
+            Some("not_found") => Err(StoreError::NotFound(format!(
+                "image {} does not exist",
+                m.image_id
+            ))),
+            Some("bad_size") => Err(StoreError::InvalidArgument(format!(
+                "mark of {} is {}x{}, the image {}x{}",
+                m.image_id,
+                m.width,
+                m.height,
+                words.get(1).map(String::as_str).unwrap_or("?"),
+                words.get(2).map(String::as_str).unwrap_or("?")
+            ))),
+            other => Err(StoreError::Corrupt(format!(
+                "import script answered {other:?}"
+            ))),
+        }
+    }
+
+    /// Every mark, in the order they were stored.
+    pub async fn all_marks(&self) -> Result<Vec<MarkRecord>> {
+        let mut out = Vec::new();
+        for id in self.mark_ids().await? {
+            out.push(self.mark(&id).await?);
+        }
+        Ok(out)
+    }
+
     /// Adds a committed mark to the guidance set (once).
     pub async fn add_guidance(&self, mark_id: &str) -> Result<bool> {
         let mut c = self.conn.clone();
