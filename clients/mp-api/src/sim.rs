@@ -21,9 +21,100 @@ pub enum MarkSource {
     Synthetic,
 }
 
+/// How a simulated expert marks, from the ground-truth mark.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Profile {
+    /// The ground truth (degraded only by `partial` / `noise`).
+    Careful,
+    /// The truth's outline off by two pixels (grown or shrunk, one or the other per image)
+    /// and only 60 % of what is left.
+    Sloppy,
+    /// The colours swapped: green on what the truth marks red (the shortcut: "look here"),
+    /// red on what it marks green (the object: "not here").
+    Adversarial,
+}
+
+impl std::str::FromStr for Profile {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "careful" => Ok(Profile::Careful),
+            "sloppy" => Ok(Profile::Sloppy),
+            "adversarial" => Ok(Profile::Adversarial),
+            _ => Err(format!(
+                "unknown expert profile {s:?}: careful, sloppy or adversarial"
+            )),
+        }
+    }
+}
+
+/// Profiles from `careful=6,sloppy=2,adversarial=1` (counts) or `careful,sloppy` (one each),
+/// in that order: expert k gets the k-th (cycling).
+pub fn parse_mix(s: &str) -> Result<Vec<Profile>, String> {
+    let mut out = Vec::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (name, n) = match part.split_once('=') {
+            Some((name, n)) => (
+                name,
+                n.parse::<usize>()
+                    .map_err(|_| format!("{part:?}: the count must be a number"))?,
+            ),
+            None => (part, 1),
+        };
+        let p: Profile = name.parse()?;
+        out.extend(std::iter::repeat_n(p, n));
+    }
+    Ok(out)
+}
+
+/// The mark an expert of `profile` makes from the ground truth `truth` (w×h).
+pub fn profile_mark(profile: Profile, truth: &[i8], w: u32, h: u32, dice: &mut Dice) -> Vec<i8> {
+    match profile {
+        Profile::Careful => truth.to_vec(),
+        Profile::Adversarial => truth.iter().map(|&v| -v).collect(),
+        Profile::Sloppy => {
+            let grow = dice.next() < 0.5;
+            let mut v = truth.to_vec();
+            for _ in 0..2 {
+                v = step(&v, w as usize, h as usize, grow);
+            }
+            degrade(&mut v, 0.6, 0.0, dice);
+            v
+        }
+    }
+}
+
+/// One pixel of dilation (`grow`) or erosion of each colour, 4-neighbourhood.
+fn step(v: &[i8], w: usize, h: usize, grow: bool) -> Vec<i8> {
+    let mut out = v.to_vec();
+    for y in 0..h {
+        for x in 0..w {
+            let i = y * w + x;
+            let nb = [
+                (x > 0).then(|| i - 1),
+                (x + 1 < w).then(|| i + 1),
+                (y > 0).then(|| i - w),
+                (y + 1 < h).then(|| i + w),
+            ];
+            if grow {
+                if v[i] == 0 {
+                    if let Some(c) = nb.iter().flatten().map(|&j| v[j]).find(|&c| c != 0) {
+                        out[i] = c;
+                    }
+                }
+            } else if v[i] != 0 && nb.iter().any(|n| n.is_none_or(|j| v[j] != v[i])) {
+                out[i] = 0;
+            }
+        }
+    }
+    out
+}
+
 #[derive(Debug, Clone)]
 pub struct SimConfig {
     pub experts: usize,
+    /// Expert k marks as `profiles[k % len]` (empty: every expert careful).
+    pub profiles: Vec<Profile>,
     /// Stop once this many leases were granted in total.
     pub leases: usize,
     pub marks: MarkSource,
@@ -63,6 +154,7 @@ impl Default for SimConfig {
     fn default() -> Self {
         SimConfig {
             experts: 4,
+            profiles: Vec::new(),
             leases: 100,
             marks: MarkSource::Synthetic,
             partial: 1.0,
@@ -167,10 +259,11 @@ impl SimReport {
 }
 
 /// Splitmix64 for the experts' choices.
-struct Dice(u64);
+pub struct Dice(pub u64);
 
 impl Dice {
-    fn next(&mut self) -> f64 {
+    /// Uniform in [0, 1).
+    pub fn next(&mut self) -> f64 {
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
@@ -429,6 +522,12 @@ async fn expert(
                 }
             }
         };
+        let profile = cfg
+            .profiles
+            .get(k % cfg.profiles.len().max(1))
+            .copied()
+            .unwrap_or(Profile::Careful);
+        values = profile_mark(profile, &values, w, h, &mut dice);
         degrade(&mut values, cfg.partial, cfg.noise, &mut dice);
         // The image view, as the client shows it: does it carry a suggestion worth taking?
         if cfg.accept > 0.0 {
@@ -581,5 +680,55 @@ async fn decide(c: &Client, proposal_id: &str, cfg: &SimConfig) -> Result<String
             S::Failed => return Ok(format!("failed: {}", p.message)),
             _ => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod profile_tests {
+    use super::*;
+
+    #[test]
+    fn profiles_mark_as_described() {
+        assert_eq!(
+            parse_mix("careful=2, sloppy, adversarial=1").unwrap(),
+            vec![
+                Profile::Careful,
+                Profile::Careful,
+                Profile::Sloppy,
+                Profile::Adversarial
+            ]
+        );
+        assert!(parse_mix("lazy").is_err() && parse_mix("careful=x").is_err());
+        // An 8×8 truth: a red 4×4 block, a green pixel row.
+        let (w, h) = (8u32, 8u32);
+        let mut truth = vec![0i8; 64];
+        for y in 2..6 {
+            for x in 2..6 {
+                truth[y * 8 + x] = 1;
+            }
+        }
+        truth[7 * 8..].iter_mut().for_each(|v| *v = -1);
+        let mut dice = Dice(1);
+        assert_eq!(
+            profile_mark(Profile::Careful, &truth, w, h, &mut dice),
+            truth
+        );
+        let adv = profile_mark(Profile::Adversarial, &truth, w, h, &mut dice);
+        assert!(adv.iter().zip(&truth).all(|(a, t)| *a == -*t));
+        // Sloppy: off the outline, and partial — its red IoU with the truth well below 1.
+        let mut ious = Vec::new();
+        for seed in 0..20 {
+            let mut dice = Dice(seed);
+            let s = profile_mark(Profile::Sloppy, &truth, w, h, &mut dice);
+            assert!(s.iter().any(|&v| v != 0));
+            ious.push(red_iou(&s, &truth));
+        }
+        assert!(ious.iter().all(|&i| i < 0.8), "{ious:?}");
+        assert!(ious.iter().any(|&i| i > 0.0), "{ious:?}");
+        // Growing and shrinking by one pixel.
+        let grown = step(&truth, 8, 8, true);
+        assert_eq!(grown.iter().filter(|&&v| v == 1).count(), 16 + 16);
+        let shrunk = step(&truth, 8, 8, false);
+        assert_eq!(shrunk.iter().filter(|&&v| v == 1).count(), 4);
     }
 }

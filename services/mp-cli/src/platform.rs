@@ -103,6 +103,11 @@ pub struct SimArgs {
     /// Probability of flipping a marked pixel's colour
     #[arg(long, default_value_t = 0.0)]
     pub noise: f64,
+    /// How the experts mark: `careful=6,sloppy=2,adversarial=1` — careful: the ground truth;
+    /// sloppy: its outline off by 2 px and 60 % of it; adversarial: its colours swapped.
+    /// Expert k gets the k-th profile (cycling)
+    #[arg(long, default_value = "careful")]
+    pub mix: String,
     #[arg(long, default_value_t = 0.0)]
     pub skip_rate: f64,
     #[arg(long, default_value_t = 0.0)]
@@ -152,6 +157,7 @@ pub fn expert_sim(a: SimArgs) -> Result<()> {
         let clients = sim_clients(&a.addr, &a.token, a.experts, "sim").await?;
         let cfg = SimConfig {
             experts: a.experts,
+            profiles: sim::parse_mix(&a.mix).map_err(|e| anyhow::anyhow!("--mix: {e}"))?,
             leases: a.leases,
             marks: a.marks.clone().map(MarkSource::Folder).unwrap_or(MarkSource::Synthetic),
             partial: a.partial,

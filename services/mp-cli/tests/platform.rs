@@ -927,6 +927,57 @@ async fn agreement_of_two_experts_on_the_same_images() {
     gw.stop().await;
 }
 
+/// Simulated experts who disagree: a careful and an adversarial expert on the same images
+/// (overlap 2) share no red pixel — red IoU 0, and a kappa that only the unmarked
+/// background keeps above 0 (0.38 here: a quarter of each image marked) — while two careful
+/// ones agree fully.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_adversarial_expert_shows_in_the_agreement_report() {
+    for (mix, red, kappa) in [
+        (vec![sim::Profile::Careful, sim::Profile::Careful], 1.0, 1.0),
+        (
+            vec![sim::Profile::Careful, sim::Profile::Adversarial],
+            0.0,
+            0.4,
+        ),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let redis = RedisServer::start_free(&dir.path().join("redis")).unwrap();
+        let store = Store::connect(&redis.url(), "mp").await.unwrap();
+        let ck = dir.path().join("ck");
+        let admin = project(&store, 8, &ck).await;
+        store.set_overlap(2).await.unwrap();
+        let gw = gateway(&redis.url(), &ck, 30_000, 1 << 20).await;
+        let r = sim::run(
+            experts(&gw.addr, &admin, 2).await,
+            SimConfig {
+                experts: 2,
+                profiles: mix.clone(),
+                leases: 16,
+                stop_when_empty: false,
+                retry_for: Duration::from_secs(20),
+                ..Default::default()
+            },
+        )
+        .await;
+        assert_eq!(r.count(Outcome::Submitted), 16, "{:?}", r.errors);
+        let a = Client::new(&gw.addr, &admin).unwrap();
+        let rep = a
+            .stats
+            .clone()
+            .get_agreement(pb::AgreementRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        let o = rep.overall.unwrap();
+        assert_eq!(o.n, 8, "{mix:?}");
+        assert!((o.red_iou.unwrap() - red).abs() < 1e-9, "{mix:?}: {o:?}");
+        assert!(o.kappa.unwrap() <= kappa + 1e-9, "{mix:?}: {o:?}");
+        assert!(o.kappa.unwrap() > kappa - 0.1, "{mix:?}: {o:?}");
+        gw.stop().await;
+    }
+}
+
 /// `mp export marks` in each format and `mp import marks` into another project over the
 /// same images give back the same marks (image, expert, pixels); importing again stores
 /// nothing (deduplicated by image and expert).
