@@ -256,6 +256,27 @@ pub enum AdminCmd {
         #[arg(long, default_value_t = 100)]
         limit: u32,
     },
+    /// The audit trail — marks, decisions, commits, versions, rollbacks, round ends, token
+    /// changes — with who, when, versions and accuracies before and after, and each expert's
+    /// impact (commits and the validation accuracy they moved)
+    Audit {
+        #[command(flatten)]
+        conn: AdminConn,
+        /// Only records by or about this expert (id)
+        #[arg(long)]
+        expert: Option<String>,
+        #[arg(long)]
+        image: Option<String>,
+        /// Only records with this version before or after
+        #[arg(long)]
+        version: Option<u64>,
+        /// The newest this many
+        #[arg(long, default_value_t = 1000)]
+        limit: u32,
+        /// One JSON record per line (for export), no tables
+        #[arg(long)]
+        jsonl: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -442,6 +463,72 @@ pub fn admin(cmd: AdminCmd) -> Result<()> {
                         when(e.expires_ms),
                         when(e.revoked_ms)
                     );
+                }
+            }
+            AdminCmd::Audit {
+                conn,
+                expert,
+                image,
+                version,
+                limit,
+                jsonl,
+            } => {
+                let c = Client::connect(&conn.addr, &conn.token).await?;
+                let r = c
+                    .admin
+                    .clone()
+                    .audit(mp_proto::v1::AuditRequest {
+                        expert: expert.unwrap_or_default(),
+                        image_id: image.unwrap_or_default(),
+                        version: version.unwrap_or(0),
+                        limit,
+                    })
+                    .await
+                    .map_err(refused)?
+                    .into_inner();
+                for rec in &r.records {
+                    let fields: std::collections::BTreeMap<&String, &String> =
+                        rec.fields.iter().collect();
+                    if jsonl {
+                        println!(
+                            "{}",
+                            serde_json::json!({
+                                "id": rec.id, "kind": rec.kind, "who": rec.who,
+                                "who_name": rec.who_name, "time_ms": rec.time_ms, "fields": fields,
+                            })
+                        );
+                    } else {
+                        let f: Vec<String> =
+                            fields.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                        let who = if rec.who_name.is_empty() {
+                            rec.who.clone()
+                        } else {
+                            format!("{} ({})", rec.who_name, rec.who)
+                        };
+                        println!(
+                            "{}  {:<20} {:<24} {}",
+                            when(rec.time_ms),
+                            rec.kind,
+                            who,
+                            f.join(" ")
+                        );
+                    }
+                }
+                if !jsonl {
+                    println!("\nimpact of each expert's commits on validation accuracy");
+                    println!("{:<24} {:>8} {:>16}", "expert", "commits", "accuracy moved");
+                    for i in &r.impact {
+                        let who = if i.name.is_empty() {
+                            i.expert_id.clone()
+                        } else {
+                            i.name.clone()
+                        };
+                        println!(
+                            "{who:<24} {:>8} {:>+15.2}%",
+                            i.commits,
+                            100.0 * i.accuracy_delta
+                        );
+                    }
                 }
             }
             AdminCmd::Jobs { conn, limit } => {

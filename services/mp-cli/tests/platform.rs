@@ -978,6 +978,144 @@ async fn an_adversarial_expert_shows_in_the_agreement_report() {
     }
 }
 
+/// The audit trail through the API: an expert's mark, decision and commit, an admin's
+/// rollback, with the versions and accuracies; per-expert impact; `mp admin audit` as
+/// tables and JSONL; experts may not read it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_audit_trail_through_the_api_and_the_command_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let redis = RedisServer::start_free(&dir.path().join("redis")).unwrap();
+    let store = Store::connect(&redis.url(), "mp").await.unwrap();
+    let ck = dir.path().join("ck");
+    let admin = project(&store, 4, &ck).await;
+    let gw = gateway(&redis.url(), &ck, 30_000, 1 << 20).await;
+    let e = experts(&gw.addr, &admin, 1).await.remove(0);
+    let l = e
+        .queue
+        .clone()
+        .lease(pb::LeaseRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .lease
+        .unwrap();
+    let mut v = vec![0i8; (l.width * l.height) as usize];
+    v[0] = 1;
+    let pid = e
+        .queue
+        .clone()
+        .submit(pb::SubmitRequest {
+            lease_id: l.lease_id.clone(),
+            mask: Some(rle::encode(l.width, l.height, &v)),
+            idempotency_key: "k".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .proposal_id;
+    // The worker and the trainer, by hand: the proposal is ready, then committed as v2.
+    store.update_proposal(&pid, "ready", &[]).await.unwrap();
+    e.proposals
+        .clone()
+        .decide(pb::DecideRequest {
+            proposal_id: pid.clone(),
+            decision: pb::decide_request::Decision::Commit as i32,
+        })
+        .await
+        .unwrap();
+    let v1 = store.version(1).await.unwrap();
+    let v2 = mp_store::ModelVersionRecord {
+        version: 2,
+        parent: 1,
+        reason: format!("commit {pid}"),
+        val_accuracy: v1.val_accuracy + 0.125,
+        file: v1.file.clone(),
+        ..v1.clone()
+    };
+    store.publish_commit(&v2, &pid, &[]).await.unwrap();
+    let a = Client::new(&gw.addr, &admin).unwrap();
+    a.admin
+        .clone()
+        .rollback(pb::RollbackRequest { version: 1 })
+        .await
+        .unwrap();
+    let audit = |expert: &str, version: u64| {
+        let a = a.clone();
+        let expert = expert.to_string();
+        async move {
+            a.admin
+                .clone()
+                .audit(pb::AuditRequest {
+                    expert,
+                    version,
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner()
+        }
+    };
+    let all = audit("", 0).await;
+    let kinds: Vec<&str> = all.records.iter().map(|r| r.kind.as_str()).collect();
+    for want in ["token_created", "mark", "decision", "commit", "rollback"] {
+        assert!(kinds.contains(&want), "{want} not in {kinds:?}");
+    }
+    let commit = all.records.iter().find(|r| r.kind == "commit").unwrap();
+    assert_eq!(commit.who_name, "e0");
+    assert_eq!(commit.fields["version_after"], "2");
+    assert_eq!(all.impact.len(), 1);
+    assert_eq!(
+        (all.impact[0].name.as_str(), all.impact[0].commits),
+        ("e0", 1)
+    );
+    assert!((all.impact[0].accuracy_delta - 0.125).abs() < 1e-9);
+    let expert_id = commit.who.clone();
+    let mine: Vec<String> = audit(&expert_id, 0)
+        .await
+        .records
+        .into_iter()
+        .map(|r| r.kind)
+        .collect();
+    assert_eq!(mine, ["token_created", "mark", "decision", "commit"]);
+    let v2s: Vec<String> = audit("", 2)
+        .await
+        .records
+        .into_iter()
+        .map(|r| r.kind)
+        .collect();
+    assert_eq!(v2s, ["commit", "rollback"]);
+    let e = e
+        .admin
+        .clone()
+        .audit(pb::AuditRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+    let mp = |extra: &[&str]| {
+        let o = Command::new(env!("CARGO_BIN_EXE_mp"))
+            .args(["admin", "audit", "--addr", &gw.addr, "--token", &admin])
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8_lossy(&o.stdout).to_string()
+    };
+    let text = mp(&[]);
+    assert!(
+        text.contains("rollback") && text.contains("accuracy moved") && text.contains("+12.50%"),
+        "{text}"
+    );
+    let jsonl = mp(&["--jsonl", "--version", "2"]);
+    let lines: Vec<serde_json::Value> = jsonl
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2, "{jsonl}");
+    assert_eq!(lines[0]["kind"], "commit");
+    assert_eq!(lines[1]["fields"]["version_before"], "2");
+    gw.stop().await;
+}
+
 /// `mp export marks` in each format and `mp import marks` into another project over the
 /// same images give back the same marks (image, expert, pixels); importing again stores
 /// nothing (deduplicated by image and expert).

@@ -1016,7 +1016,7 @@ impl pb::admin_service_server::AdminService for Gateway {
         &self,
         req: Request<pb::CreateExpertRequest>,
     ) -> Result<Response<pb::CreateExpertReply>, Status> {
-        self.admin(&req).await?;
+        let by = self.admin(&req).await?;
         let body = req.get_ref();
         let role: Role = if body.role.is_empty() {
             Role::Expert
@@ -1032,7 +1032,7 @@ impl pb::admin_service_server::AdminService for Gateway {
         };
         let (id, token) = self
             .store()?
-            .create_expert_until(&body.name, role, expires)
+            .create_expert_by(&body.name, role, expires, &by.id)
             .await
             .map_err(status)?;
         info!(expert = %id, name = %body.name, role = role.as_str(), "expert created");
@@ -1054,7 +1054,10 @@ impl pb::admin_service_server::AdminService for Gateway {
                 "an admin cannot revoke its own token (another admin can)",
             ));
         }
-        self.store()?.revoke_expert(id).await.map_err(status)?;
+        self.store()?
+            .revoke_expert_by(id, &e.id)
+            .await
+            .map_err(status)?;
         // This gateway forgets at once, whatever its subscription's state.
         self.auth.invalidate();
         info!(expert = %id, by = %e.id, "token revoked");
@@ -1091,7 +1094,7 @@ impl pb::admin_service_server::AdminService for Gateway {
     ) -> Result<Response<pb::ModelVersion>, Status> {
         let e = self.admin(&req).await?;
         let v = req.get_ref().version;
-        self.store()?.rollback(v).await.map_err(status)?;
+        self.store()?.rollback_by(v, &e.id).await.map_err(status)?;
         info!(expert = %e.id, version = v, "rollback");
         let rec = self.store()?.version(v).await.map_err(status)?;
         Ok(Response::new(version_to_pb(&rec)))
@@ -1101,9 +1104,74 @@ impl pb::admin_service_server::AdminService for Gateway {
         &self,
         req: Request<pb::EndRoundRequest>,
     ) -> Result<Response<pb::EndRoundReply>, Status> {
-        self.admin(&req).await?;
-        self.store()?.request_round_end().await.map_err(status)?;
+        let e = self.admin(&req).await?;
+        self.store()?
+            .request_round_end_by(&e.id)
+            .await
+            .map_err(status)?;
         Ok(Response::new(pb::EndRoundReply {}))
+    }
+
+    async fn audit(
+        &self,
+        req: Request<pb::AuditRequest>,
+    ) -> Result<Response<pb::AuditReport>, Status> {
+        self.admin(&req).await?;
+        let body = req.get_ref();
+        let store = self.store()?;
+        let opt = |s: &str| (!s.is_empty()).then(|| s.to_string());
+        let filter = mp_store::AuditFilter {
+            expert: opt(&body.expert),
+            image: opt(&body.image_id),
+            version: (body.version > 0).then_some(body.version),
+            limit: match body.limit {
+                0 => 1000,
+                n => n.min(100_000) as usize,
+            },
+        };
+        let records = store.audit(&filter).await.map_err(status)?;
+        let commits = store
+            .audit(&mp_store::AuditFilter::default())
+            .await
+            .map_err(status)?;
+        let names: HashMap<String, String> = store
+            .experts()
+            .await
+            .map_err(status)?
+            .into_iter()
+            .map(|e| (e.id, e.name))
+            .collect();
+        let mut impact: std::collections::BTreeMap<String, (u32, f64)> = Default::default();
+        for r in commits.iter().filter(|r| r.kind == "commit") {
+            let acc = |k: &str| r.fields.get(k).and_then(|v| v.parse::<f64>().ok());
+            let e = impact.entry(r.who.clone()).or_default();
+            e.0 += 1;
+            if let (Some(a), Some(b)) = (acc("accuracy_before"), acc("accuracy_after")) {
+                e.1 += b - a;
+            }
+        }
+        Ok(Response::new(pb::AuditReport {
+            records: records
+                .into_iter()
+                .map(|r| pb::AuditRecord {
+                    id: r.id,
+                    kind: r.kind,
+                    who_name: names.get(&r.who).cloned().unwrap_or_default(),
+                    who: r.who,
+                    time_ms: r.time_ms,
+                    fields: r.fields.into_iter().collect(),
+                })
+                .collect(),
+            impact: impact
+                .into_iter()
+                .map(|(id, (commits, delta))| pb::ExpertImpact {
+                    name: names.get(&id).cloned().unwrap_or_default(),
+                    expert_id: id,
+                    commits,
+                    accuracy_delta: delta,
+                })
+                .collect(),
+        }))
     }
 
     async fn dead_jobs(

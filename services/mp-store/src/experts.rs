@@ -15,7 +15,20 @@ impl Store {
         role: Role,
         expires_ms: Option<u64>,
     ) -> Result<(String, String)> {
-        self.create_expert_with(name, role, expires_ms, None).await
+        self.create_expert_with(name, role, expires_ms, None, "system")
+            .await
+    }
+
+    /// [`Store::create_expert_until`] by `by` (an admin's id), for the audit.
+    pub async fn create_expert_by(
+        &self,
+        name: &str,
+        role: Role,
+        expires_ms: Option<u64>,
+        by: &str,
+    ) -> Result<(String, String)> {
+        self.create_expert_with(name, role, expires_ms, None, by)
+            .await
     }
 
     /// [`Store::create_expert`] with a token chosen by the operator (an admin token kept in
@@ -41,7 +54,7 @@ impl Store {
             ));
         }
         Ok(self
-            .create_expert_with(name, role, None, Some(token))
+            .create_expert_with(name, role, None, Some(token), "operator")
             .await?
             .0)
     }
@@ -52,6 +65,7 @@ impl Store {
         role: Role,
         expires_ms: Option<u64>,
         token: Option<&str>,
+        by: &str,
     ) -> Result<(String, String)> {
         if name.trim().is_empty() || name.len() > 100 {
             return Err(StoreError::InvalidArgument(
@@ -79,6 +93,16 @@ impl Store {
             .ignore()
             .sadd(self.k("experts"), &id)
             .ignore();
+        self.audit_in(
+            &mut pipe,
+            "token_created",
+            by,
+            &[
+                ("expert", id.as_str()),
+                ("name", name),
+                ("role", role.as_str()),
+            ],
+        );
         let _: () = pipe.query_async(&mut c).await?;
         Ok((id, token))
     }
@@ -118,16 +142,26 @@ impl Store {
     /// stay; its token then answers "token revoked"), and every gateway is told on
     /// `P:auth:revoked` to drop what it cached.
     pub async fn revoke_expert(&self, id: &str) -> Result<()> {
+        self.revoke_expert_by(id, "system").await
+    }
+
+    /// [`Store::revoke_expert`] by `by` (an admin's id), for the audit.
+    pub async fn revoke_expert_by(&self, id: &str, by: &str) -> Result<()> {
         let e = self.expert(id).await?;
         let mut c = self.conn.clone();
-        let _: () = redis::pipe()
-            .atomic()
+        let mut pipe = redis::pipe();
+        pipe.atomic()
             .hset(self.k(&format!("expert:{id}")), "revoked_ms", now_ms())
             .ignore()
             .publish(self.k("auth:revoked"), &e.id)
-            .ignore()
-            .query_async(&mut c)
-            .await?;
+            .ignore();
+        self.audit_in(
+            &mut pipe,
+            "token_revoked",
+            by,
+            &[("expert", id), ("name", e.name.as_str())],
+        );
+        let _: () = pipe.query_async(&mut c).await?;
         Ok(())
     }
 

@@ -8,8 +8,10 @@
 //! invariants of the data (an image is leased to at most one expert; a mark is stored once
 //! per idempotency key; a lease is acted on only by its owner).
 
+mod audit;
 mod experts;
 pub mod images;
+pub use audit::{AuditFilter, AuditRecord};
 pub use images::{ImageStore, ModelView, Shape};
 mod jobs;
 pub mod lua;

@@ -15,6 +15,18 @@ local function now_ms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
+-- Appends an audit record (`P:audit`, never trimmed): kind, who, time and field pairs.
+local function audit(p, kind, who, fields)
+  local args = {p .. ':audit', '*', 'kind', kind, 'who', who, 'time_ms', tostring(now_ms())}
+  for i = 1, #fields, 2 do
+    local v = fields[i + 1]
+    if v ~= nil and v ~= false and v ~= cjson.null then
+      table.insert(args, fields[i])
+      table.insert(args, tostring(v))
+    end
+  end
+  redis.call('XADD', unpack(args))
+end
 local function reclaim(p, now)
   local expired = redis.call('ZRANGEBYSCORE', p .. ':leases', '-inf', now)
   for _, img in ipairs(expired) do
@@ -186,6 +198,8 @@ redis.call('HSET', p .. ':proposal:' .. prop, 'status', 'queued', 'mark', mark, 
   'expert', expert, 'base_version', version, 'created_ms', now, 'updated_ms', now)
 redis.call('XADD', p .. ':jobs:refine', '*', 'kind', 'refine', 'proposal', prop, 'mark', mark,
   'image', l['image'], 'expert', expert, 'base_version', version, 'enqueued_ms', now)
+audit(p, 'mark', expert, {'image', l['image'], 'mark', mark, 'proposal', prop,
+  'version_before', version})
 redis.call('HSET', idem, 'mark', mark, 'proposal', prop, 'seq', seq, 'image', l['image'])
 redis.call('EXPIRE', idem, tonumber(ARGV[10]))
 return {'ok', mark, prop, seq, l['image']}
@@ -261,6 +275,9 @@ local status = redis.call('HGET', key, 'status')
 if not status then return {'not_found'} end
 if status ~= 'ready' then return {'not_ready', status} end
 local now = now_ms()
+local h = redis.call('HMGET', key, 'image', 'expert', 'base_version')
+audit(p, 'decision', who, {'decision', decision, 'proposal', prop, 'image', h[1], 'expert', h[2],
+  'version_before', h[3]})
 if decision == 'commit' then
   redis.call('HSET', key, 'status', 'committing', 'decided_by', who, 'updated_ms', now)
   redis.call('XADD', p .. ':jobs:commit', '*', 'proposal', prop, 'expert', who)
@@ -294,6 +311,18 @@ if prop then
     return {'not_committing', status or 'missing'}
   end
 end
+local before = redis.call('HGET', p .. ':model:versions', parent)
+local acc_before = (before and cjson.decode(before)['val_accuracy']) or false
+local rec = cjson.decode(json)
+local who, fields = 'trainer', {'version_before', parent, 'version_after', version,
+  'accuracy_before', acc_before, 'accuracy_after', rec['val_accuracy'] or false,
+  'reason', rec['reason'] or false}
+if prop then
+  local h = redis.call('HMGET', key, 'expert', 'image', 'mark')
+  who = h[1] or 'trainer'
+  for _, v in ipairs({'proposal', prop, 'image', h[2], 'mark', h[3]}) do table.insert(fields, v) end
+end
+audit(p, prop and 'commit' or 'version', who, fields)
 redis.call('HSET', p .. ':model:versions', version, json)
 redis.call('SET', p .. ':model:current', version)
 if prop then

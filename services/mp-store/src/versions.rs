@@ -29,23 +29,57 @@ impl Store {
 
     /// Makes an existing version current and serving (rollback).
     pub async fn rollback(&self, version: u64) -> Result<()> {
-        self.version(version).await?;
+        self.rollback_by(version, "system").await
+    }
+
+    /// [`Store::rollback`] by `by` (an admin's id), for the audit.
+    pub async fn rollback_by(&self, version: u64, by: &str) -> Result<()> {
+        let to = self.version(version).await?;
+        let from = self.current_version().await?;
+        let acc_before = self
+            .version(from)
+            .await
+            .map(|r| r.val_accuracy.to_string())
+            .unwrap_or_default();
         let mut c = self.conn.clone();
-        let _: () = redis::pipe()
-            .atomic()
+        let mut pipe = redis::pipe();
+        pipe.atomic()
             .set(self.k("model:current"), version)
             .ignore()
             .set(self.k("model:serving"), version)
-            .ignore()
-            .query_async(&mut c)
-            .await?;
+            .ignore();
+        let (f, v, acc_after) = (
+            from.to_string(),
+            version.to_string(),
+            to.val_accuracy.to_string(),
+        );
+        self.audit_in(
+            &mut pipe,
+            "rollback",
+            by,
+            &[
+                ("version_before", f.as_str()),
+                ("version_after", v.as_str()),
+                ("accuracy_before", acc_before.as_str()),
+                ("accuracy_after", acc_after.as_str()),
+            ],
+        );
+        let _: () = pipe.query_async(&mut c).await?;
         Ok(())
     }
 
     /// Asks the trainer to end the intervention round.
     pub async fn request_round_end(&self) -> Result<()> {
+        self.request_round_end_by("system").await
+    }
+
+    /// [`Store::request_round_end`] by `by` (an admin's id), for the audit.
+    pub async fn request_round_end_by(&self, by: &str) -> Result<()> {
         let mut c = self.conn.clone();
-        let _: () = c.set(self.k("round:end"), now_ms()).await?;
+        let mut pipe = redis::pipe();
+        pipe.atomic().set(self.k("round:end"), now_ms()).ignore();
+        self.audit_in(&mut pipe, "round_end_requested", by, &[]);
+        let _: () = pipe.query_async(&mut c).await?;
         Ok(())
     }
 

@@ -1,7 +1,7 @@
 //! The data model against a real redis-server on a free port.
 
 use mp_store::server::RedisServer;
-use mp_store::{ModelVersionRecord, ProjectInfo, Role, Store, StoreError};
+use mp_store::{AuditFilter, ModelVersionRecord, ProjectInfo, Role, Store, StoreError};
 
 async fn setup() -> (tempfile::TempDir, RedisServer, Store, String) {
     let dir = tempfile::tempdir().unwrap();
@@ -697,4 +697,145 @@ async fn overlap_sends_an_image_to_n_different_experts_in_turn() {
     let l = store.lease(&experts[1], 30_000).await.unwrap().unwrap();
     assert_eq!(l.image_id, "a/1");
     assert!(store.lease(&experts[1], 30_000).await.unwrap().is_none());
+}
+
+/// Every mark, decision, commit, rollback, round-end request and token change leaves an
+/// audit record with who, when and the versions and accuracies before and after; the
+/// records are found by expert, image and version.
+#[tokio::test]
+async fn the_audit_trail_records_each_change_with_who_and_the_versions() {
+    let (_d, _s, store, ann) = setup().await;
+    let (admin, _) = store.create_expert("root", Role::Admin).await.unwrap();
+    let (bob, _) = store
+        .create_expert_by("bob", Role::Expert, None, &admin)
+        .await
+        .unwrap();
+    store.enqueue(&[("a/0".into(), 0.1)]).await.unwrap();
+    let l = store.lease(&ann, 30_000).await.unwrap().unwrap();
+    let r = store
+        .submit(&l.lease_id, &ann, "k", 2, 2, &[1, 0, 0, 0])
+        .await
+        .unwrap();
+    store
+        .update_proposal(&r.proposal_id, "ready", &[])
+        .await
+        .unwrap();
+    store.decide(&r.proposal_id, &ann, true).await.unwrap();
+    let v2 = ModelVersionRecord {
+        version: 2,
+        parent: 1,
+        created_ms: 0,
+        reason: "commit".into(),
+        val_accuracy: 0.75,
+        val_loss: 0.5,
+        test_accuracy: 0.7,
+        file: "v2.safetensors".into(),
+    };
+    assert_eq!(
+        store
+            .publish_commit(&v2, &r.proposal_id, &[])
+            .await
+            .unwrap(),
+        None
+    );
+    store.rollback_by(1, &admin).await.unwrap();
+    store.request_round_end_by(&admin).await.unwrap();
+    store.revoke_expert_by(&bob, &admin).await.unwrap();
+
+    let all = store.audit(&AuditFilter::default()).await.unwrap();
+    let kinds: Vec<&str> = all.iter().map(|r| r.kind.as_str()).collect();
+    assert_eq!(
+        kinds,
+        [
+            "version", // v1 in setup
+            "token_created",
+            "token_created",
+            "token_created",
+            "mark",
+            "decision",
+            "commit",
+            "rollback",
+            "round_end_requested",
+            "token_revoked"
+        ]
+    );
+    assert!(all.windows(2).all(|w| w[0].time_ms <= w[1].time_ms));
+    let find = |k: &str| all.iter().find(|r| r.kind == k).unwrap();
+    let f = |k: &str, field: &str| find(k).fields.get(field).cloned().unwrap_or_default();
+    assert_eq!(find("mark").who, ann);
+    assert_eq!(f("mark", "image"), "a/0");
+    assert_eq!(f("mark", "version_before"), "1");
+    assert_eq!(
+        (f("decision", "decision"), f("decision", "expert")),
+        ("commit".into(), ann.clone())
+    );
+    let c = find("commit");
+    assert_eq!(c.who, ann, "a commit is its expert's");
+    assert_eq!(
+        (f("commit", "version_before"), f("commit", "version_after")),
+        ("1".into(), "2".into())
+    );
+    assert_eq!(
+        (
+            f("commit", "accuracy_before"),
+            f("commit", "accuracy_after")
+        ),
+        ("0.5".into(), "0.75".into())
+    );
+    assert_eq!(f("commit", "proposal"), r.proposal_id);
+    assert_eq!(find("rollback").who, admin);
+    assert_eq!(
+        (
+            f("rollback", "version_before"),
+            f("rollback", "version_after")
+        ),
+        ("2".into(), "1".into())
+    );
+    assert_eq!(find("token_revoked").fields["expert"], bob);
+    // Queries.
+    let by = |filter: AuditFilter| {
+        let store = store.clone();
+        async move {
+            store
+                .audit(&filter)
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|r| r.kind)
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(
+        by(AuditFilter {
+            expert: Some(ann.clone()),
+            ..Default::default()
+        })
+        .await,
+        ["token_created", "mark", "decision", "commit"]
+    );
+    assert_eq!(
+        by(AuditFilter {
+            image: Some("a/0".into()),
+            ..Default::default()
+        })
+        .await,
+        ["mark", "decision", "commit"]
+    );
+    assert_eq!(
+        by(AuditFilter {
+            version: Some(2),
+            ..Default::default()
+        })
+        .await,
+        ["commit", "rollback"]
+    );
+    assert_eq!(
+        by(AuditFilter {
+            expert: Some(bob.clone()),
+            limit: 1,
+            ..Default::default()
+        })
+        .await,
+        ["token_revoked"]
+    );
 }
