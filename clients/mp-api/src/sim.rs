@@ -73,7 +73,7 @@ pub fn profile_mark(profile: Profile, truth: &[i8], w: u32, h: u32, dice: &mut D
         Profile::Careful => truth.to_vec(),
         Profile::Adversarial => truth.iter().map(|&v| -v).collect(),
         Profile::Sloppy => {
-            let grow = dice.next() < 0.5;
+            let grow = dice.roll() < 0.5;
             let mut v = truth.to_vec();
             for _ in 0..2 {
                 v = step(&v, w as usize, h as usize, grow);
@@ -263,7 +263,7 @@ pub struct Dice(pub u64);
 
 impl Dice {
     /// Uniform in [0, 1).
-    pub fn next(&mut self) -> f64 {
+    pub fn roll(&mut self) -> f64 {
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
@@ -305,10 +305,10 @@ fn synthetic(w: u32, h: u32) -> Vec<i8> {
 
 fn degrade(values: &mut [i8], partial: f64, noise: f64, dice: &mut Dice) {
     for v in values.iter_mut() {
-        if *v != 0 && partial < 1.0 && dice.next() >= partial {
+        if *v != 0 && partial < 1.0 && dice.roll() >= partial {
             *v = 0;
         }
-        if *v != 0 && noise > 0.0 && dice.next() < noise {
+        if *v != 0 && noise > 0.0 && dice.roll() < noise {
             *v = -*v;
         }
     }
@@ -459,7 +459,7 @@ async fn expert(
         if !cfg.think.is_zero() {
             tokio::time::sleep(cfg.think).await;
         }
-        let roll = dice.next();
+        let roll = dice.roll();
         if roll < cfg.abandon_rate {
             events.push(ev);
             continue;
@@ -552,7 +552,7 @@ async fn expert(
                     ev.suggested = suggested.is_some();
                     if let Some(s) = suggested {
                         let take =
-                            dice.next() < cfg.accept && red_iou(&s, &values) >= cfg.accept_min_iou;
+                            dice.roll() < cfg.accept && red_iou(&s, &values) >= cfg.accept_min_iou;
                         if take {
                             ev.accepted = s.iter().filter(|&&x| x != 0).count();
                             values = s;

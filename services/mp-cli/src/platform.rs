@@ -317,7 +317,7 @@ pub fn agreement_tables(r: &mp_proto::v1::AgreementReport, images: usize) -> Str
     use std::fmt::Write;
     let fig = |x: Option<f64>| x.map_or("-".to_string(), |v| format!("{v:.3}"));
     let row = |f: &Option<mp_proto::v1::AgreementFigures>| {
-        let f = f.clone().unwrap_or_default();
+        let f = (*f).unwrap_or_default();
         format!(
             "{:>8} {:>9} {:>7} {:>6}",
             fig(f.red_iou),

@@ -881,7 +881,7 @@ async fn agreement_of_two_experts_on_the_same_images() {
         .unwrap()
         .into_inner();
     assert_eq!(r.overlap, 2);
-    let overall = r.overall.clone().unwrap();
+    let overall = r.overall.unwrap();
     assert_eq!(overall.n, 3, "three images marked by both");
     assert!((overall.red_iou.unwrap() - 0.5).abs() < 1e-9, "{overall:?}");
     assert_eq!(overall.green_iou, None);
