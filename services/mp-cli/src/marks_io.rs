@@ -161,12 +161,7 @@ async fn connect(place: &ProjectPlace) -> Result<Store> {
 pub fn export_marks(a: MarksExportArgs) -> Result<usize> {
     let lines = runtime()?.block_on(async {
         let store = connect(&a.place).await?;
-        let names: HashMap<String, String> = store
-            .experts()
-            .await?
-            .into_iter()
-            .map(|e| (e.id, e.name))
-            .collect();
+        let names = store.expert_names().await?;
         let marks = store.all_marks().await?;
         Ok::<_, anyhow::Error>(
             marks

@@ -42,6 +42,35 @@ async fn experts(addr: &str, admin: &str, n: usize) -> Vec<Client> {
     out
 }
 
+/// Leases an image for `c` and submits a one-pixel red mark on it: (the lease, the
+/// proposal's id).
+async fn lease_and_mark(c: &Client, key: &str) -> (pb::Lease, String) {
+    let l = c
+        .queue
+        .clone()
+        .lease(pb::LeaseRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .lease
+        .unwrap();
+    let mut v = vec![0i8; (l.width * l.height) as usize];
+    v[0] = 1;
+    let pid = c
+        .queue
+        .clone()
+        .submit(pb::SubmitRequest {
+            lease_id: l.lease_id.clone(),
+            mask: Some(rle::encode(l.width, l.height, &v)),
+            idempotency_key: key.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .proposal_id;
+    (l, pid)
+}
+
 fn code<T: std::fmt::Debug>(r: Result<tonic::Response<T>, tonic::Status>) -> (Code, String) {
     let s = r.expect_err("expected an error status");
     (s.code(), s.message().to_string())
@@ -990,29 +1019,7 @@ async fn the_audit_trail_through_the_api_and_the_command_line() {
     let admin = project(&store, 4, &ck).await;
     let gw = gateway(&redis.url(), &ck, 30_000, 1 << 20).await;
     let e = experts(&gw.addr, &admin, 1).await.remove(0);
-    let l = e
-        .queue
-        .clone()
-        .lease(pb::LeaseRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .lease
-        .unwrap();
-    let mut v = vec![0i8; (l.width * l.height) as usize];
-    v[0] = 1;
-    let pid = e
-        .queue
-        .clone()
-        .submit(pb::SubmitRequest {
-            lease_id: l.lease_id.clone(),
-            mask: Some(rle::encode(l.width, l.height, &v)),
-            idempotency_key: "k".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .proposal_id;
+    let (_, pid) = lease_and_mark(&e, "k").await;
     // The worker and the trainer, by hand: the proposal is ready, then committed as v2.
     store.update_proposal(&pid, "ready", &[]).await.unwrap();
     e.proposals
@@ -1724,29 +1731,7 @@ async fn one_abusive_expert_does_not_hold_up_eight_others() {
     let token = mp_e2e::expert_token(&addr, &admin, "mallory").await;
     let abuser = Client::new(&addr, &token).unwrap();
     // Its own proposal to watch: it marks one image once.
-    let l = abuser
-        .queue
-        .clone()
-        .lease(pb::LeaseRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .lease
-        .unwrap();
-    let mut v = vec![0i8; (l.width * l.height) as usize];
-    v[0] = 1;
-    let own = abuser
-        .queue
-        .clone()
-        .submit(pb::SubmitRequest {
-            lease_id: l.lease_id.clone(),
-            mask: Some(rle::encode(l.width, l.height, &v)),
-            idempotency_key: "m".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .proposal_id;
+    let (_, own) = lease_and_mark(&abuser, "m").await;
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     // The abuser runs on a thread and runtime of its own, as another machine would: it
     // shares the gateway, not the simulated experts' client threads.

@@ -436,12 +436,7 @@ pub fn suggestion_to_pb(
 pub async fn agreement_report(
     store: &Store,
 ) -> Result<mp_core::agreement::Report, mp_store::StoreError> {
-    let names: HashMap<String, String> = store
-        .experts()
-        .await?
-        .into_iter()
-        .map(|e| (e.id, e.name))
-        .collect();
+    let names = store.expert_names().await?;
     let marks: Vec<mp_core::agreement::MarkInput> = store
         .marks_of_images_with(2)
         .await?
@@ -1134,13 +1129,7 @@ impl pb::admin_service_server::AdminService for Gateway {
             .audit(&mp_store::AuditFilter::default())
             .await
             .map_err(status)?;
-        let names: HashMap<String, String> = store
-            .experts()
-            .await
-            .map_err(status)?
-            .into_iter()
-            .map(|e| (e.id, e.name))
-            .collect();
+        let names = store.expert_names().await.map_err(status)?;
         let mut impact: std::collections::BTreeMap<String, (u32, f64)> = Default::default();
         for r in commits.iter().filter(|r| r.kind == "commit") {
             let acc = |k: &str| r.fields.get(k).and_then(|v| v.parse::<f64>().ok());

@@ -141,6 +141,16 @@ impl Store {
     /// Refuses `id`'s token from now on: the expert is marked revoked (its marks and proposals
     /// stay; its token then answers "token revoked"), and every gateway is told on
     /// `P:auth:revoked` to drop what it cached.
+    /// Every expert's name by id.
+    pub async fn expert_names(&self) -> Result<HashMap<String, String>> {
+        Ok(self
+            .experts()
+            .await?
+            .into_iter()
+            .map(|e| (e.id, e.name))
+            .collect())
+    }
+
     pub async fn revoke_expert(&self, id: &str) -> Result<()> {
         self.revoke_expert_by(id, "system").await
     }
