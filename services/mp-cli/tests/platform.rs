@@ -1495,29 +1495,7 @@ async fn watch_streams_are_bounded_per_expert_and_per_gateway() {
     // A proposal each, left `queued` (no worker): their watch streams stay open.
     let mut pids = Vec::new();
     for c in &clients {
-        let l = c
-            .queue
-            .clone()
-            .lease(pb::LeaseRequest {})
-            .await
-            .unwrap()
-            .into_inner()
-            .lease
-            .unwrap();
-        let mut v = vec![0i8; (l.width * l.height) as usize];
-        v[0] = 1;
-        let r = c
-            .queue
-            .clone()
-            .submit(pb::SubmitRequest {
-                lease_id: l.lease_id,
-                mask: Some(rle::encode(l.width, l.height, &v)),
-                idempotency_key: "k".into(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        pids.push(r.proposal_id);
+        pids.push(lease_and_mark(c, "k").await.1);
     }
     let watch = |c: &Client, pid: &str| {
         let mut p = c.proposals.clone();
