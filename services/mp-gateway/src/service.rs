@@ -436,7 +436,17 @@ pub fn suggestion_to_pb(
 pub async fn agreement_report(
     store: &Store,
 ) -> Result<mp_core::agreement::Report, mp_store::StoreError> {
-    let names = store.expert_names().await?;
+    // Experts are shown by name; two of one name are told apart by their ids.
+    let mut names = store.expert_names().await?;
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    for n in names.values() {
+        *seen.entry(n.clone()).or_default() += 1;
+    }
+    for (id, n) in names.iter_mut() {
+        if seen[n.as_str()] > 1 {
+            *n = format!("{n}#{id}");
+        }
+    }
     let marks: Vec<mp_core::agreement::MarkInput> = store
         .marks_of_images_with(2)
         .await?
