@@ -168,6 +168,9 @@ pub struct TrainerArgs {
     /// the checkpoint directory (0: kept for ever; model versions are always kept)
     #[arg(long, env = "MP_RETENTION_DAYS", default_value_t = 7.0)]
     pub retention_days: f64,
+    /// Take over commit jobs of a trainer silent this long (one that died mid-commit)
+    #[arg(long, default_value_t = 60_000)]
+    pub claim_idle_ms: u64,
 }
 
 pub fn trainer(a: TrainerArgs) -> Result<()> {
@@ -183,6 +186,7 @@ pub fn trainer(a: TrainerArgs) -> Result<()> {
         rescore_every: a.rescore_every,
         max_deliveries: a.node.max_deliveries,
         retention_days: a.retention_days,
+        claim_idle_ms: a.claim_idle_ms,
         refine: mp_core::refine::RefineConfig {
             report_max_side: a.node.report_max_side,
             ..Default::default()

@@ -3,7 +3,7 @@
 //! no update lost.
 
 mod common;
-use common::{spawn, wait_status};
+use common::{spawn, spawn_env, wait_status};
 use mp_api::Client;
 use mp_proto::rle;
 use mp_proto::v1 as pb;
@@ -110,6 +110,112 @@ async fn a_worker_killed_mid_refinement_does_not_lose_the_proposal() {
         .into_inner();
     assert_eq!(seen.status, pb::ProposalStatus::Ready as i32);
     assert_eq!(seen.saliency_after.len(), (SIDE * SIDE) as usize);
+}
+
+/// `kill -9` of the trainer right after it published a commit, before it acknowledged the
+/// job: the version and the mark's guidance entry are there, once; a new trainer takes the
+/// job over, finds the proposal committed and publishes nothing more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trainer_killed_mid_commit_applies_the_mark_once() {
+    use std::os::unix::process::ExitStatusExt;
+    let dir = tempfile::tempdir().unwrap();
+    let redis = RedisServer::start_free(&dir.path().join("redis")).unwrap();
+    let store = Store::connect(&redis.url(), "mp").await.unwrap();
+    let ck = dir.path().join("ck");
+    let admin = mp_e2e::platform_project(&store, 50, &ck).await;
+    let gw = gateway(&redis.url(), &ck).await;
+    let (url, ckp) = (redis.url(), ck.to_str().unwrap().to_string());
+    let _w = spawn(
+        &[
+            "worker",
+            "--redis-url",
+            &url,
+            "--checkpoints",
+            &ckp,
+            "--refine-no-early-stop",
+            "--refine-max-iterations",
+            "5",
+        ],
+        &dir.path().join("w.log"),
+    );
+    let trainer = [
+        "trainer",
+        "--redis-url",
+        &url,
+        "--checkpoints",
+        &ckp,
+        "--claim-idle-ms",
+        "1000",
+    ];
+    let mut t = spawn_env(
+        &trainer,
+        &dir.path().join("t1.log"),
+        &[("MP_FAILPOINTS", "commit-published=kill")],
+    );
+    let ann = mp_e2e::expert(&gw.addr, &admin, "ann").await;
+    let pid = mark_one(&ann, "a").await;
+    wait_status(&store, &pid, &["ready"], Duration::from_secs(60)).await;
+    ann.proposals
+        .clone()
+        .decide(pb::DecideRequest {
+            proposal_id: pid.clone(),
+            decision: pb::decide_request::Decision::Commit as i32,
+        })
+        .await
+        .unwrap();
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = t.0.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the trainer was not killed"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(status.signal(), Some(9), "{status:?}");
+    let check = |store: Store, pid: String| async move {
+        let p = store.proposal(&pid).await.unwrap();
+        assert_eq!((p.status.as_str(), p.committed_version), ("committed", 2));
+        assert_eq!(store.current_version().await.unwrap(), 2);
+        assert_eq!(store.versions().await.unwrap().len(), 2);
+        assert_eq!(store.guidance_marks().await.unwrap().len(), 1);
+        let commits = store
+            .audit(&mp_store::AuditFilter::default())
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|r| r.kind == "commit")
+            .count();
+        assert_eq!(commits, 1);
+    };
+    check(store.clone(), pid.clone()).await;
+    // The commit job is still pending on the dead trainer; a new one takes it over.
+    let pending = |store: Store| async move {
+        let mut c = store.connection();
+        let v: Vec<redis::Value> = redis::cmd("XPENDING")
+            .arg(format!("{}:jobs:commit", store.prefix()))
+            .arg("commit")
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        match v.first() {
+            Some(redis::Value::Int(n)) => *n,
+            other => panic!("{other:?}"),
+        }
+    };
+    assert_eq!(pending(store.clone()).await, 1);
+    let _t2 = spawn(&trainer, &dir.path().join("t2.log"));
+    let start = Instant::now();
+    while pending(store.clone()).await > 0 {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the job was never taken over"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    check(store.clone(), pid.clone()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

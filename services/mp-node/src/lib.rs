@@ -118,8 +118,18 @@ pub fn exit_on_panic(role: &'static str) {
 /// by commas) holds `name`. Unset in production, where it costs one environment lookup.
 pub fn failpoint(name: &str) {
     if let Ok(v) = std::env::var("MP_FAILPOINTS") {
-        if v.split(',').any(|f| f.trim() == name) {
-            panic!("failpoint {name}");
+        for f in v.split(',').map(str::trim) {
+            if f == name {
+                panic!("failpoint {name}");
+            }
+            if f.strip_suffix("=kill") == Some(name) {
+                tracing::warn!(failpoint = name, "killing this process (SIGKILL)");
+                // As `kill -9` from outside: no unwinding, no flushing, no clean-up.
+                // SAFETY: kill(2) on our own pid with a constant signal has no memory effects.
+                unsafe {
+                    libc::kill(libc::getpid(), libc::SIGKILL);
+                }
+            }
         }
     }
 }

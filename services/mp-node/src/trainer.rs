@@ -178,6 +178,8 @@ pub struct TrainerConfig {
     /// Settled proposals' weights and old suggester fits are removed after this many days
     /// (0: kept for ever). Model versions are always kept.
     pub retention_days: f64,
+    /// Commit jobs silent this long on another (dead) trainer are taken over.
+    pub claim_idle_ms: u64,
 }
 
 impl Default for TrainerConfig {
@@ -209,6 +211,7 @@ impl Default for TrainerConfig {
             health_listen: String::new(),
             max_deliveries: mp_store::DEFAULT_MAX_DELIVERIES,
             retention_days: 7.0,
+            claim_idle_ms: 60_000,
             score_chunk: 500,
         }
     }
@@ -367,6 +370,8 @@ impl Coordinator {
         let rec = self.save_version(reason).await?;
         match self.store.publish_commit(&rec, pid, fields).await? {
             None => {
+                // Tests kill the trainer here: published, the commit job not acknowledged.
+                crate::failpoint("commit-published");
                 self.published(&rec);
                 if self.counted.insert(pid.to_string()) {
                     self.round_commits += 1;
@@ -722,7 +727,7 @@ pub async fn run(cfg: TrainerConfig, mut stop: tokio::sync::watch::Receiver<bool
                 COMMIT_STREAM,
                 "commit",
                 &consumer,
-                60_000,
+                cfg.claim_idle_ms,
                 16,
                 cfg.max_deliveries,
             )

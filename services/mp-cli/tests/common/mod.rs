@@ -17,9 +17,15 @@ impl Drop for Proc {
 
 /// `mp ARGS` with one libtorch thread, info logs into `log`.
 pub fn spawn(args: &[&str], log: &Path) -> Proc {
+    spawn_env(args, log, &[])
+}
+
+/// [`spawn`] with extra environment variables.
+pub fn spawn_env(args: &[&str], log: &Path, env: &[(&str, &str)]) -> Proc {
     Proc(
         Command::new(env!("CARGO_BIN_EXE_mp"))
             .args(args)
+            .envs(env.iter().copied())
             .env("RUST_LOG", "info")
             .env("MP_THREADS", "1")
             .stdout(Stdio::null())
