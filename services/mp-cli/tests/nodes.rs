@@ -218,6 +218,126 @@ async fn a_trainer_killed_mid_commit_applies_the_mark_once() {
     check(store.clone(), pid.clone()).await;
 }
 
+/// A tmpfs mounted for a test, unmounted when dropped.
+struct Mounted(std::path::PathBuf);
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+/// The checkpoint disk full when a commit comes: nothing is published and nothing half
+/// written is left; the commit waits (the job stays pending, its error noted) and goes
+/// through once space is freed. Needs a tmpfs of its own, so root; elsewhere it says so
+/// and stops.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_checkpoint_disk_defers_the_commit_until_space_is_freed() {
+    let dir = tempfile::tempdir().unwrap();
+    let ck = dir.path().join("ck");
+    std::fs::create_dir_all(&ck).unwrap();
+    let ok = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=16m", "tmpfs"])
+        .arg(&ck)
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        eprintln!("not run: mounting a tmpfs needs root");
+        return;
+    }
+    let _mounted = Mounted(ck.clone());
+    let redis = RedisServer::start_free(&dir.path().join("redis")).unwrap();
+    let store = Store::connect(&redis.url(), "mp").await.unwrap();
+    let admin = mp_e2e::platform_project(&store, 50, &ck).await;
+    let gw = gateway(&redis.url(), &ck).await;
+    let (url, ckp) = (redis.url(), ck.to_str().unwrap().to_string());
+    let _w = spawn(
+        &[
+            "worker",
+            "--redis-url",
+            &url,
+            "--checkpoints",
+            &ckp,
+            "--refine-no-early-stop",
+            "--refine-max-iterations",
+            "5",
+        ],
+        &dir.path().join("w.log"),
+    );
+    let tlog = dir.path().join("t.log");
+    let mut t = spawn(
+        &[
+            "trainer",
+            "--redis-url",
+            &url,
+            "--checkpoints",
+            &ckp,
+            "--claim-idle-ms",
+            "500",
+        ],
+        &tlog,
+    );
+    let ann = mp_e2e::expert(&gw.addr, &admin, "ann").await;
+    let pid = mark_one(&ann, "a").await;
+    wait_status(&store, &pid, &["ready"], Duration::from_secs(60)).await;
+    // Fill the disk.
+    let filler = ck.join("filler");
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&filler).unwrap();
+        let chunk = vec![7u8; 64 << 10];
+        while f.write_all(&chunk).is_ok() {}
+        let _ = f.sync_all();
+    }
+    let files = |ck: &Path| {
+        let mut v: Vec<String> = std::fs::read_dir(ck)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+            .collect();
+        v.sort();
+        v
+    };
+    let before = files(&ck);
+    ann.proposals
+        .clone()
+        .decide(pb::DecideRequest {
+            proposal_id: pid.clone(),
+            decision: pb::decide_request::Decision::Commit as i32,
+        })
+        .await
+        .unwrap();
+    let start = Instant::now();
+    while !std::fs::read_to_string(&tlog)
+        .unwrap()
+        .contains("checkpoint disk full")
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "{}",
+            std::fs::read_to_string(&tlog).unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await; // a retry or two, still full
+    assert_eq!(store.proposal(&pid).await.unwrap().status, "committing");
+    assert_eq!(store.current_version().await.unwrap(), 1);
+    assert_eq!(store.versions().await.unwrap().len(), 1);
+    assert!(store.guidance_marks().await.unwrap().is_empty());
+    assert_eq!(files(&ck), before, "nothing half written is left");
+    assert!(
+        t.0.try_wait().unwrap().is_none(),
+        "the trainer keeps running"
+    );
+    // Space freed: the commit goes through.
+    std::fs::remove_file(&filler).unwrap();
+    let p = wait_status(&store, &pid, &["committed"], Duration::from_secs(60)).await;
+    assert_eq!(p.committed_version, 2);
+    let v2 = store.version(2).await.unwrap();
+    mp_core::model::Model::load(&ck.join(&v2.file), tch::Device::Cpu).unwrap();
+    assert_eq!(store.guidance_marks().await.unwrap().len(), 1);
+    drop(gw);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_commits_racing_on_one_base_version_one_applies_the_other_is_rebased() {
     let dir = tempfile::tempdir().unwrap();

@@ -38,6 +38,21 @@ impl From<actix::MailboxError> for NodeError {
 
 pub type Result<T, E = NodeError> = std::result::Result<T, E>;
 
+impl NodeError {
+    /// Whether the error is a full disk (or quota): a condition an operator clears, so the
+    /// work is retried rather than given up on.
+    pub fn is_out_of_space(&self) -> bool {
+        match self {
+            NodeError::Core(mp_core::CoreError::Io { source, .. }) => {
+                source.kind() == std::io::ErrorKind::StorageFull
+                    || source.kind() == std::io::ErrorKind::QuotaExceeded
+                    || source.raw_os_error() == Some(libc::ENOSPC)
+            }
+            _ => false,
+        }
+    }
+}
+
 /// Connects to Redis (retrying while it does not answer) and waits for a project to be
 /// loaded; `None` if `stop` turned true first. Also makes sure the job groups exist.
 pub async fn connect(

@@ -768,6 +768,15 @@ pub async fn run(cfg: TrainerConfig, mut stop: tokio::sync::watch::Receiver<bool
                         .note_job_error(COMMIT_STREAM, &job.id, &e.to_string())
                         .await;
                 }
+                // The checkpoint disk is full: nothing was published (the version file is
+                // written before Redis hears of it); the job stays pending and is retried
+                // once it has been idle `claim_idle_ms`, until the operator frees space.
+                Err(e) if e.is_out_of_space() => {
+                    warn!(proposal = %pid, error = %e, "checkpoint disk full: commit deferred");
+                    let _ = store
+                        .note_job_error(COMMIT_STREAM, &job.id, &e.to_string())
+                        .await;
+                }
                 Err(e) => {
                     warn!(proposal = %pid, error = %e, "commit failed");
                     let _ = store
