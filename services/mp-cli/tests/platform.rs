@@ -1252,6 +1252,16 @@ async fn marks_export_and_import_round_trip_in_every_format() {
     }
 }
 
+/// A child process killed and reaped when dropped.
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 fn spawn_gateway(port: u16, redis_url: &str, ck: &Path, log: &Path) -> Child {
     spawn_gateway_with(port, redis_url, ck, log, &[])
 }
@@ -1688,13 +1698,14 @@ async fn one_abusive_expert_does_not_hold_up_eight_others() {
     // expert makes about 150 (a lease, a heartbeat and a submit every 20 ms); the abuser
     // tries thousands.
     let port = free_port().unwrap();
-    let mut child = spawn_gateway_with(
+    // Killed and reaped when the test ends, passed or not.
+    let _child = KillOnDrop(spawn_gateway_with(
         port,
         &redis.url(),
         &ck,
         &dir.path().join("gw.log"),
         &[("MP_REQUESTS_PER_EXPERT_S", "200")],
-    );
+    ));
     wait_listening(port).await;
     let addr = format!("http://127.0.0.1:{port}");
     let cfg = |seed| SimConfig {
@@ -1853,6 +1864,4 @@ async fn one_abusive_expert_does_not_hold_up_eight_others() {
         p_loaded <= 1000.0,
         "p99 {p_loaded:.1} ms beside the abuser against {p_base:.1} ms alone"
     );
-    let _ = child.kill();
-    let _ = child.wait();
 }
