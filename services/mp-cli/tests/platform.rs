@@ -1443,9 +1443,10 @@ async fn calls_over_the_rate_wait_for_their_refusal_and_pass_again_later() {
     let start = Instant::now();
     while stats().await.is_ok() {
         passed += 1;
-        assert!(passed <= 25, "the rate limit never refused");
+        assert!(passed <= 40, "the rate limit never refused");
     }
-    assert!((19..=22).contains(&passed), "{passed} passed in the burst");
+    // 20 from the full bucket, plus what refills (10 a second) while they run.
+    assert!((19..=30).contains(&passed), "{passed} passed in the burst");
     assert!(start.elapsed() < Duration::from_secs(2));
     // Each refusal comes after a wait, and a burst of calls runs up a debt: the waits grow
     // with the refusals, to at most a second.
