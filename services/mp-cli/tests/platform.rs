@@ -1473,8 +1473,9 @@ async fn calls_over_the_rate_wait_for_their_refusal_and_pass_again_later() {
         waits[waits.len() - 1] >= Duration::from_millis(900),
         "{waits:?}"
     );
+    // At most a second of waiting, plus the call itself on a busy machine
     assert!(
-        waits[waits.len() - 1] <= Duration::from_millis(1400),
+        waits[waits.len() - 1] <= Duration::from_millis(2000),
         "{waits:?}"
     );
     // An admin is not limited meanwhile.
