@@ -183,6 +183,18 @@ pub async fn expert_token(addr: &str, admin: &str, name: &str) -> String {
         .token
 }
 
+/// `c` commits its proposal `proposal_id` (which must be `ready`).
+pub async fn commit(c: &mp_api::Client, proposal_id: &str) {
+    c.proposals
+        .clone()
+        .decide(mp_proto::v1::DecideRequest {
+            proposal_id: proposal_id.into(),
+            decision: mp_proto::v1::decide_request::Decision::Commit as i32,
+        })
+        .await
+        .expect("commit");
+}
+
 /// A client for a new expert called `name`, created with the `admin` token.
 pub async fn expert(addr: &str, admin: &str, name: &str) -> mp_api::Client {
     mp_api::Client::new(addr, &expert_token(addr, admin, name).await).expect("client")

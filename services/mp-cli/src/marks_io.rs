@@ -7,7 +7,7 @@ use crate::platform::runtime;
 use crate::project::ProjectPlace;
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
-use mp_core::data::folder::{read_mask, write_mask};
+use mp_core::data::folder::{read_mask, sorted_entries, write_mask};
 use mp_core::data::{Mask, GREEN, RED};
 use mp_store::{MarkRecord, Role, Store};
 use std::collections::{BTreeMap, HashMap};
@@ -338,7 +338,7 @@ pub fn read_lines(
         MarkFormat::Folder => {
             let mut out = Vec::new();
             let now = mp_store::now_ms();
-            for expert in sorted_dirs(from)? {
+            for expert in entries(from, true)? {
                 let marks = expert.join("marks");
                 if !marks.is_dir() {
                     continue;
@@ -348,13 +348,13 @@ pub fn read_lines(
                     .unwrap_or_default()
                     .to_string_lossy()
                     .to_string();
-                for class in sorted_dirs(&marks)? {
+                for class in entries(&marks, true)? {
                     let class_name = class
                         .file_name()
                         .unwrap_or_default()
                         .to_string_lossy()
                         .to_string();
-                    for file in sorted_files(&class)? {
+                    for file in entries(&class, false)? {
                         let stem = file
                             .file_stem()
                             .unwrap_or_default()
@@ -384,22 +384,12 @@ pub fn read_lines(
     }
 }
 
-fn sorted_entries(dir: &Path, dirs: bool) -> Result<Vec<PathBuf>> {
-    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
-        .with_context(|| format!("reading {}", dir.display()))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
+/// The sub-folders (`dirs`) or the files of `dir`, sorted.
+fn entries(dir: &Path, dirs: bool) -> Result<Vec<PathBuf>> {
+    Ok(sorted_entries(dir)?
+        .into_iter()
         .filter(|p| p.is_dir() == dirs)
-        .collect();
-    v.sort();
-    Ok(v)
-}
-
-fn sorted_dirs(dir: &Path) -> Result<Vec<PathBuf>> {
-    sorted_entries(dir, true)
-}
-
-fn sorted_files(dir: &Path) -> Result<Vec<PathBuf>> {
-    sorted_entries(dir, false)
+        .collect())
 }
 
 /// What an import did.

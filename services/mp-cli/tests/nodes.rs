@@ -112,6 +112,23 @@ async fn a_worker_killed_mid_refinement_does_not_lose_the_proposal() {
     assert_eq!(seen.saliency_after.len(), (SIDE * SIDE) as usize);
 }
 
+/// A worker whose refinements run 5 iterations, without early stop.
+fn quick_worker(url: &str, checkpoints: &str, log: &Path) -> common::Proc {
+    spawn(
+        &[
+            "worker",
+            "--redis-url",
+            url,
+            "--checkpoints",
+            checkpoints,
+            "--refine-no-early-stop",
+            "--refine-max-iterations",
+            "5",
+        ],
+        log,
+    )
+}
+
 /// `kill -9` of the trainer right after it published a commit, before it acknowledged the
 /// job: the version and the mark's guidance entry are there, once; a new trainer takes the
 /// job over, finds the proposal committed and publishes nothing more.
@@ -125,19 +142,7 @@ async fn a_trainer_killed_mid_commit_applies_the_mark_once() {
     let admin = mp_e2e::platform_project(&store, 50, &ck).await;
     let gw = gateway(&redis.url(), &ck).await;
     let (url, ckp) = (redis.url(), ck.to_str().unwrap().to_string());
-    let _w = spawn(
-        &[
-            "worker",
-            "--redis-url",
-            &url,
-            "--checkpoints",
-            &ckp,
-            "--refine-no-early-stop",
-            "--refine-max-iterations",
-            "5",
-        ],
-        &dir.path().join("w.log"),
-    );
+    let _w = quick_worker(&url, &ckp, &dir.path().join("w.log"));
     let trainer = [
         "trainer",
         "--redis-url",
@@ -155,14 +160,7 @@ async fn a_trainer_killed_mid_commit_applies_the_mark_once() {
     let ann = mp_e2e::expert(&gw.addr, &admin, "ann").await;
     let pid = mark_one(&ann, "a").await;
     wait_status(&store, &pid, &["ready"], Duration::from_secs(60)).await;
-    ann.proposals
-        .clone()
-        .decide(pb::DecideRequest {
-            proposal_id: pid.clone(),
-            decision: pb::decide_request::Decision::Commit as i32,
-        })
-        .await
-        .unwrap();
+    mp_e2e::commit(&ann, &pid).await;
     let start = Instant::now();
     let status = loop {
         if let Some(s) = t.0.try_wait().unwrap() {
@@ -251,19 +249,7 @@ async fn a_full_checkpoint_disk_defers_the_commit_until_space_is_freed() {
     let admin = mp_e2e::platform_project(&store, 50, &ck).await;
     let gw = gateway(&redis.url(), &ck).await;
     let (url, ckp) = (redis.url(), ck.to_str().unwrap().to_string());
-    let _w = spawn(
-        &[
-            "worker",
-            "--redis-url",
-            &url,
-            "--checkpoints",
-            &ckp,
-            "--refine-no-early-stop",
-            "--refine-max-iterations",
-            "5",
-        ],
-        &dir.path().join("w.log"),
-    );
+    let _w = quick_worker(&url, &ckp, &dir.path().join("w.log"));
     let tlog = dir.path().join("t.log");
     let mut t = spawn(
         &[
@@ -298,14 +284,7 @@ async fn a_full_checkpoint_disk_defers_the_commit_until_space_is_freed() {
         v
     };
     let before = files(&ck);
-    ann.proposals
-        .clone()
-        .decide(pb::DecideRequest {
-            proposal_id: pid.clone(),
-            decision: pb::decide_request::Decision::Commit as i32,
-        })
-        .await
-        .unwrap();
+    mp_e2e::commit(&ann, &pid).await;
     let start = Instant::now();
     while !std::fs::read_to_string(&tlog)
         .unwrap()

@@ -226,14 +226,7 @@ async fn import_refine_commit_export_round_trip() {
         .into_inner()
         .proposal_id;
     wait_status(&store, &pid, &["ready"], Duration::from_secs(120)).await;
-    c.proposals
-        .clone()
-        .decide(pb::DecideRequest {
-            proposal_id: pid.clone(),
-            decision: pb::decide_request::Decision::Commit as i32,
-        })
-        .await
-        .unwrap();
+    mp_e2e::commit(&c, &pid).await;
     let p = wait_status(&store, &pid, &["committed"], Duration::from_secs(120)).await;
     assert_eq!(p.committed_version, 2);
 

@@ -1025,14 +1025,7 @@ async fn the_audit_trail_through_the_api_and_the_command_line() {
     let (_, pid) = lease_and_mark(&e, "k").await;
     // The worker and the trainer, by hand: the proposal is ready, then committed as v2.
     store.update_proposal(&pid, "ready", &[]).await.unwrap();
-    e.proposals
-        .clone()
-        .decide(pb::DecideRequest {
-            proposal_id: pid.clone(),
-            decision: pb::decide_request::Decision::Commit as i32,
-        })
-        .await
-        .unwrap();
+    mp_e2e::commit(&e, &pid).await;
     let v1 = store.version(1).await.unwrap();
     let v2 = mp_store::ModelVersionRecord {
         version: 2,

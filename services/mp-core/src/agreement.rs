@@ -179,8 +179,8 @@ pub fn report(marks: &[MarkInput]) -> Report {
         if ms.len() < 2 {
             continue;
         }
-        let mut img = Acc::default();
-        let (mut red, mut green) = (Acc::default(), Acc::default());
+        // The image's IoUs: the means over its pairs.
+        let mut pair_means = Acc::default();
         for (i, a) in ms.iter().enumerate() {
             for b in &ms[i + 1..] {
                 let (r, g) = (
@@ -188,8 +188,7 @@ pub fn report(marks: &[MarkInput]) -> Report {
                     iou(&a.values, &b.values, GREEN),
                 );
                 let k = fleiss_kappa(&[&a.values, &b.values]);
-                red.add(r, None, None);
-                green.add(g, None, None);
+                pair_means.add(r, g, None);
                 pairs
                     .entry((a.expert.clone(), b.expert.clone()))
                     .or_default()
@@ -200,8 +199,8 @@ pub fn report(marks: &[MarkInput]) -> Report {
         }
         let values: Vec<&[i8]> = ms.iter().map(|m| m.values.as_slice()).collect();
         let kappa = fleiss_kappa(&values);
-        let (r, g) = (red.figures().red_iou, green.figures().red_iou);
-        img.add(r, g, kappa);
+        let means = pair_means.figures();
+        let (r, g) = (means.red_iou, means.green_iou);
         overall.add(r, g, kappa);
         let class = ms[0].class.clone();
         let day = day_of(ms.iter().map(|m| m.time_ms).max().unwrap_or(0));
@@ -212,7 +211,12 @@ pub fn report(marks: &[MarkInput]) -> Report {
             class,
             experts: ms.iter().map(|m| m.expert.clone()).collect(),
             day,
-            figures: img.figures(),
+            figures: Figures {
+                red_iou: r,
+                green_iou: g,
+                kappa,
+                n: 1,
+            },
         });
     }
     let list = |m: BTreeMap<String, Acc>| m.into_iter().map(|(k, a)| (k, a.figures())).collect();

@@ -241,16 +241,6 @@ impl Gateway {
         Ok(None)
     }
 
-    /// With overlap (several experts per image), whether image `id` has marks already: its
-    /// next expert must mark it blind.
-    async fn others_marked(&self, id: &str) -> Result<bool, Status> {
-        let store = self.store()?;
-        if store.overlap().await.map_err(status)? <= 1 {
-            return Ok(false);
-        }
-        Ok(store.marks_on_image(id).await.map_err(status)? > 0)
-    }
-
     async fn admin<T>(&self, req: &Request<T>) -> Result<Expert, Status> {
         let e = self.expert(req).await?;
         if e.role != Role::Admin {
@@ -773,7 +763,9 @@ impl pb::image_service_server::ImageService for Gateway {
             // Blind overlap: the suggester learnt from the marks, so an image that others
             // have marked already comes without one (it could echo their marks).
             let suggestion = match suggestion {
-                Some(_) if self.others_marked(&image.id).await? => None,
+                Some(_) if self.store()?.marked_by_others(&image.id).await.map_err(status)? => {
+                    None
+                }
                 s => s,
             };
             let prediction = view
@@ -1134,14 +1126,12 @@ impl pb::admin_service_server::AdminService for Gateway {
                 n => n.min(100_000) as usize,
             },
         };
-        let records = store.audit(&filter).await.map_err(status)?;
-        let commits = store
-            .audit(&mp_store::AuditFilter::default())
-            .await
-            .map_err(status)?;
+        // One read of the trail: the records asked for, and every commit for the impact.
+        let all = store.audit_all().await.map_err(status)?;
+        let records = filter.apply(&all);
         let names = store.expert_names().await.map_err(status)?;
         let mut impact: std::collections::BTreeMap<String, (u32, f64)> = Default::default();
-        for r in commits.iter().filter(|r| r.kind == "commit") {
+        for r in all.iter().filter(|r| r.kind == "commit") {
             let acc = |k: &str| r.fields.get(k).and_then(|v| v.parse::<f64>().ok());
             let e = impact.entry(r.who.clone()).or_default();
             e.0 += 1;

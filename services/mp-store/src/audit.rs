@@ -31,6 +31,15 @@ pub struct AuditFilter {
 }
 
 impl AuditFilter {
+    /// The records of `all` (oldest first) this filter accepts: the newest `limit` of them.
+    pub fn apply(&self, all: &[AuditRecord]) -> Vec<AuditRecord> {
+        let mut out: Vec<AuditRecord> = all.iter().filter(|r| self.accepts(r)).cloned().collect();
+        if self.limit > 0 && out.len() > self.limit {
+            out.drain(..out.len() - self.limit);
+        }
+        out
+    }
+
     fn accepts(&self, r: &AuditRecord) -> bool {
         let f = |k: &str| r.fields.get(k).map(String::as_str);
         self.expert
@@ -64,6 +73,11 @@ impl Store {
 
     /// The audit records `filter` accepts, oldest first (the newest `limit` of them).
     pub async fn audit(&self, filter: &AuditFilter) -> Result<Vec<AuditRecord>> {
+        Ok(filter.apply(&self.audit_all().await?))
+    }
+
+    /// Every audit record, oldest first.
+    pub async fn audit_all(&self) -> Result<Vec<AuditRecord>> {
         let mut c = self.conn.clone();
         let mut out = Vec::new();
         let mut start = "-".to_string();
@@ -87,16 +101,11 @@ impl Store {
                     id: e.id,
                     fields,
                 };
-                if filter.accepts(&r) {
-                    out.push(r);
-                }
+                out.push(r);
             }
             if n < 1000 {
                 break;
             }
-        }
-        if filter.limit > 0 && out.len() > filter.limit {
-            out.drain(..out.len() - filter.limit);
         }
         Ok(out)
     }

@@ -45,6 +45,18 @@ impl Store {
         Ok(c.llen(self.k(&format!("marks:image:{id}"))).await?)
     }
 
+    /// Whether image `id` must be marked blind: the project has overlap > 1 and someone
+    /// has marked the image already. One round trip.
+    pub async fn marked_by_others(&self, id: &str) -> Result<bool> {
+        let mut c = self.conn.clone();
+        let (overlap, marks): (Option<u32>, u64) = redis::pipe()
+            .get(self.k("overlap"))
+            .llen(self.k(&format!("marks:image:{id}")))
+            .query_async(&mut c)
+            .await?;
+        Ok(overlap.unwrap_or(1) > 1 && marks > 0)
+    }
+
     /// Deletes every key of the project (everything under `prefix:`), for `project init
     /// --force`. The pixels in the image store are left where they are: a new init writes
     /// over the same object names. Returns how many keys went.

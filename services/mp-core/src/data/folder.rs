@@ -42,7 +42,8 @@ fn is_image(path: &Path) -> bool {
     )
 }
 
-fn sorted_entries(dir: &Path) -> Result<Vec<PathBuf>> {
+/// The entries of `dir`, sorted by path.
+pub fn sorted_entries(dir: &Path) -> Result<Vec<PathBuf>> {
     let rd = std::fs::read_dir(dir).map_err(|e| CoreError::io(dir, e))?;
     let mut v = Vec::new();
     for entry in rd {
