@@ -209,6 +209,11 @@ pub struct LeaseEvent {
     pub accepted: usize,
     /// The image view carried a suggested mark.
     pub suggested: bool,
+    /// With overlap: this mark completed the image's set, the marks agreed, and this is what
+    /// became of the merged mark's proposal.
+    pub settled_decision: Option<String>,
+    /// With overlap: this mark completed the image's set and the marks disagreed.
+    pub in_review: bool,
 }
 
 /// Simulated expert time: looking at an image, then accepting a suggestion or painting.
@@ -455,6 +460,8 @@ async fn expert(
             painted: 0,
             accepted: 0,
             suggested: false,
+            settled_decision: None,
+            in_review: false,
         };
         if !cfg.think.is_zero() {
             tokio::time::sleep(cfg.think).await;
@@ -503,25 +510,10 @@ async fn expert(
             continue;
         }
         let (w, h) = (lease.width, lease.height);
-        let mut values = match &cfg.marks {
-            MarkSource::Synthetic => synthetic(w, h),
-            MarkSource::Folder(root) => {
-                match read_mark_png(&root.join("marks").join(format!("{}.png", lease.image_id))) {
-                    Ok((mw, mh, v)) if (mw, mh) == (w, h) => v,
-                    Ok((mw, mh, _)) => {
-                        errors.push(format!(
-                            "mark for {} is {mw}x{mh}, image {w}x{h}",
-                            lease.image_id
-                        ));
-                        synthetic(w, h)
-                    }
-                    Err(e) => {
-                        errors.push(e);
-                        synthetic(w, h)
-                    }
-                }
-            }
-        };
+        let mut values = truth(&cfg.marks, &lease.image_id, w, h).unwrap_or_else(|e| {
+            errors.push(e);
+            synthetic(w, h)
+        });
         let profile = cfg
             .profiles
             .get(k % cfg.profiles.len().max(1))
@@ -599,7 +591,20 @@ async fn expert(
                             errors.push(format!("proposal {}: {e}", r.proposal_id));
                         }
                     }
+                    // This mark completed the image's set and the marks agreed: the merged
+                    // mark's proposal is this expert's to decide.
+                    if !r.settled_proposal_id.is_empty() {
+                        ev.settled_decision = Some(
+                            decide(&c, &r.settled_proposal_id, &cfg)
+                                .await
+                                .unwrap_or_else(|e| {
+                                    errors.push(format!("proposal {}: {e}", r.settled_proposal_id));
+                                    "error".into()
+                                }),
+                        );
+                    }
                 }
+                ev.in_review = r.in_review;
             }
             Err(s) => {
                 ev.outcome = Outcome::Failed;
@@ -614,8 +619,22 @@ async fn expert(
     (events, errors)
 }
 
+/// The ground-truth mark of image `id` (w×h) from `source`.
+pub fn truth(source: &MarkSource, id: &str, w: u32, h: u32) -> Result<Vec<i8>, String> {
+    match source {
+        MarkSource::Synthetic => Ok(synthetic(w, h)),
+        MarkSource::Folder(root) => {
+            match read_mark_png(&root.join("marks").join(format!("{id}.png")))? {
+                (mw, mh, v) if (mw, mh) == (w, h) => Ok(v),
+                (mw, mh, _) => Err(format!("mark for {id} is {mw}x{mh}, image {w}x{h}")),
+            }
+        }
+    }
+}
+
 /// Waits for a proposal to be ready, then commits it (or rejects it when validation
-/// accuracy fell by more than `reject_below`); returns the final status word.
+/// accuracy fell by more than `reject_below`); returns the final status word (`endorsed`
+/// for a provisional proposal, which a commit only endorses).
 async fn decide(c: &Client, proposal_id: &str, cfg: &SimConfig) -> Result<String, Status> {
     use pb::ProposalStatus as S;
     let start = Instant::now();
@@ -671,16 +690,118 @@ async fn decide(c: &Client, proposal_id: &str, cfg: &SimConfig) -> Result<String
                 if worse {
                     return Ok("rejected".into());
                 }
-                if S::try_from(r.status).unwrap_or(S::Unspecified) == S::Committed {
-                    return Ok("committed".into());
+                match S::try_from(r.status).unwrap_or(S::Unspecified) {
+                    S::Committed => return Ok("committed".into()),
+                    S::Endorsed => return Ok("endorsed".into()),
+                    _ => {}
                 }
             }
             S::Committed => return Ok("committed".into()),
+            S::Endorsed => return Ok("endorsed".into()),
             S::Rejected => return Ok("rejected".into()),
             S::Failed => return Ok(format!("failed: {}", p.message)),
             _ => {}
         }
     }
+}
+
+/// What a simulated reviewer did.
+#[derive(Debug, Default)]
+pub struct ReviewReport {
+    /// (image, how it was settled, the settled proposal's final status word).
+    pub settled: Vec<(String, String, String)>,
+    pub errors: Vec<String>,
+}
+
+/// A simulated reviewer: leases review items until `done` is set (the experts finished) and
+/// none came for `idle`, and settles each
+/// the way a senior expert with the ground truth at hand would — it accepts the expert's mark
+/// closest to the truth (red IoU), or the majority when none overlaps the truth's red — then
+/// (with `cfg.commit`) decides the settled proposal as the experts do theirs.
+pub async fn review(
+    c: Client,
+    cfg: SimConfig,
+    done: Arc<std::sync::atomic::AtomicBool>,
+    idle: Duration,
+) -> ReviewReport {
+    use pb::settle_request::Method;
+    let mut report = ReviewReport::default();
+    let retries = AtomicUsize::new(0);
+    let mut quiet_since = Instant::now();
+    loop {
+        let item = retry(cfg.retry_for, &retries, || {
+            let mut q = c.queue.clone();
+            async move {
+                q.lease_review(pb::LeaseReviewRequest {})
+                    .await
+                    .map(|r| r.into_inner().item)
+            }
+        })
+        .await;
+        let item = match item {
+            Ok(Some(i)) => i,
+            Ok(None) => {
+                if !done.load(Ordering::SeqCst) {
+                    quiet_since = Instant::now();
+                } else if quiet_since.elapsed() >= idle {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
+            Err(s) => {
+                report.errors.push(format!("lease review: {s}"));
+                break;
+            }
+        };
+        let t = truth(&cfg.marks, &item.image_id, item.width, item.height);
+        let best = t.as_ref().ok().and_then(|t| {
+            item.marks
+                .iter()
+                .filter_map(|m| {
+                    let v = rle::decode(m.mask.as_ref()?).ok()?;
+                    Some((red_iou(&v, t), m.mark_id.clone()))
+                })
+                .filter(|(iou, _)| *iou > 0.0)
+                .max_by(|a, b| a.0.total_cmp(&b.0))
+        });
+        let (method, accept, how) = match best {
+            Some((_, id)) => (Method::Accept, id, "accept"),
+            None => (Method::Majority, String::new(), "majority"),
+        };
+        let r = c
+            .queue
+            .clone()
+            .settle(pb::SettleRequest {
+                review_lease_id: item.review_lease_id.clone(),
+                method: method as i32,
+                accept_mark_id: accept,
+                mask: None,
+            })
+            .await;
+        match r {
+            Ok(r) => {
+                let r = r.into_inner();
+                let status = if r.proposal_id.is_empty() {
+                    "nothing to learn".to_string()
+                } else if cfg.commit {
+                    decide(&c, &r.proposal_id, &cfg)
+                        .await
+                        .unwrap_or_else(|e| format!("error: {e}"))
+                } else {
+                    "queued".to_string()
+                };
+                report
+                    .settled
+                    .push((item.image_id.clone(), how.to_string(), status));
+            }
+            Err(s) => report
+                .errors
+                .push(format!("settle {}: {s}", item.image_id)),
+        }
+        quiet_since = Instant::now();
+    }
+    report
 }
 
 #[cfg(test)]

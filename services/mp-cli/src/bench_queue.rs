@@ -88,11 +88,24 @@ impl pb::queue_service_server::QueueService for MemoryQueue {
             mark_id: format!("{seq:032x}"),
             proposal_id: req.into_inner().idempotency_key,
             release_seq: seq,
-            duplicate: false,
+            marks_on_image: 1,
+            ..Default::default()
         }))
     }
     async fn skip(&self, _: Request<pb::SkipRequest>) -> Result<Response<pb::SkipReply>, Status> {
         Ok(Response::new(pb::SkipReply { release_seq: 0 }))
+    }
+    async fn lease_review(
+        &self,
+        _: Request<pb::LeaseReviewRequest>,
+    ) -> Result<Response<pb::LeaseReviewReply>, Status> {
+        Ok(Response::new(pb::LeaseReviewReply { item: None }))
+    }
+    async fn settle(
+        &self,
+        _: Request<pb::SettleRequest>,
+    ) -> Result<Response<pb::SettleReply>, Status> {
+        Err(Status::failed_precondition("nothing to review in a memory queue"))
     }
 }
 

@@ -68,6 +68,10 @@ pub struct InitArgs {
     /// overlap N` changes it later)
     #[arg(long, default_value_t = 1)]
     pub overlap: u32,
+    /// With overlap > 1: images whose marks agree less (pixel-wise Fleiss' kappa) go to a
+    /// reviewer; the others are merged by majority
+    #[arg(long, default_value_t = mp_store::DEFAULT_REVIEW_BELOW)]
+    pub review_below: f64,
     /// The admin's token chosen by the operator (from the environment only, MP_ADMIN_TOKEN:
     /// a Kubernetes Secret, say); else one is made
     #[arg(skip)]
@@ -97,6 +101,7 @@ impl InitArgs {
             token_file: PathBuf::from("admin.token"),
             print_token: false,
             overlap: 1,
+            review_below: mp_store::DEFAULT_REVIEW_BELOW,
             admin_token: None,
         }
     }
@@ -327,6 +332,27 @@ pub fn overlap_command(n: u32, place: &ProjectPlace) -> Result<()> {
     })
 }
 
+/// `mp project review-below K`: the agreement below which marks go to a reviewer.
+pub fn review_below_command(kappa: f64, place: &ProjectPlace) -> Result<()> {
+    runtime()?.block_on(async {
+        let store = Store::connect(&place.redis_url, &place.prefix)
+            .await
+            .with_context(|| format!("connecting to {}", place.redis_url))?;
+        if store.project().await?.is_none() {
+            bail!(
+                "no project under prefix {}: run `mp project init` first",
+                place.prefix
+            );
+        }
+        let before = store.review_below().await?;
+        store.set_review_below(kappa).await?;
+        println!(
+            "review below kappa {before} -> {kappa}: images whose marks agree less go to a reviewer"
+        );
+        Ok(())
+    })
+}
+
 pub fn project_init(a: InitArgs) -> Result<Option<String>> {
     let rt = runtime()?;
     let store = rt
@@ -527,6 +553,7 @@ pub fn project_init(a: InitArgs) -> Result<Option<String>> {
             })
             .await?;
         store.set_overlap(a.overlap).await?;
+        store.set_review_below(a.review_below).await?;
         store
             .publish_version(&ModelVersionRecord {
                 version: 1,

@@ -145,6 +145,9 @@ fn main() {
         Command::Project(platform::ProjectCmd::Overlap { n, place }) => {
             init::overlap_command(n, &place)
         }
+        Command::Project(platform::ProjectCmd::ReviewBelow { kappa, place }) => {
+            init::review_below_command(kappa, &place)
+        }
         Command::Worker(a) => nodes::worker(a),
         Command::Trainer(a) => nodes::trainer(a),
         Command::Up(a) => nodes::up(a),

@@ -79,6 +79,14 @@ pub enum ProjectCmd {
         #[command(flatten)]
         place: crate::project::ProjectPlace,
     },
+    /// With overlap > 1: the agreement (pixel-wise Fleiss' kappa) below which an image's
+    /// marks go to a reviewer instead of being merged by majority
+    ReviewBelow {
+        /// -1 to 1 (default 0.4)
+        kappa: f64,
+        #[command(flatten)]
+        place: crate::project::ProjectPlace,
+    },
 }
 
 #[derive(Args, Clone)]
@@ -127,6 +135,10 @@ pub struct SimArgs {
     pub accept: f64,
     #[arg(long, default_value_t = 0.5)]
     pub accept_min_iou: f64,
+    /// Simulated reviewers (overlap > 1): each settles the images whose marks disagree by
+    /// accepting the mark closest to the ground truth (with --commit, commits the result)
+    #[arg(long, default_value_t = 0)]
+    pub reviewers: usize,
 }
 
 /// One client per simulated expert, each with a token created through the admin API.
@@ -136,13 +148,24 @@ pub async fn sim_clients(
     n: usize,
     tag: &str,
 ) -> Result<Vec<Client>> {
+    sim_clients_with_role(addr, admin_token, n, tag, "expert").await
+}
+
+/// One client per simulated user of role `role`.
+pub async fn sim_clients_with_role(
+    addr: &str,
+    admin_token: &str,
+    n: usize,
+    tag: &str,
+    role: &str,
+) -> Result<Vec<Client>> {
     let admin = Client::connect(addr, admin_token).await?;
     let mut out = Vec::with_capacity(n);
     for k in 0..n {
         let r = mp_api::create_expert(
             &admin,
             &format!("{tag}-{k}"),
-            "expert",
+            role,
             Duration::from_secs(10),
         )
         .await
@@ -171,7 +194,44 @@ pub fn expert_sim(a: SimArgs) -> Result<()> {
             accept_min_iou: a.accept_min_iou,
             ..Default::default()
         };
+        let reviewers =
+            sim_clients_with_role(&a.addr, &a.token, a.reviewers, "sim-reviewer", "reviewer")
+                .await?;
+        let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let reviewing: Vec<_> = reviewers
+            .into_iter()
+            .map(|c| {
+                tokio::spawn(sim::review(
+                    c,
+                    cfg.clone(),
+                    done.clone(),
+                    Duration::from_secs(3),
+                ))
+            })
+            .collect();
         let r = sim::run(clients, cfg).await;
+        done.store(true, std::sync::atomic::Ordering::SeqCst);
+        for t in reviewing {
+            let rr = t.await?;
+            let mut how: std::collections::BTreeMap<String, usize> = Default::default();
+            for (_, h, st) in &rr.settled {
+                *how.entry(format!("{h} → {st}")).or_default() += 1;
+            }
+            println!("reviewer: {} settled {how:?}", rr.settled.len());
+            for e in rr.errors.iter().take(5) {
+                println!("  review error: {e}");
+            }
+        }
+        let settled: Vec<_> = r.events.iter().filter_map(|e| e.settled_decision.as_ref()).collect();
+        let in_review = r.events.iter().filter(|e| e.in_review).count();
+        if !settled.is_empty() || in_review > 0 {
+            println!(
+                "settlement: {} images settled by majority ({} committed), {} sent to review",
+                settled.len(),
+                settled.iter().filter(|d| d.as_str() == "committed").count(),
+                in_review
+            );
+        }
         if a.accept > 0.0 {
             let done: Vec<_> = r.events.iter().filter(|e| e.outcome == Outcome::Submitted).collect();
             println!(

@@ -12,6 +12,7 @@
 
 pub mod auth;
 pub mod config;
+pub mod review;
 pub mod service;
 pub mod views;
 
@@ -207,6 +208,11 @@ pub async fn run(
                         }
                         Ok(_) => {}
                         Err(e) => warn!(error = %e, "reaper failed"),
+                    }
+                    match review::sweep(&store).await {
+                        Ok(n) if n > 0 => info!(images = n, "unsettled images settled or queued for review"),
+                        Ok(_) => {}
+                        Err(e) => warn!(error = %e, "settlement sweep failed"),
                     }
                     metrics::gauge!("mp_up").set(1.0);
                     if let Ok(c) = store.counts().await {

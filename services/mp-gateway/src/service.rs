@@ -94,7 +94,7 @@ const TARPIT_MAX: Duration = Duration::from_secs(1);
 /// A worker that read the view stream within this long counts as listening.
 const VIEW_WORKER_SILENCE_MS: u64 = 2_000;
 
-fn check_id(what: &str, id: &str) -> Result<(), Status> {
+pub(crate) fn check_id(what: &str, id: &str) -> Result<(), Status> {
     if id.is_empty() || id.len() > MAX_ID_LEN {
         return Err(Status::invalid_argument(format!(
             "{what} must hold 1 to {MAX_ID_LEN} characters"
@@ -110,7 +110,7 @@ fn record(method: &'static str, started: Instant, code: tonic::Code) {
         .record(started.elapsed().as_secs_f64());
 }
 
-fn observed<T>(method: &'static str, started: Instant, r: Result<T, Status>) -> Result<T, Status> {
+pub(crate) fn observed<T>(method: &'static str, started: Instant, r: Result<T, Status>) -> Result<T, Status> {
     record(
         method,
         started,
@@ -514,6 +514,7 @@ pub fn proposal_to_pb(p: &ProposalRecord) -> pb::Proposal {
         "rejected" => S::Rejected,
         "failed" => S::Failed,
         "rebasing" => S::Rebasing,
+        "endorsed" => S::Endorsed,
         _ => S::Unspecified,
     };
     let mut out = pb::Proposal {
@@ -525,6 +526,8 @@ pub fn proposal_to_pb(p: &ProposalRecord) -> pb::Proposal {
         base_version: p.base_version,
         committed_version: p.committed_version,
         message: p.message.clone(),
+        provisional: p.provisional,
+        settled: p.settled,
         ..Default::default()
     };
     if let Some(r) = p
@@ -698,11 +701,42 @@ impl pb::queue_service_server::QueueService for Gateway {
             if !r.duplicate {
                 debug!(expert = %e.id, image = %r.image_id, mark = %r.mark_id, "mark stored");
             }
+            // With overlap, the mark that completes an image's set settles it (or sends it
+            // to review) now; a crash before that is caught by the reaper's sweep.
+            let mut settled_proposal_id = String::new();
+            let mut in_review = false;
+            if r.provisional {
+                let store = self.store()?;
+                let overlap = store.overlap().await.map_err(status)?;
+                if r.marks_on_image >= u64::from(overlap) {
+                    match crate::review::settle_or_review(store, &r.image_id)
+                        .await
+                        .map_err(status)?
+                    {
+                        crate::review::Outcome::Settled(s) => {
+                            // The settled proposal goes to whoever completed the set.
+                            if store
+                                .proposal(&s.proposal_id)
+                                .await
+                                .is_ok_and(|p| p.expert_id == e.id)
+                            {
+                                settled_proposal_id = s.proposal_id;
+                            }
+                        }
+                        crate::review::Outcome::InReview => in_review = true,
+                        crate::review::Outcome::Waiting => {}
+                    }
+                }
+            }
             Ok(Response::new(pb::SubmitReply {
                 mark_id: r.mark_id,
                 proposal_id: r.proposal_id,
                 release_seq: r.release_seq,
                 duplicate: r.duplicate,
+                provisional: r.provisional,
+                marks_on_image: r.marks_on_image.min(u64::from(u32::MAX)) as u32,
+                settled_proposal_id,
+                in_review,
             }))
         }
         .await;
@@ -724,6 +758,24 @@ impl pb::queue_service_server::QueueService for Gateway {
         }
         .await;
         observed("skip", t, r)
+    }
+
+    async fn lease_review(
+        &self,
+        req: Request<pb::LeaseReviewRequest>,
+    ) -> Result<Response<pb::LeaseReviewReply>, Status> {
+        let t = Instant::now();
+        let r = self.lease_review_rpc(&req).await;
+        observed("lease_review", t, r)
+    }
+
+    async fn settle(
+        &self,
+        req: Request<pb::SettleRequest>,
+    ) -> Result<Response<pb::SettleReply>, Status> {
+        let t = Instant::now();
+        let r = self.settle_rpc(&req).await;
+        observed("settle", t, r)
     }
 }
 
@@ -802,7 +854,7 @@ impl pb::image_service_server::ImageService for Gateway {
 type ProposalStream = Pin<Box<dyn Stream<Item = Result<pb::Proposal, Status>> + Send>>;
 
 fn terminal(s: &str) -> bool {
-    matches!(s, "committed" | "rejected" | "failed")
+    matches!(s, "committed" | "rejected" | "failed" | "endorsed")
 }
 
 #[tonic::async_trait]
@@ -963,7 +1015,7 @@ impl pb::stats_service_server::StatsService for Gateway {
         // without fetching anyone's name.
         let per = match e.role {
             Role::Admin => self.store()?.marks_per_expert().await.map_err(status)?,
-            Role::Expert => {
+            Role::Expert | Role::Reviewer => {
                 let counts = self.store()?.marks_counts().await.map_err(status)?;
                 counts
                     .get(&e.id)
@@ -973,7 +1025,14 @@ impl pb::stats_service_server::StatsService for Gateway {
             }
         };
         let versions = self.store()?.versions().await.map_err(status)?;
+        let review = self.store()?.review_counts().await.map_err(status)?;
+        let overlap = self.store()?.overlap().await.map_err(status)?;
         Ok(Response::new(pb::Stats {
+            review_unsettled: review.unsettled,
+            review_queued: review.queued,
+            review_leased: review.leased,
+            review_settled: review.settled,
+            overlap,
             queue_depth: c.queue_depth,
             leases_out: c.leases_out,
             experts_online: c.experts_online,

@@ -20,6 +20,8 @@ pub use marks::{Suggestion, SUGGESTION_TTL_S};
 mod project;
 mod proposals;
 mod queue;
+mod review;
+pub use review::{ReviewCounts, ReviewLease, Settled, DEFAULT_REVIEW_BELOW};
 pub mod server;
 mod versions;
 
@@ -60,6 +62,8 @@ pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 #[serde(rename_all = "lowercase")]
 pub enum Role {
     Expert,
+    /// An expert who also settles disagreeing marks (the review queue).
+    Reviewer,
     Admin,
 }
 
@@ -68,9 +72,10 @@ impl std::str::FromStr for Role {
     fn from_str(s: &str) -> Result<Self> {
         match s {
             "expert" => Ok(Role::Expert),
+            "reviewer" => Ok(Role::Reviewer),
             "admin" => Ok(Role::Admin),
             _ => Err(StoreError::InvalidArgument(format!(
-                "role {s:?} is not expert or admin"
+                "role {s:?} is not expert, reviewer or admin"
             ))),
         }
     }
@@ -80,6 +85,7 @@ impl Role {
     pub fn as_str(&self) -> &'static str {
         match self {
             Role::Expert => "expert",
+            Role::Reviewer => "reviewer",
             Role::Admin => "admin",
         }
     }
@@ -154,6 +160,10 @@ pub struct SubmitResult {
     pub release_seq: u64,
     pub image_id: String,
     pub duplicate: bool,
+    /// How many marks the image has with this one.
+    pub marks_on_image: u64,
+    /// With overlap > 1: the mark waits for settlement and its proposal cannot be committed.
+    pub provisional: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -183,6 +193,10 @@ pub struct ProposalRecord {
     pub message: String,
     pub result: Option<String>,
     pub updated_ms: u64,
+    /// With overlap > 1, an expert's own mark's proposal: committing it endorses it.
+    pub provisional: bool,
+    /// The proposal of a settled mark.
+    pub settled: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -339,6 +353,9 @@ struct Scripts {
     publish: redis::Script,
     dead_letter: redis::Script,
     import_mark: redis::Script,
+    queue_review: redis::Script,
+    lease_review: redis::Script,
+    settle: redis::Script,
 }
 
 /// Every connection's timeouts and retries.
@@ -444,6 +461,9 @@ impl Store {
                 publish: lua::script(lua::PUBLISH),
                 dead_letter: lua::script(lua::DEAD_LETTER),
                 import_mark: lua::script(lua::IMPORT_MARK),
+                queue_review: lua::script(lua::QUEUE_REVIEW),
+                lease_review: lua::script(lua::LEASE_REVIEW),
+                settle: lua::script(lua::SETTLE),
             }),
             images: Default::default(),
         })

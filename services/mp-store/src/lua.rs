@@ -162,7 +162,8 @@ return {'ok', seq}
 /// mask bytes (one signed byte per pixel), idempotency TTL seconds.
 /// Checks ownership, state and that width x height is the leased image's size, then stores
 /// the mark, releases the lease, creates the queued proposal and its refine job — one round
-/// trip. Returns {'ok'|'dup', mark_id, proposal_id, release_seq, image},
+/// trip. Returns {'ok'|'dup', mark_id, proposal_id, release_seq, image, the image's mark
+/// count, provisional ('1' with overlap > 1)},
 /// {'bad_size', image, width, height} or {error}.
 pub const SUBMIT: &str = r#"
 local p, lid, expert, key = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
@@ -171,7 +172,8 @@ local prev = redis.call('HGETALL', idem)
 if #prev > 0 then
   local r = {}
   for i = 1, #prev, 2 do r[prev[i]] = prev[i + 1] end
-  return {'dup', r['mark'], r['proposal'], tonumber(r['seq']), r['image']}
+  return {'dup', r['mark'], r['proposal'], tonumber(r['seq']), r['image'], r['count'] or '1',
+    r['provisional'] or '0'}
 end
 local now = now_ms()
 local l, err = active_lease(p, lid, expert, now)
@@ -191,18 +193,31 @@ redis.call('HINCRBY', p .. ':marks_per_expert', expert, 1)
 local seq = release(p, l, 'submitted')
 -- Overlap: the image goes back to the queue, at its priority, until it has that many marks.
 local overlap = tonumber(redis.call('GET', p .. ':overlap') or '1') or 1
-if overlap > 1 and redis.call('LLEN', p .. ':marks:image:' .. l['image']) < overlap then
+local count = redis.call('LLEN', p .. ':marks:image:' .. l['image'])
+if overlap > 1 and count < overlap then
   redis.call('ZADD', p .. ':queue', redis.call('HGET', p .. ':prio', l['image']) or l['priority'] or '0', l['image'])
 end
+-- With overlap, a mark is provisional until the image's marks are settled; the N-th mark
+-- puts the image in `P:unsettled`, which a gateway (or its reaper's sweep) settles.
+local provisional = '0'
+if overlap > 1 then
+  provisional = '1'
+  if count >= overlap and redis.call('HEXISTS', p .. ':settled', l['image']) == 0
+     and redis.call('HEXISTS', p .. ':review:kappa', l['image']) == 0 then
+    redis.call('SADD', p .. ':unsettled', l['image'])
+  end
+end
 redis.call('HSET', p .. ':proposal:' .. prop, 'status', 'queued', 'mark', mark, 'image', l['image'],
-  'expert', expert, 'base_version', version, 'created_ms', now, 'updated_ms', now)
+  'expert', expert, 'base_version', version, 'created_ms', now, 'updated_ms', now,
+  'provisional', provisional)
 redis.call('XADD', p .. ':jobs:refine', '*', 'kind', 'refine', 'proposal', prop, 'mark', mark,
   'image', l['image'], 'expert', expert, 'base_version', version, 'enqueued_ms', now)
 audit(p, 'mark', expert, {'image', l['image'], 'mark', mark, 'proposal', prop,
   'version_before', version})
-redis.call('HSET', idem, 'mark', mark, 'proposal', prop, 'seq', seq, 'image', l['image'])
+redis.call('HSET', idem, 'mark', mark, 'proposal', prop, 'seq', seq, 'image', l['image'],
+  'count', count, 'provisional', provisional)
 redis.call('EXPIRE', idem, tonumber(ARGV[10]))
-return {'ok', mark, prop, seq, l['image']}
+return {'ok', mark, prop, seq, l['image'], count, provisional}
 "#;
 
 /// ARGV: prefix, mark_id, image, expert, time_ms, model_version, width, height, mask bytes,
@@ -250,12 +265,16 @@ end
 return {'ok', n}
 "#;
 
-/// May expert ARGV[3] see image ARGV[2]? `{'ok', 1}` when it holds the image's lease or has
-/// marked the image, else `{'ok', 0}` (who may see what: ARCHITECTURE.md).
+/// May expert ARGV[3] see image ARGV[2]? `{'ok', 1}` when it holds the image's lease or its
+/// review lease, or has marked the image, else `{'ok', 0}` (who may see what: ARCHITECTURE.md).
 pub const MAY_VIEW: &str = r#"
 local p, img, expert = ARGV[1], ARGV[2], ARGV[3]
 local lid = redis.call('HGET', p .. ':image_lease', img)
 if lid and redis.call('HGET', p .. ':lease:' .. lid, 'expert') == expert then
+  return {'ok', 1}
+end
+local rid = redis.call('HGET', p .. ':review:holder', img)
+if rid and redis.call('HGET', p .. ':review:lease:' .. rid, 'reviewer') == expert then
   return {'ok', 1}
 end
 for _, m in ipairs(redis.call('LRANGE', p .. ':marks:image:' .. img, 0, -1)) do
@@ -266,7 +285,8 @@ return {'ok', 0}
 
 /// ARGV: prefix, proposal, decider, decision (`commit` or `reject`). A `ready` proposal
 /// becomes `committing` with its commit job queued in the same step, or `rejected`: two
-/// decisions cannot both win, and no proposal is `committing` without a job.
+/// decisions cannot both win, and no proposal is `committing` without a job. A provisional
+/// one becomes `endorsed` instead of `committing`: no job, never guidance.
 /// Returns {'ok', status} or {'not_found'} or {'not_ready', status}.
 pub const DECIDE: &str = r#"
 local p, prop, who, decision = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
@@ -275,9 +295,16 @@ local status = redis.call('HGET', key, 'status')
 if not status then return {'not_found'} end
 if status ~= 'ready' then return {'not_ready', status} end
 local now = now_ms()
-local h = redis.call('HMGET', key, 'image', 'expert', 'base_version')
+local h = redis.call('HMGET', key, 'image', 'expert', 'base_version', 'provisional')
+-- A provisional proposal (overlap: its mark is not settled) is never committed: committing
+-- it endorses it, the expert's vote that its mark helps.
+if decision == 'commit' and h[4] == '1' then decision = 'endorse' end
 audit(p, 'decision', who, {'decision', decision, 'proposal', prop, 'image', h[1], 'expert', h[2],
   'version_before', h[3]})
+if decision == 'endorse' then
+  redis.call('HSET', key, 'status', 'endorsed', 'decided_by', who, 'updated_ms', now)
+  return {'ok', 'endorsed'}
+end
 if decision == 'commit' then
   redis.call('HSET', key, 'status', 'committing', 'decided_by', who, 'updated_ms', now)
   redis.call('XADD', p .. ':jobs:commit', '*', 'proposal', prop, 'expert', who)
@@ -378,6 +405,119 @@ for i = 5, #ARGV do
   end
 end
 return dead
+"#;
+
+/// ARGV: prefix, image, kappa. Queues an image whose marks disagree for review (`P:review`,
+/// lowest κ first; `P:review:kappa` holds every image waiting or under review). Returns
+/// {'ok'}, {'dup'} (waiting already) or {'settled'}.
+pub const QUEUE_REVIEW: &str = r#"
+local p, img, kappa = ARGV[1], ARGV[2], ARGV[3]
+if redis.call('HEXISTS', p .. ':settled', img) == 1 then
+  redis.call('SREM', p .. ':unsettled', img)
+  return {'settled'}
+end
+if redis.call('HEXISTS', p .. ':review:kappa', img) == 1 then
+  redis.call('SREM', p .. ':unsettled', img)
+  return {'dup'}
+end
+redis.call('HSET', p .. ':review:kappa', img, kappa)
+redis.call('ZADD', p .. ':review', kappa, img)
+redis.call('SREM', p .. ':unsettled', img)
+audit(p, 'review_queued', 'system', {'image', img, 'kappa', kappa})
+return {'ok'}
+"#;
+
+/// ARGV: prefix, lease_id, reviewer, ttl_ms. Returns expired review leases to the review
+/// queue, then leases the image with the lowest agreement that the reviewer did not mark
+/// itself (within the first 256). Returns {'ok', image, kappa, deadline} or {'empty'}.
+pub const LEASE_REVIEW: &str = r#"
+local p, lid, reviewer, ttl = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
+local now = now_ms()
+for _, img in ipairs(redis.call('ZRANGEBYSCORE', p .. ':review:leases', '-inf', now)) do
+  local old = redis.call('HGET', p .. ':review:holder', img)
+  redis.call('ZREM', p .. ':review:leases', img)
+  redis.call('HDEL', p .. ':review:holder', img)
+  if old then
+    redis.call('HSET', p .. ':review:lease:' .. old, 'state', 'expired')
+    redis.call('EXPIRE', p .. ':review:lease:' .. old, 86400)
+  end
+  local k = redis.call('HGET', p .. ':review:kappa', img)
+  if k then redis.call('ZADD', p .. ':review', k, img) end
+end
+local cands = redis.call('ZRANGE', p .. ':review', 0, 255, 'WITHSCORES')
+local img, kappa
+for i = 1, #cands, 2 do
+  local own = false
+  for _, m in ipairs(redis.call('LRANGE', p .. ':marks:image:' .. cands[i], 0, -1)) do
+    if redis.call('HGET', p .. ':mark:' .. m, 'expert') == reviewer then own = true end
+  end
+  if not own then img, kappa = cands[i], cands[i + 1]; break end
+end
+if not img then return {'empty'} end
+redis.call('ZREM', p .. ':review', img)
+local deadline = now + ttl
+redis.call('ZADD', p .. ':review:leases', deadline, img)
+redis.call('HSET', p .. ':review:holder', img, lid)
+redis.call('HSET', p .. ':review:lease:' .. lid, 'image', img, 'reviewer', reviewer,
+  'deadline', deadline, 'state', 'active', 'kappa', kappa)
+return {'ok', img, kappa, tostring(deadline)}
+"#;
+
+/// ARGV: prefix, image, mark_id, proposal_id ('' for an empty settled mark: nothing to
+/// learn), owner, width, height, mask bytes, how, kappa, the settled marks' ids (comma
+/// separated), review lease id ('' for an automatic settlement).
+/// Settles an image's marks once: stores the settled mark (`settled_from`, `how`), records
+/// it in `P:settled`, takes the image off the review queue and `P:unsettled`, and creates the
+/// settled mark's proposal (owned by `owner`, not provisional) with its refine job — the
+/// only way a mark of an overlapping project reaches a commit. A review settlement needs the
+/// reviewer's active review lease; an automatic one is refused while the image waits for
+/// review. Returns {'ok', mark, proposal}, {'dup', mark, proposal} (settled already),
+/// {'in_review'}, {'bad_size', width, height} or a lease error word.
+pub const SETTLE: &str = r#"
+local p, img, mark, prop, owner = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local lid = ARGV[12]
+local now = now_ms()
+local done = redis.call('HGET', p .. ':settled', img)
+if done then
+  return {'dup', done, redis.call('HGET', p .. ':mark:' .. done, 'proposal') or ''}
+end
+-- Every check before the first write: a refused settlement changes nothing.
+local size = redis.call('HMGET', p .. ':img:' .. img, 'width', 'height')
+if size[1] ~= ARGV[6] or size[2] ~= ARGV[7] then return {'bad_size', size[1] or '0', size[2] or '0'} end
+if lid ~= '' then
+  local rl = redis.call('HMGET', p .. ':review:lease:' .. lid, 'image', 'reviewer', 'deadline', 'state')
+  if not rl[1] or rl[1] ~= img then return {'not_found'} end
+  if rl[2] ~= owner then return {'not_owner'} end
+  if rl[4] ~= 'active' then return {rl[4]} end
+  if tonumber(rl[3]) <= now then return {'expired'} end
+  redis.call('HSET', p .. ':review:lease:' .. lid, 'state', 'settled')
+  redis.call('EXPIRE', p .. ':review:lease:' .. lid, 86400)
+  redis.call('ZREM', p .. ':review:leases', img)
+  redis.call('HDEL', p .. ':review:holder', img)
+elseif redis.call('HEXISTS', p .. ':review:kappa', img) == 1 then
+  return {'in_review'}
+end
+redis.call('HDEL', p .. ':review:kappa', img)
+redis.call('ZREM', p .. ':review', img)
+redis.call('SREM', p .. ':unsettled', img)
+redis.call('HSET', p .. ':settled', img, mark)
+local version = redis.call('GET', p .. ':model:serving')
+if not version then version = redis.call('GET', p .. ':model:current') or '0' end
+redis.call('HSET', p .. ':mark:' .. mark, 'image', img, 'expert', owner, 'time_ms', now,
+  'model_version', version, 'width', ARGV[6], 'height', ARGV[7], 'mask', ARGV[8],
+  'idempotency_key', 'settle', 'lease', lid, 'proposal', prop, 'settled_from', ARGV[11],
+  'how', ARGV[9], 'kappa', ARGV[10])
+redis.call('RPUSH', p .. ':settled_marks', mark)
+if prop ~= '' then
+  redis.call('HSET', p .. ':proposal:' .. prop, 'status', 'queued', 'mark', mark, 'image', img,
+    'expert', owner, 'base_version', version, 'created_ms', now, 'updated_ms', now,
+    'provisional', '0', 'settled', '1')
+  redis.call('XADD', p .. ':jobs:refine', '*', 'kind', 'refine', 'proposal', prop, 'mark', mark,
+    'image', img, 'expert', owner, 'base_version', version, 'enqueued_ms', now)
+end
+audit(p, 'settle', owner, {'image', img, 'mark', mark, 'proposal', prop, 'how', ARGV[9],
+  'kappa', ARGV[10], 'from', ARGV[11], 'version_before', version})
+return {'ok', mark, prop}
 "#;
 
 pub fn script(body: &str) -> redis::Script {

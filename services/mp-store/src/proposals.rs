@@ -24,6 +24,8 @@ impl Store {
                 .get("result")
                 .map(|b| String::from_utf8_lossy(b).into_owned()),
             updated_ms: field(&h, "updated_ms").unwrap_or(0),
+            provisional: text(&h, "provisional") == "1",
+            settled: text(&h, "settled") == "1",
         })
     }
 

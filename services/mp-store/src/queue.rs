@@ -148,12 +148,14 @@ impl Store {
             .await?;
         let words: Vec<String> = v.iter().map(value_string).collect();
         match words.first().map(String::as_str) {
-            Some(w @ ("ok" | "dup")) if words.len() == 5 => Ok(SubmitResult {
+            Some(w @ ("ok" | "dup")) if words.len() >= 5 => Ok(SubmitResult {
                 mark_id: words[1].clone(),
                 proposal_id: words[2].clone(),
                 release_seq: words[3].parse().unwrap_or(0),
                 image_id: words[4].clone(),
                 duplicate: w == "dup",
+                marks_on_image: words.get(5).and_then(|s| s.parse().ok()).unwrap_or(1),
+                provisional: words.get(6).is_some_and(|s| s == "1"),
             }),
             Some("bad_size") if words.len() == 4 => Err(StoreError::InvalidArgument(format!(
                 "mask is {width}x{height} but image {} is {}x{}",

@@ -839,3 +839,165 @@ async fn the_audit_trail_records_each_change_with_who_and_the_versions() {
         ["token_revoked"]
     );
 }
+
+/// With overlap, an expert's mark is provisional (committing its proposal only endorses it);
+/// the image's marks are settled once — automatically or by one reviewer holding its review
+/// lease — and only the settled mark's proposal can be committed.
+#[tokio::test]
+async fn overlapping_marks_are_settled_once_and_only_the_settled_mark_can_be_committed() {
+    let (_d, _s, store, ann) = setup().await;
+    store.set_overlap(2).await.unwrap();
+    assert!((store.review_below().await.unwrap() - mp_store::DEFAULT_REVIEW_BELOW).abs() < 1e-9);
+    assert!(matches!(
+        store.set_review_below(2.0).await,
+        Err(StoreError::InvalidArgument(_))
+    ));
+    let bob = store.create_expert("bob", Role::Expert).await.unwrap().0;
+    let rev = store.create_expert("rev", Role::Reviewer).await.unwrap().0;
+    let rev2 = store.create_expert("rev2", Role::Reviewer).await.unwrap().0;
+    store
+        .enqueue(&[("a/0".into(), 0.1), ("a/1".into(), 0.2)])
+        .await
+        .unwrap();
+    let mut first = Vec::new();
+    for (who, mask) in [(&ann, [1i8, 0, 0, -1]), (&bob, [-1, 0, 0, 1])] {
+        for k in 0..2 {
+            let l = store.lease(who, 30_000).await.unwrap().unwrap();
+            let r = store
+                .submit(&l.lease_id, who, &format!("{who}{k}"), 2, 2, &mask)
+                .await
+                .unwrap();
+            assert!(r.provisional);
+            first.push(r);
+        }
+    }
+    assert_eq!(
+        first.iter().map(|r| r.marks_on_image).collect::<Vec<_>>(),
+        [1, 1, 2, 2]
+    );
+    assert_eq!(store.unsettled().await.unwrap(), ["a/0", "a/1"]);
+    // A provisional proposal: committing it endorses it, with no commit job.
+    let p = &first[0].proposal_id;
+    store.update_proposal(p, "ready", &[]).await.unwrap();
+    assert!(store.proposal(p).await.unwrap().provisional);
+    assert_eq!(store.decide(p, &ann, true).await.unwrap(), "endorsed");
+    assert_eq!(stream_len(&store, mp_store::COMMIT_STREAM).await, 0);
+    let refines = stream_len(&store, mp_store::REFINE_STREAM).await;
+
+    // a/0 disagrees: queued for review once; an automatic settlement is then refused.
+    assert!(store.queue_review("a/0", -0.5).await.unwrap());
+    assert!(!store.queue_review("a/0", -0.5).await.unwrap());
+    assert!(matches!(
+        store
+            .settle("a/0", &ann, 2, 2, &[1, 0, 0, 0], "majority", -0.5, &[], None)
+            .await,
+        Err(StoreError::FailedPrecondition(_))
+    ));
+    // An expert who marked the image does not review it; one reviewer holds it at a time.
+    assert!(store.lease_review(&ann, 30_000).await.unwrap().is_none());
+    let rl = store.lease_review(&rev, 30_000).await.unwrap().unwrap();
+    assert_eq!((rl.image_id.as_str(), rl.kappa), ("a/0", -0.5));
+    assert!(store.lease_review(&rev2, 30_000).await.unwrap().is_none());
+    assert!(matches!(
+        store
+            .settle("a/0", &rev2, 2, 2, &[1, 0, 0, 0], "own", -0.5, &[], Some(&rl.lease_id))
+            .await,
+        Err(StoreError::PermissionDenied(_))
+    ));
+    assert!(matches!(
+        store
+            .settle("a/0", &rev, 3, 1, &[1, 0, 0], "own", -0.5, &[], Some(&rl.lease_id))
+            .await,
+        Err(StoreError::InvalidArgument(_))
+    ));
+    // Racing settlements of one review item: one wins, the others see it settled.
+    let mut tasks = Vec::new();
+    for k in 0..8i8 {
+        let (s, lid, rev) = (store.clone(), rl.lease_id.clone(), rev.clone());
+        tasks.push(tokio::spawn(async move {
+            let from = vec!["m1".to_string(), "m2".to_string()];
+            s.settle("a/0", &rev, 2, 2, &[1, 0, 0, -k.signum()], "own", -0.5, &from, Some(&lid))
+                .await
+                .unwrap()
+        }));
+    }
+    let mut wins = Vec::new();
+    for t in tasks {
+        let r = t.await.unwrap();
+        if !r.duplicate {
+            wins.push(r.clone());
+        }
+    }
+    assert_eq!(wins.len(), 1, "{wins:?}");
+    let settled = &wins[0];
+    assert_eq!(
+        store.settled_mark_of("a/0").await.unwrap().as_deref(),
+        Some(settled.mark_id.as_str())
+    );
+    let sp = store.proposal(&settled.proposal_id).await.unwrap();
+    assert!(sp.settled && !sp.provisional);
+    assert_eq!((sp.status.as_str(), sp.expert_id.as_str()), ("queued", rev.as_str()));
+    assert_eq!(stream_len(&store, mp_store::REFINE_STREAM).await, refines + 1);
+    // The settled proposal commits as any other.
+    store
+        .update_proposal(&settled.proposal_id, "ready", &[])
+        .await
+        .unwrap();
+    assert_eq!(
+        store.decide(&settled.proposal_id, &rev, true).await.unwrap(),
+        "committing"
+    );
+    assert_eq!(stream_len(&store, mp_store::COMMIT_STREAM).await, 1);
+
+    // a/1 agrees: racing automatic settlements, one wins.
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let (s, bob) = (store.clone(), bob.clone());
+        tasks.push(tokio::spawn(async move {
+            s.settle("a/1", &bob, 2, 2, &[0, 0, 0, 0], "majority", 0.9, &[], None)
+                .await
+                .unwrap()
+        }));
+    }
+    let mut n = 0;
+    for t in tasks {
+        let r = t.await.unwrap();
+        n += usize::from(!r.duplicate);
+        // A settled mark that marks nothing has nothing to learn: no proposal.
+        assert!(r.proposal_id.is_empty());
+    }
+    assert_eq!(n, 1);
+    assert!(!store.queue_review("a/1", 0.0).await.unwrap());
+    let c = store.review_counts().await.unwrap();
+    assert_eq!((c.unsettled, c.queued, c.leased, c.settled), (0, 0, 0, 2));
+    assert_eq!(store.settled_marks().await.unwrap().len(), 2);
+    // Neither expert's own mark is guidance; the settled ones are not experts' marks.
+    assert!(store.guidance_marks().await.unwrap().is_empty());
+    assert_eq!(store.marks_of_image("a/0").await.unwrap().len(), 2);
+}
+
+/// A review lease that runs out puts the image back in the review queue for the next
+/// reviewer, and the first reviewer's late settlement is refused.
+#[tokio::test]
+async fn an_expired_review_lease_returns_the_image_to_the_review_queue() {
+    let (_d, _s, store, _ann) = setup().await;
+    let rev = store.create_expert("rev", Role::Reviewer).await.unwrap().0;
+    let rev2 = store.create_expert("rev2", Role::Reviewer).await.unwrap().0;
+    assert!(store.queue_review("a/2", 0.1).await.unwrap());
+    let l = store.lease_review(&rev, 1).await.unwrap().unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    let l2 = store.lease_review(&rev2, 30_000).await.unwrap().unwrap();
+    assert_eq!(l2.image_id, "a/2");
+    assert_eq!(store.review_lease(&l.lease_id).await.unwrap().state, "expired");
+    assert!(matches!(
+        store
+            .settle("a/2", &rev, 2, 2, &[1, 0, 0, 0], "own", 0.1, &[], Some(&l.lease_id))
+            .await,
+        Err(StoreError::FailedPrecondition(_))
+    ));
+    let s = store
+        .settle("a/2", &rev2, 2, 2, &[1, 0, 0, 0], "own", 0.1, &[], Some(&l2.lease_id))
+        .await
+        .unwrap();
+    assert!(!s.duplicate && !s.proposal_id.is_empty());
+}
