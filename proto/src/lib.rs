@@ -7,4 +7,5 @@ pub mod v1 {
     tonic::include_proto!("mp.v1");
 }
 
+pub mod marks;
 pub mod rle;

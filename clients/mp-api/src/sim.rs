@@ -795,9 +795,7 @@ pub async fn review(
                     .settled
                     .push((item.image_id.clone(), how.to_string(), status));
             }
-            Err(s) => report
-                .errors
-                .push(format!("settle {}: {s}", item.image_id)),
+            Err(s) => report.errors.push(format!("settle {}: {s}", item.image_id)),
         }
         quiet_since = Instant::now();
     }

@@ -42,6 +42,20 @@ pub enum Cmd {
         proposal_id: String,
         commit: bool,
     },
+    /// Reviewers: the next image whose marks disagree, with its view.
+    LeaseReview,
+    Settle(pb::SettleRequest),
+    /// The lead's dashboard: stats, agreement, the audit trail.
+    Dashboard,
+}
+
+/// What the lead's dashboard shows, all from the public API. Agreement and the audit trail
+/// are for admins: for others they hold the server's refusal.
+#[derive(Debug, Clone)]
+pub struct Dashboard {
+    pub stats: pb::Stats,
+    pub agreement: Result<pb::AgreementReport, String>,
+    pub audit: Result<pb::AuditReport, String>,
 }
 
 /// What the network answers.
@@ -86,6 +100,10 @@ pub enum Reply {
     },
     /// A proposal as it is now (from the watch stream or a decision).
     Proposal(pb::Proposal),
+    /// A review item and the image's view; `None` when nothing waits for review.
+    ReviewLeased(Option<Box<(pb::ReviewItem, pb::ImageView)>>),
+    Settled(pb::SettleReply),
+    Dashboard(Box<Dashboard>),
     /// The server refused a request; its message, for the person.
     Refused {
         what: &'static str,
@@ -354,7 +372,13 @@ async fn handle(c: Client, cmd: Cmd, out: Out) {
             match r {
                 Ok(r) => {
                     let reply = r.into_inner();
-                    let proposal_id = reply.proposal_id.clone();
+                    // A mark that completed an agreeing set: the merged mark's proposal is
+                    // the one to decide (the expert's own is provisional).
+                    let proposal_id = if reply.settled_proposal_id.is_empty() {
+                        reply.proposal_id.clone()
+                    } else {
+                        reply.settled_proposal_id.clone()
+                    };
                     out.send(Reply::Submitted { lease_id, reply });
                     watch(&c, proposal_id, &out).await;
                 }
@@ -397,6 +421,75 @@ async fn handle(c: Client, cmd: Cmd, out: Out) {
                 Err(s) => refused(&out, "decision", &s),
             }
         }
+        Cmd::LeaseReview => {
+            let r = retrying(&out, || {
+                let mut q = c.queue.clone();
+                async move { q.lease_review(pb::LeaseReviewRequest {}).await }
+            })
+            .await;
+            match r.map(|r| r.into_inner().item) {
+                Ok(Some(item)) => {
+                    let req = pb::GetImageRequest {
+                        image_id: item.image_id.clone(),
+                        model_version: 0,
+                    };
+                    let view = retrying(&out, || {
+                        let mut i = c.images.clone();
+                        let req = req.clone();
+                        async move { i.get_image(req).await }
+                    })
+                    .await;
+                    match view {
+                        Ok(v) => {
+                            out.send(Reply::ReviewLeased(Some(Box::new((item, v.into_inner())))))
+                        }
+                        Err(s) => refused(&out, "image", &s),
+                    }
+                }
+                Ok(None) => out.send(Reply::ReviewLeased(None)),
+                Err(s) => refused(&out, "review", &s),
+            }
+        }
+        Cmd::Settle(req) => {
+            let r = retrying(&out, || {
+                let mut q = c.queue.clone();
+                let req = req.clone();
+                async move { q.settle(req).await }
+            })
+            .await;
+            match r {
+                Ok(r) => out.send(Reply::Settled(r.into_inner())),
+                Err(s) => refused(&out, "settlement", &s),
+            }
+        }
+        Cmd::Dashboard => {
+            let stats = match c.stats.clone().get_stats(pb::StatsRequest {}).await {
+                Ok(s) => s.into_inner(),
+                Err(s) => return refused(&out, "dashboard", &s),
+            };
+            let agreement = c
+                .stats
+                .clone()
+                .get_agreement(pb::AgreementRequest {})
+                .await
+                .map(|r| r.into_inner())
+                .map_err(|s| s.message().to_string());
+            let audit = c
+                .admin
+                .clone()
+                .audit(pb::AuditRequest {
+                    limit: 10_000,
+                    ..Default::default()
+                })
+                .await
+                .map(|r| r.into_inner())
+                .map_err(|s| s.message().to_string());
+            out.send(Reply::Dashboard(Box::new(Dashboard {
+                stats,
+                agreement,
+                audit,
+            })));
+        }
     }
 }
 
@@ -406,7 +499,7 @@ pub fn settled(p: &pb::Proposal) -> bool {
     use pb::ProposalStatus as S;
     matches!(
         S::try_from(p.status).unwrap_or(S::Unspecified),
-        S::Ready | S::Committed | S::Rejected | S::Failed
+        S::Ready | S::Committed | S::Rejected | S::Failed | S::Endorsed
     )
 }
 

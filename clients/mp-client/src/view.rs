@@ -17,6 +17,8 @@ pub enum Slot {
     Marks,
     Before,
     After,
+    /// The k-th picture of the review screen.
+    Review(u8),
 }
 
 /// Textures by slot, each with the key of what it shows.
@@ -84,6 +86,34 @@ impl Textures {
             marks_image(layer, 150)
         });
         painter.image(t, rect, FULL_UV, Color32::WHITE);
+    }
+
+    /// The image with a mark over it (`values`, one per pixel): a reviewer's side-by-side
+    /// pictures. Rebuilt when `key` changes.
+    #[allow(clippy::too_many_arguments)]
+    pub fn draw_marked(
+        &mut self,
+        ctx: &egui::Context,
+        painter: &Painter,
+        rect: Rect,
+        view: &pb::ImageView,
+        values: &[i8],
+        slot: Slot,
+        key: &str,
+    ) {
+        self.draw_base(ctx, painter, rect, view, Color32::WHITE);
+        if values.len() == (view.width * view.height) as usize {
+            let t = self.get(ctx, slot, key.to_string(), || {
+                values_image(view.width, view.height, values, 150)
+            });
+            painter.image(t, rect, FULL_UV, Color32::WHITE);
+        }
+        painter.rect_stroke(
+            rect,
+            0.0,
+            Stroke::new(1.0, Color32::GRAY),
+            egui::StrokeKind::Outside,
+        );
     }
 
     /// A picture for the chooser: the image dimmed, the saliency map at full opacity scaled
@@ -228,15 +258,19 @@ fn blend(under: Color32, over: Color32) -> Color32 {
 
 /// The marks as a texture: red and green, transparent elsewhere.
 pub fn marks_image(layer: &MarkLayer, alpha: u8) -> ColorImage {
-    let pixels = layer
-        .values()
+    values_image(layer.width, layer.height, layer.values(), alpha)
+}
+
+/// Mark values (one per pixel) as a texture: red and green, transparent elsewhere.
+pub fn values_image(width: u32, height: u32, values: &[i8], alpha: u8) -> ColorImage {
+    let pixels = values
         .iter()
         .map(|&v| match v {
             0 => Color32::TRANSPARENT,
             v => mark_color(v, alpha),
         })
         .collect();
-    ColorImage::new([layer.width as usize, layer.height as usize], pixels)
+    ColorImage::new([width as usize, height as usize], pixels)
 }
 
 /// Matplotlib's inferno colour map, interpolated between nine of its stops.

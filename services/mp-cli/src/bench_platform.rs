@@ -60,12 +60,35 @@ pub struct PlatformArgs {
     pub plot: Option<PathBuf>,
 }
 
+/// Who marks: how many experts, how (profiles), how many per image, who reviews.
+#[derive(Debug, Clone)]
+pub struct Crowd {
+    pub experts: usize,
+    pub profiles: Vec<sim::Profile>,
+    pub overlap: u32,
+    pub reviewers: usize,
+    pub review_below: f64,
+}
+
+impl Crowd {
+    /// `experts` careful experts, one per image, no reviewer.
+    pub fn careful(experts: usize) -> Crowd {
+        Crowd {
+            experts,
+            profiles: Vec::new(),
+            overlap: 1,
+            reviewers: 0,
+            review_below: mp_store::DEFAULT_REVIEW_BELOW,
+        }
+    }
+}
+
 /// One run of the loop: one ordering, one seed.
-struct Run {
+pub struct Run {
     ordering: String,
     seed: u64,
     versions: Vec<ModelVersionRecord>,
-    events: Vec<LeaseEvent>,
+    pub events: Vec<LeaseEvent>,
     /// Wall-clock seconds of each round (marks, proposals, commits, training phase).
     round_seconds: Vec<f64>,
     proposal_latency: Vec<f64>,
@@ -74,7 +97,7 @@ struct Run {
 
 impl Run {
     /// (committed marks, test accuracy) at the base model and after each training phase.
-    fn curve(&self) -> Vec<(usize, f64)> {
+    pub fn curve(&self) -> Vec<(usize, f64)> {
         let mut out = Vec::new();
         let mut committed = 0usize;
         for v in &self.versions {
@@ -95,16 +118,20 @@ impl Run {
     }
 }
 
-struct Env<'a> {
-    a: &'a PlatformArgs,
-    data: &'a Path,
-    base: &'a Path,
-    dir: &'a Path,
+pub struct Env<'a> {
+    pub a: &'a PlatformArgs,
+    pub data: &'a Path,
+    pub base: &'a Path,
+    pub dir: &'a Path,
 }
 
-fn run_once(env: &Env, ordering: &str, seed: u64) -> Result<Run> {
+pub fn run_once(env: &Env, ordering: &str, seed: u64, crowd: &Crowd) -> Result<Run> {
     let a = env.a;
-    let dir = env.dir.join(format!("{ordering}-{seed}"));
+    let dir = env.dir.join(format!(
+        "{ordering}-{seed}-o{}-{}",
+        crowd.overlap,
+        crowd.profiles.len()
+    ));
     std::fs::create_dir_all(&dir)?;
     let mut redis = mp_store::server::RedisServer::start_free(&dir.join("redis"))?;
     let url = redis.url();
@@ -112,6 +139,8 @@ fn run_once(env: &Env, ordering: &str, seed: u64) -> Result<Run> {
     let mut init = InitArgs::new(env.data.to_path_buf(), url.clone(), ck.clone());
     init.model = Some(env.base.to_path_buf());
     init.ordering = ordering.to_string();
+    init.overlap = crowd.overlap;
+    init.review_below = crowd.review_below;
     let admin = project_init(init)?.context("a fresh Redis holds no project")?;
     let port = mp_store::server::free_port()?;
     let addr = format!("http://127.0.0.1:{port}");
@@ -152,14 +181,24 @@ fn run_once(env: &Env, ordering: &str, seed: u64) -> Result<Run> {
         {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        let clients = sim_clients(&addr, &admin, a.experts, "expert").await?;
+        let clients = sim_clients(&addr, &admin, crowd.experts, "expert").await?;
+        let reviewers = crate::platform::sim_clients_with_role(
+            &addr,
+            &admin,
+            crowd.reviewers,
+            "reviewer",
+            "reviewer",
+        )
+        .await?;
         let mut events = Vec::new();
         let mut round_seconds = Vec::new();
         for round in 0..a.rounds {
             let t = Instant::now();
             let cfg = SimConfig {
-                experts: a.experts,
-                leases: a.marks,
+                experts: crowd.experts,
+                profiles: crowd.profiles.clone(),
+                // With overlap N each image takes N marks and makes one committed mark.
+                leases: a.marks * crowd.overlap as usize,
                 marks: MarkSource::Folder(env.data.to_path_buf()),
                 commit: true,
                 reject_below: 1.0,
@@ -171,17 +210,49 @@ fn run_once(env: &Env, ordering: &str, seed: u64) -> Result<Run> {
                 seed: seed * 1000 + round as u64,
                 ..Default::default()
             };
-            let r = sim::run(clients.clone(), cfg).await;
-            if r.count(Outcome::Submitted) != a.marks {
+            let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let reviewing: Vec<_> = reviewers
+                .iter()
+                .map(|c| {
+                    tokio::spawn(sim::review(
+                        c.clone(),
+                        cfg.clone(),
+                        done.clone(),
+                        Duration::from_secs(3),
+                    ))
+                })
+                .collect();
+            let r = sim::run(clients.clone(), cfg.clone()).await;
+            done.store(true, std::sync::atomic::Ordering::SeqCst);
+            for t in reviewing {
+                let rr = t.await?;
+                if let Some(e) = rr.errors.first() {
+                    eprintln!("reviewer: {e}");
+                }
+            }
+            if r.count(Outcome::Submitted) != cfg.leases {
                 bail!(
                     "round {}: only {} of {} marks submitted: {:?}",
                     round + 1,
                     r.count(Outcome::Submitted),
-                    a.marks,
+                    cfg.leases,
                     r.errors.first()
                 );
             }
             events.extend(r.events);
+            if crowd.overlap > 1 {
+                // Settled marks that mark nothing make no proposal: the round may hold fewer
+                // commits than `marks`; end it once every settled proposal is decided.
+                let commits = store
+                    .versions()
+                    .await?
+                    .iter()
+                    .filter(|v| v.reason.starts_with("commit"))
+                    .count();
+                if commits < a.marks * (round + 1) {
+                    store.request_round_end().await?;
+                }
+            }
             // The training phase that ends the round publishes a "guided training" version.
             loop {
                 let trained = store
@@ -307,8 +378,22 @@ fn throughput(env: &Env, jobs: usize) -> Result<Vec<(usize, usize, f64)>> {
     out
 }
 
+/// The image folder the runs use: `--data`, else Decoy-MNIST made in `dir`.
+pub fn data_folder(a: &PlatformArgs, dir: &Path) -> Result<PathBuf> {
+    Ok(match &a.data {
+        Some(d) => d.clone(),
+        None => {
+            let d = dir.join("decoy-mnist");
+            crate::commands::data(crate::commands::DataCmd::DecoyMnist(
+                crate::commands::GenArgs::new(d.clone(), Some(mnist_dir(&a.mnist)?)),
+            ))?;
+            d
+        }
+    })
+}
+
 /// Trains the base model every run starts from (the training split, shortcut and all).
-fn base_model(data: &Path, dir: &Path) -> Result<PathBuf> {
+pub fn base_model(data: &Path, dir: &Path) -> Result<PathBuf> {
     let redis = mp_store::server::RedisServer::start_free(&dir.join("base-redis"))?;
     let ck = dir.join("base");
     project_init(InitArgs::new(data.to_path_buf(), redis.url(), ck.clone()))?;
@@ -320,16 +405,7 @@ pub fn run(a: PlatformArgs) -> Result<()> {
     let t0 = Instant::now();
     let tmp = tempfile::tempdir()?;
     let dir = tmp.path();
-    let data = match &a.data {
-        Some(d) => d.clone(),
-        None => {
-            let d = dir.join("decoy-mnist");
-            crate::commands::data(crate::commands::DataCmd::DecoyMnist(
-                crate::commands::GenArgs::new(d.clone(), Some(mnist_dir(&a.mnist)?)),
-            ))?;
-            d
-        }
-    };
+    let data = data_folder(&a, dir)?;
     let name = data
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -353,7 +429,7 @@ pub fn run(a: PlatformArgs) -> Result<()> {
     for seed in 0..a.seeds {
         for o in &a.orderings {
             let t = Instant::now();
-            let r = run_once(&env, o, seed)?;
+            let r = run_once(&env, o, seed, &Crowd::careful(a.experts))?;
             eprintln!(
                 "{name}: {o} seed {seed}: {:?} in {:.0} s (logs {})",
                 r.curve(),

@@ -105,7 +105,9 @@ impl pb::queue_service_server::QueueService for MemoryQueue {
         &self,
         _: Request<pb::SettleRequest>,
     ) -> Result<Response<pb::SettleReply>, Status> {
-        Err(Status::failed_precondition("nothing to review in a memory queue"))
+        Err(Status::failed_precondition(
+            "nothing to review in a memory queue",
+        ))
     }
 }
 

@@ -1,6 +1,7 @@
 //! `mp`: the Machine Punishment command line. Thin: parse → set up → call the library.
 
 mod bench_efficacy;
+mod bench_experts;
 mod bench_platform;
 mod bench_proposals;
 mod bench_queue;
@@ -103,6 +104,9 @@ enum BenchCmd {
     /// The whole loop (Decoy-MNIST or --data): accuracy vs committed marks per queue ordering,
     /// expert effort, worker throughput
     Platform(bench_platform::PlatformArgs),
+    /// Simulated experts who disagree: accuracy after a round with careful experts, with a
+    /// third sloppy or adversarial, and with those at overlap N plus a reviewer
+    Experts(bench_experts::ExpertsArgs),
     /// A project of 10k / 100k synthetic images: ingest, Redis bytes per image, a full
     /// scoring pass with 1 and 2 workers, lease -> submit latency against queue size
     Scale(bench_scale::ScaleArgs),
@@ -137,6 +141,7 @@ fn main() {
         Command::Bench(BenchCmd::Speed(a)) => bench_speed::run(a),
         Command::Bench(BenchCmd::Queue(a)) => bench_queue::run(a),
         Command::Bench(BenchCmd::Platform(a)) => bench_platform::run(a),
+        Command::Bench(BenchCmd::Experts(a)) => bench_experts::run(a),
         Command::Bench(BenchCmd::Proposals(a)) => bench_proposals::run(a),
         Command::Bench(BenchCmd::Scale(a)) => bench_scale::run(a),
         Command::Bench(BenchCmd::Views(a)) => bench_views::run(a),

@@ -162,14 +162,9 @@ pub async fn sim_clients_with_role(
     let admin = Client::connect(addr, admin_token).await?;
     let mut out = Vec::with_capacity(n);
     for k in 0..n {
-        let r = mp_api::create_expert(
-            &admin,
-            &format!("{tag}-{k}"),
-            role,
-            Duration::from_secs(10),
-        )
-        .await
-        .map_err(|s| anyhow::anyhow!("creating expert: {}", s.message()))?;
+        let r = mp_api::create_expert(&admin, &format!("{tag}-{k}"), role, Duration::from_secs(10))
+            .await
+            .map_err(|s| anyhow::anyhow!("creating expert: {}", s.message()))?;
         out.push(Client::new(addr, &r.token)?);
     }
     Ok(out)

@@ -90,7 +90,12 @@ async fn agreeing_marks_merge_disagreeing_ones_go_to_a_reviewer_who_settles_them
     let a = Client::new(&gw.addr, &admin).unwrap();
     let s = stats(&a).await;
     assert_eq!(
-        (s.overlap, s.review_settled, s.review_queued, s.review_unsettled),
+        (
+            s.overlap,
+            s.review_settled,
+            s.review_queued,
+            s.review_unsettled
+        ),
         (2, 4, 4, 0)
     );
     for id in store.review_queue(10).await.unwrap().iter().map(|(i, _)| i) {
@@ -114,7 +119,13 @@ async fn agreeing_marks_merge_disagreeing_ones_go_to_a_reviewer_who_settles_them
 
     // Review: experts may not; the reviewer gets the least agreeing image with both marks.
     assert_eq!(
-        code(careful.queue.clone().lease_review(pb::LeaseReviewRequest {}).await),
+        code(
+            careful
+                .queue
+                .clone()
+                .lease_review(pb::LeaseReviewRequest {})
+                .await
+        ),
         Code::PermissionDenied
     );
     let rev = reviewer(&gw.addr, &admin, "rev").await;
@@ -129,9 +140,16 @@ async fn agreeing_marks_merge_disagreeing_ones_go_to_a_reviewer_who_settles_them
         .item
         .unwrap();
     assert_eq!(item.marks.len(), 2);
-    assert!(item.kappa < mp_store::DEFAULT_REVIEW_BELOW, "{}", item.kappa);
+    assert!(
+        item.kappa < mp_store::DEFAULT_REVIEW_BELOW,
+        "{}",
+        item.kappa
+    );
     let names: Vec<&str> = item.marks.iter().map(|m| m.expert_name.as_str()).collect();
-    assert!(names.contains(&"careful") && names.contains(&"adversary"), "{names:?}");
+    assert!(
+        names.contains(&"careful") && names.contains(&"adversary"),
+        "{names:?}"
+    );
     // The reviewer may see the image it reviews; the other reviewer may not, nor settle it.
     rev.images
         .clone()
@@ -204,7 +222,10 @@ async fn agreeing_marks_merge_disagreeing_ones_go_to_a_reviewer_who_settles_them
         .unwrap()
         .into_inner();
     assert!(!done.duplicate && !done.proposal_id.is_empty());
-    let again = settle(&rev, Method::Majority, "", None).await.unwrap().into_inner();
+    let again = settle(&rev, Method::Majority, "", None)
+        .await
+        .unwrap()
+        .into_inner();
     assert!(again.duplicate && again.mark_id == done.mark_id);
     let m = store.mark(&done.mark_id).await.unwrap();
     assert_eq!(m.values, truth);
@@ -224,14 +245,20 @@ async fn agreeing_marks_merge_disagreeing_ones_go_to_a_reviewer_who_settles_them
         assert_eq!(store.mark(&m).await.unwrap().values, truth, "{image}");
     }
     let s = stats(&a).await;
-    assert_eq!((s.review_settled, s.review_queued, s.review_leased), (8, 0, 0));
+    assert_eq!(
+        (s.review_settled, s.review_queued, s.review_leased),
+        (8, 0, 0)
+    );
     // Each settlement is in the audit trail.
     let audit = store
         .audit(&mp_store::AuditFilter::default())
         .await
         .unwrap();
     assert_eq!(audit.iter().filter(|r| r.kind == "settle").count(), 8);
-    assert_eq!(audit.iter().filter(|r| r.kind == "review_queued").count(), 4);
+    assert_eq!(
+        audit.iter().filter(|r| r.kind == "review_queued").count(),
+        4
+    );
     gw.stop().await;
 }
 

@@ -101,43 +101,6 @@ pub fn settlement_kappa(masks: &[&[i8]]) -> f64 {
     fleiss_kappa(masks).unwrap_or(1.0)
 }
 
-/// Per-pixel majority: red where more than half the marks are red, green where more than
-/// half are green, nothing elsewhere.
-pub fn merge_majority(masks: &[&[i8]]) -> Vec<i8> {
-    let pixels = masks.iter().map(|m| m.len()).min().unwrap_or(0);
-    let half = masks.len() / 2;
-    (0..pixels)
-        .map(|i| {
-            let red = masks.iter().filter(|m| m[i] == RED).count();
-            let green = masks.iter().filter(|m| m[i] == GREEN).count();
-            if red > half {
-                RED
-            } else if green > half {
-                GREEN
-            } else {
-                0
-            }
-        })
-        .collect()
-}
-
-/// The cautious merge: red wherever any mark is red (whatever one expert saw as a shortcut
-/// is kept away from), green only where every mark is green.
-pub fn merge_union_red(masks: &[&[i8]]) -> Vec<i8> {
-    let pixels = masks.iter().map(|m| m.len()).min().unwrap_or(0);
-    (0..pixels)
-        .map(|i| {
-            if masks.iter().any(|m| m[i] == RED) {
-                RED
-            } else if !masks.is_empty() && masks.iter().all(|m| m[i] == GREEN) {
-                GREEN
-            } else {
-                0
-            }
-        })
-        .collect()
-}
-
 /// Running means of the three figures.
 #[derive(Default)]
 struct Acc {
@@ -356,21 +319,11 @@ mod tests {
     }
 
     #[test]
-    fn merges_take_the_majority_or_the_union_of_red() {
+    fn settlement_kappa_is_one_for_identical_single_category_marks() {
         let (r, g) = (RED, GREEN);
-        let a = [r, r, g, 0, g];
-        let b = [r, 0, g, 0, g];
-        let c = [0, 0, g, r, 0];
-        let m: [&[i8]; 3] = [&a, &b, &c];
-        assert_eq!(merge_majority(&m), vec![r, 0, g, 0, g]);
-        assert_eq!(merge_union_red(&m), vec![r, r, g, r, 0]);
-        let same: [&[i8]; 2] = [&a, &a];
-        assert_eq!(merge_majority(&same), a.to_vec());
-        // Two raters who disagree: neither colour has a majority of two.
-        let two: [&[i8]; 2] = [&[r, g], &[g, r]];
-        assert_eq!(merge_majority(&two), vec![0, 0]);
         let all_red: [&[i8]; 2] = [&[r, r], &[r, r]];
         assert_eq!(settlement_kappa(&all_red), 1.0);
+        let two: [&[i8]; 2] = [&[r, g], &[g, r]];
         assert!(settlement_kappa(&two) < 0.0);
     }
 }

@@ -210,7 +210,9 @@ pub async fn run(
                         Err(e) => warn!(error = %e, "reaper failed"),
                     }
                     match review::sweep(&store).await {
-                        Ok(n) if n > 0 => info!(images = n, "unsettled images settled or queued for review"),
+                        Ok(n) if n > 0 => {
+                            info!(images = n, "unsettled images settled or queued for review")
+                        }
                         Ok(_) => {}
                         Err(e) => warn!(error = %e, "settlement sweep failed"),
                     }

@@ -4,7 +4,8 @@
 //! own proposals stay provisional (ARCHITECTURE.md, "Several experts on one image").
 
 use crate::service::{check_id, proposal_to_pb, status, Gateway};
-use mp_core::agreement::{merge_majority, merge_union_red, settlement_kappa};
+use mp_core::agreement::settlement_kappa;
+use mp_proto::marks::{merge_majority, merge_union_red};
 use mp_proto::rle;
 use mp_proto::v1 as pb;
 use mp_store::{Role, Settled, Store, StoreError};
@@ -216,8 +217,7 @@ impl Gateway {
                         mask.width, mask.height, lease.image_id
                     )));
                 }
-                let v =
-                    rle::decode(mask).map_err(|e| Status::invalid_argument(e.to_string()))?;
+                let v = rle::decode(mask).map_err(|e| Status::invalid_argument(e.to_string()))?;
                 (v, "own".to_string())
             }
         };

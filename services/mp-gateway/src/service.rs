@@ -110,7 +110,11 @@ fn record(method: &'static str, started: Instant, code: tonic::Code) {
         .record(started.elapsed().as_secs_f64());
 }
 
-pub(crate) fn observed<T>(method: &'static str, started: Instant, r: Result<T, Status>) -> Result<T, Status> {
+pub(crate) fn observed<T>(
+    method: &'static str,
+    started: Instant,
+    r: Result<T, Status>,
+) -> Result<T, Status> {
     record(
         method,
         started,

@@ -67,7 +67,9 @@ impl Store {
     /// not among them).
     pub async fn marks_of_image(&self, id: &str) -> Result<Vec<MarkRecord>> {
         let mut c = self.conn.clone();
-        let ids: Vec<String> = c.lrange(self.k(&format!("marks:image:{id}")), 0, -1).await?;
+        let ids: Vec<String> = c
+            .lrange(self.k(&format!("marks:image:{id}")), 0, -1)
+            .await?;
         let mut out = Vec::with_capacity(ids.len());
         for m in ids {
             out.push(self.mark(&m).await?);

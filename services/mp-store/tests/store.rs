@@ -889,7 +889,17 @@ async fn overlapping_marks_are_settled_once_and_only_the_settled_mark_can_be_com
     assert!(!store.queue_review("a/0", -0.5).await.unwrap());
     assert!(matches!(
         store
-            .settle("a/0", &ann, 2, 2, &[1, 0, 0, 0], "majority", -0.5, &[], None)
+            .settle(
+                "a/0",
+                &ann,
+                2,
+                2,
+                &[1, 0, 0, 0],
+                "majority",
+                -0.5,
+                &[],
+                None
+            )
             .await,
         Err(StoreError::FailedPrecondition(_))
     ));
@@ -900,13 +910,33 @@ async fn overlapping_marks_are_settled_once_and_only_the_settled_mark_can_be_com
     assert!(store.lease_review(&rev2, 30_000).await.unwrap().is_none());
     assert!(matches!(
         store
-            .settle("a/0", &rev2, 2, 2, &[1, 0, 0, 0], "own", -0.5, &[], Some(&rl.lease_id))
+            .settle(
+                "a/0",
+                &rev2,
+                2,
+                2,
+                &[1, 0, 0, 0],
+                "own",
+                -0.5,
+                &[],
+                Some(&rl.lease_id)
+            )
             .await,
         Err(StoreError::PermissionDenied(_))
     ));
     assert!(matches!(
         store
-            .settle("a/0", &rev, 3, 1, &[1, 0, 0], "own", -0.5, &[], Some(&rl.lease_id))
+            .settle(
+                "a/0",
+                &rev,
+                3,
+                1,
+                &[1, 0, 0],
+                "own",
+                -0.5,
+                &[],
+                Some(&rl.lease_id)
+            )
             .await,
         Err(StoreError::InvalidArgument(_))
     ));
@@ -916,9 +946,19 @@ async fn overlapping_marks_are_settled_once_and_only_the_settled_mark_can_be_com
         let (s, lid, rev) = (store.clone(), rl.lease_id.clone(), rev.clone());
         tasks.push(tokio::spawn(async move {
             let from = vec!["m1".to_string(), "m2".to_string()];
-            s.settle("a/0", &rev, 2, 2, &[1, 0, 0, -k.signum()], "own", -0.5, &from, Some(&lid))
-                .await
-                .unwrap()
+            s.settle(
+                "a/0",
+                &rev,
+                2,
+                2,
+                &[1, 0, 0, -k.signum()],
+                "own",
+                -0.5,
+                &from,
+                Some(&lid),
+            )
+            .await
+            .unwrap()
         }));
     }
     let mut wins = Vec::new();
@@ -936,15 +976,24 @@ async fn overlapping_marks_are_settled_once_and_only_the_settled_mark_can_be_com
     );
     let sp = store.proposal(&settled.proposal_id).await.unwrap();
     assert!(sp.settled && !sp.provisional);
-    assert_eq!((sp.status.as_str(), sp.expert_id.as_str()), ("queued", rev.as_str()));
-    assert_eq!(stream_len(&store, mp_store::REFINE_STREAM).await, refines + 1);
+    assert_eq!(
+        (sp.status.as_str(), sp.expert_id.as_str()),
+        ("queued", rev.as_str())
+    );
+    assert_eq!(
+        stream_len(&store, mp_store::REFINE_STREAM).await,
+        refines + 1
+    );
     // The settled proposal commits as any other.
     store
         .update_proposal(&settled.proposal_id, "ready", &[])
         .await
         .unwrap();
     assert_eq!(
-        store.decide(&settled.proposal_id, &rev, true).await.unwrap(),
+        store
+            .decide(&settled.proposal_id, &rev, true)
+            .await
+            .unwrap(),
         "committing"
     );
     assert_eq!(stream_len(&store, mp_store::COMMIT_STREAM).await, 1);
@@ -988,15 +1037,38 @@ async fn an_expired_review_lease_returns_the_image_to_the_review_queue() {
     tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     let l2 = store.lease_review(&rev2, 30_000).await.unwrap().unwrap();
     assert_eq!(l2.image_id, "a/2");
-    assert_eq!(store.review_lease(&l.lease_id).await.unwrap().state, "expired");
+    assert_eq!(
+        store.review_lease(&l.lease_id).await.unwrap().state,
+        "expired"
+    );
     assert!(matches!(
         store
-            .settle("a/2", &rev, 2, 2, &[1, 0, 0, 0], "own", 0.1, &[], Some(&l.lease_id))
+            .settle(
+                "a/2",
+                &rev,
+                2,
+                2,
+                &[1, 0, 0, 0],
+                "own",
+                0.1,
+                &[],
+                Some(&l.lease_id)
+            )
             .await,
         Err(StoreError::FailedPrecondition(_))
     ));
     let s = store
-        .settle("a/2", &rev2, 2, 2, &[1, 0, 0, 0], "own", 0.1, &[], Some(&l2.lease_id))
+        .settle(
+            "a/2",
+            &rev2,
+            2,
+            2,
+            &[1, 0, 0, 0],
+            "own",
+            0.1,
+            &[],
+            Some(&l2.lease_id),
+        )
         .await
         .unwrap();
     assert!(!s.duplicate && !s.proposal_id.is_empty());

@@ -9,12 +9,15 @@ use crate::view;
 
 mod choose;
 mod connect;
+pub mod dashboard;
 mod input;
 mod marking;
+pub mod review;
 mod status;
 mod work;
 use egui::{Color32, Pos2, Rect, Vec2};
 use mp_proto::v1 as pb;
+pub use review::{Review, ReviewOpen};
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -137,6 +140,16 @@ pub enum Work {
     },
 }
 
+/// The screen on show: marking (everyone), reviewing (reviewers, admins), the lead's
+/// dashboard.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Tab {
+    #[default]
+    Mark,
+    Review,
+    Dashboard,
+}
+
 /// Where the image lies on screen: its rectangle and screen points per image pixel.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct CanvasXf {
@@ -179,6 +192,11 @@ pub struct ClientApp {
     /// Overrides the heartbeat interval derived from the lease deadline (`None`: a third of
     /// the lease time). A laptop lid closed mid-image looks like a very long interval.
     pub heartbeat_override: Option<Duration>,
+    pub tab: Tab,
+    pub review: Review,
+    review_method: pb::settle_request::Method,
+    pub dashboard: Option<Box<crate::net::Dashboard>>,
+    next_dashboard: Instant,
 }
 
 /// `SaliencyHalved` or `saliency-halved` → `saliency halved`.
@@ -226,6 +244,11 @@ impl ClientApp {
             textures: view::Textures::default(),
             canvas: None,
             heartbeat_override: None,
+            tab: Tab::Mark,
+            review: Review::Idle,
+            review_method: pb::settle_request::Method::Unspecified,
+            dashboard: None,
+            next_dashboard: Instant::now(),
         }
     }
 
@@ -360,9 +383,24 @@ impl ClientApp {
                 self.work = match work {
                     Work::Submitting { m, .. } if m.lease.lease_id == lease_id => {
                         self.next_stats = Instant::now();
+                        if reply.in_review {
+                            self.say(
+                                Level::Info,
+                                "Your mark completed this image's set; the experts disagree,                                  so a reviewer settles it.",
+                            );
+                        } else if !reply.settled_proposal_id.is_empty() {
+                            self.say(
+                                Level::Info,
+                                "Your mark completed this image's set and the experts agree:                                  here is the merged mark's proposal.",
+                            );
+                        }
                         Work::Refining {
                             m,
-                            proposal_id: reply.proposal_id,
+                            proposal_id: if reply.settled_proposal_id.is_empty() {
+                                reply.proposal_id
+                            } else {
+                                reply.settled_proposal_id
+                            },
                             since: Instant::now(),
                             last: None,
                         }
@@ -377,6 +415,9 @@ impl ClientApp {
                 }
             }
             Reply::Proposal(p) => self.on_proposal(p),
+            Reply::ReviewLeased(r) => self.on_review_leased(r),
+            Reply::Settled(r) => self.on_settled(r),
+            Reply::Dashboard(d) => self.dashboard = Some(d),
             Reply::Refused { what, message } => self.on_refused(what, message),
         }
     }
@@ -474,7 +515,7 @@ impl ClientApp {
                     self.lease();
                     return;
                 }
-                S::Committed | S::Committing | S::Rejected => {
+                S::Committed | S::Committing | S::Rejected | S::Endorsed => {
                     self.lease();
                     return;
                 }
@@ -506,6 +547,14 @@ impl ClientApp {
                     self.lease();
                     return;
                 }
+                S::Endorsed => {
+                    self.say(
+                        Level::Info,
+                        "Endorsed. Other experts mark this image too; the settled mark, not                          yours alone, becomes guidance.",
+                    );
+                    self.lease();
+                    return;
+                }
                 _ => Work::Deciding {
                     m,
                     proposal,
@@ -533,6 +582,11 @@ impl ClientApp {
                 self.lease();
                 return;
             }
+            other => other,
+        };
+        self.review = match std::mem::take(&mut self.review) {
+            Review::Settling(o) => Review::Open(o),
+            Review::Leasing => Review::Empty,
             other => other,
         };
     }
@@ -678,6 +732,12 @@ impl ClientApp {
             Work::Idle if connected => self.lease(),
             _ => {}
         }
+        if connected && self.tab == Tab::Dashboard {
+            if now >= self.next_dashboard {
+                self.refresh_dashboard();
+            }
+            wake = wake.min(self.next_dashboard.saturating_duration_since(now));
+        }
         ctx.request_repaint_after(wake.max(Duration::from_millis(20)));
     }
 
@@ -685,7 +745,7 @@ impl ClientApp {
     pub fn ui(&mut self, ui: &mut egui::Ui) {
         self.drain();
         self.tick(ui.ctx());
-        if self.connected() {
+        if self.connected() && self.tab == Tab::Mark {
             self.shortcuts(ui);
         }
         egui::Panel::top("status").show(ui, |ui| self.status_bar(ui));
@@ -708,12 +768,22 @@ impl ClientApp {
             egui::CentralPanel::default_margins().show(ui, |ui| self.connect_screen(ui));
             return;
         }
-        if matches!(self.work, Work::Marking(_)) {
-            egui::Panel::left("tools")
-                .resizable(false)
-                .exact_size(230.0)
-                .show(ui, |ui| self.tools(ui));
+        match self.tab {
+            Tab::Mark => {
+                if matches!(self.work, Work::Marking(_)) {
+                    egui::Panel::left("tools")
+                        .resizable(false)
+                        .exact_size(230.0)
+                        .show(ui, |ui| self.tools(ui));
+                }
+                egui::CentralPanel::default_margins().show(ui, |ui| self.work_screen(ui));
+            }
+            Tab::Review => {
+                egui::CentralPanel::default_margins().show(ui, |ui| self.review_screen(ui));
+            }
+            Tab::Dashboard => {
+                egui::CentralPanel::default_margins().show(ui, |ui| self.dashboard_screen(ui));
+            }
         }
-        egui::CentralPanel::default_margins().show(ui, |ui| self.work_screen(ui));
     }
 }

@@ -1,6 +1,6 @@
 //! The status bar: connection, queue, experts online, my marks, the serving model.
 
-use super::{ClientApp, Conn};
+use super::{ClientApp, Conn, Review, Tab};
 use egui::{Color32, Vec2};
 
 impl ClientApp {
@@ -44,6 +44,24 @@ impl ClientApp {
                 ui.with_layout(egui::Layout::right_to_left(egui::Align::Center), |ui| {
                     if ui.button("Disconnect").clicked() {
                         self.disconnect();
+                    }
+                    ui.separator();
+                    for (tab, label) in [
+                        (Tab::Dashboard, "Dashboard"),
+                        (Tab::Review, "Review"),
+                        (Tab::Mark, "Mark"),
+                    ] {
+                        if ui.selectable_label(self.tab == tab, label).clicked() && self.tab != tab
+                        {
+                            self.tab = tab;
+                            match tab {
+                                Tab::Review if matches!(self.review, Review::Idle) => {
+                                    self.lease_review()
+                                }
+                                Tab::Dashboard => self.refresh_dashboard(),
+                                _ => {}
+                            }
+                        }
                     }
                 });
             }
