@@ -202,7 +202,7 @@ fn an_edit_of_ones_own_is_painted_and_sent_as_own() {
     assert_eq!(s.len(), 1);
     assert_eq!(s[0].method, pb::settle_request::Method::Own as i32);
     let v = mp_proto::rle::decode(s[0].mask.as_ref().unwrap()).unwrap();
-    assert!(v.iter().any(|&x| x == 1), "the red brush painted nothing");
+    assert!(v.contains(&1), "the red brush painted nothing");
 }
 
 #[test]

@@ -84,7 +84,7 @@ fn accuracy_plot(ui: &mut egui::Ui, versions: &[pb::ModelVersion], size: Vec2) {
         .iter()
         .flat_map(|v| [v.val_accuracy, v.test_accuracy])
         .filter(|a| a.is_finite() && *a > 0.0);
-    let lo = accs.clone().fold(1.0f64, f64::min).min(0.9).max(0.0);
+    let lo = accs.clone().fold(1.0f64, f64::min).clamp(0.0, 0.9);
     let first = versions.first().map(|v| v.version).unwrap_or(1) as f32;
     let span = (versions.last().map(|v| v.version).unwrap_or(1) as f32 - first).max(1.0);
     let at = |v: u64, a: f64| {
