@@ -105,7 +105,10 @@ fn accuracy_plot(ui: &mut egui::Ui, versions: &[pb::ModelVersion], size: Vec2) {
     p.text(
         Pos2::new(inner.center().x, rect.bottom() - 8.0),
         egui::Align2::CENTER_CENTER,
-        format!("model version v{first} … v{}", first as u64 + span as u64),
+        match versions.last().map(|v| v.version) {
+            Some(last) if last as f32 > first => format!("model version v{first} … v{last}"),
+            _ => format!("model version v{first}"),
+        },
         font.clone(),
         text,
     );
