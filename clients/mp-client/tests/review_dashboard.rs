@@ -139,6 +139,25 @@ fn the_review_screen_shows_each_mark_and_settles_by_the_button_clicked() {
     h.step();
     h.get_by_label_contains("settled: accepted one expert's mark");
     h.get_by_label_contains("proposal p9 is yours");
+    // The settled mark's proposal is watched, and decided here once ready.
+    assert!(sent(&mut end).contains(&Cmd::Watch {
+        proposal_id: "p9".into()
+    }));
+    h.state_mut().on_reply(Reply::Proposal(pb::Proposal {
+        proposal_id: "p9".into(),
+        status: pb::ProposalStatus::Ready as i32,
+        val_accuracy_before: 0.9,
+        val_accuracy_after: 0.93,
+        ..Default::default()
+    }));
+    h.step();
+    h.get_by_label_contains("90.0 % before, 93.0 % after");
+    h.get_by_label("Commit the settled mark").click();
+    h.step();
+    assert!(sent(&mut end).contains(&Cmd::Decide {
+        proposal_id: "p9".into(),
+        commit: true
+    }));
     h.get_by_label("Review the next image").click();
     h.step();
     assert!(sent(&mut end).contains(&Cmd::LeaseReview));

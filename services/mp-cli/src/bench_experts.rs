@@ -25,6 +25,93 @@ pub struct ExpertsArgs {
     pub reviewers: usize,
     #[arg(long, default_value_t = mp_store::DEFAULT_REVIEW_BELOW)]
     pub review_below: f64,
+    /// Leave-one-expert-out on the first seed's one-expert-per-image run with the mixed
+    /// crowd: the base model fine-tuned (as the trainer's training phase does) with every
+    /// committed mark, then without each expert's, scored on the test split
+    #[arg(long)]
+    pub leave_one_out: bool,
+}
+
+/// Test accuracy of the base model fine-tuned with the guidance `marks` (image id, values)
+/// the way the trainer's training phase does (its default configuration, `epochs` epochs).
+fn guided_accuracy(
+    base: &std::path::Path,
+    splits: &crate::common::Splits,
+    marks: &[(&str, &[i8])],
+    epochs: usize,
+) -> Result<f64> {
+    let mut train = splits.train.clone();
+    let index: std::collections::HashMap<String, usize> = (0..train.len())
+        .map(|i| (crate::init::image_id(&train, i), i))
+        .collect();
+    let mut guidance = Vec::new();
+    for (id, values) in marks {
+        let Some(&i) = index.get(*id) else {
+            bail!("committed mark of {id}: no such training image");
+        };
+        train.marks[i] = Some(mp_core::data::Mask {
+            width: train.width,
+            height: train.height,
+            values: values.to_vec(),
+        });
+        guidance.push(i);
+    }
+    let t = mp_node::trainer::TrainerConfig::default();
+    let mut cfg = t.train.clone();
+    cfg.epochs = epochs;
+    cfg.seed = 1;
+    cfg.guidance = (!guidance.is_empty()).then(|| t.guidance.clone());
+    let device = mp_core::device::auto();
+    let mut model = mp_core::model::Model::load(base, device)?;
+    mp_core::train::train(&mut model, &train, &guidance, &cfg, &mut |_, _, _, _| {})?;
+    Ok(mp_core::train::evaluate(&model, &splits.test, 512)?.accuracy)
+}
+
+/// Leave-one-expert-out rows: (expert, profile, committed marks, test accuracy without them).
+fn leave_one_out(
+    run: &Run,
+    profiles: &[sim::Profile],
+    base: &std::path::Path,
+    data: &std::path::Path,
+    epochs: usize,
+) -> Result<(f64, Vec<(String, String, usize, f64)>)> {
+    let splits = crate::common::load_splits(&crate::common::DataArgs {
+        data: Some(data.to_path_buf()),
+        mnist: None,
+        data_seed: 0,
+        resize: None,
+    })?;
+    let all: Vec<(&str, &[i8])> = run
+        .committed
+        .iter()
+        .map(|(_, id, v)| (id.as_str(), v.as_slice()))
+        .collect();
+    let with_all = guided_accuracy(base, &splits, &all, epochs)?;
+    let mut names: Vec<&str> = run.committed.iter().map(|(n, _, _)| n.as_str()).collect();
+    names.sort();
+    names.dedup();
+    let mut rows = Vec::new();
+    for name in names {
+        let rest: Vec<(&str, &[i8])> = run
+            .committed
+            .iter()
+            .filter(|(n, _, _)| n != name)
+            .map(|(_, id, v)| (id.as_str(), v.as_slice()))
+            .collect();
+        let acc = guided_accuracy(base, &splits, &rest, epochs)?;
+        // Simulated experts are called `expert-k`; expert k marks as the k-th profile.
+        let profile = name
+            .rsplit('-')
+            .next()
+            .and_then(|k| k.parse::<usize>().ok())
+            .and_then(|k| profiles.get(k % profiles.len().max(1)))
+            .map(|p| format!("{p:?}").to_lowercase())
+            .unwrap_or_else(|| "careful".into());
+        let n = run.committed.len() - rest.len();
+        eprintln!("leave out {name} ({profile}, {n} marks): {acc:.4} (all: {with_all:.4})");
+        rows.push((name.to_string(), profile, n, acc));
+    }
+    Ok((with_all, rows))
 }
 
 struct Config {
@@ -165,6 +252,26 @@ pub fn run(a: ExpertsArgs) -> Result<()> {
         "\nBase model (before any mark): {:.2} % test accuracy.\n",
         100.0 * base_acc
     ));
+    if a.leave_one_out {
+        if let Some((_, run)) = results.iter().find(|(k, r)| *k == 1 && r.seed == 0) {
+            let (all, rows) = leave_one_out(run, &profiles, &base, &data, p.epochs_per_round)?;
+            s.push_str(&format!(
+                "\nLeave one expert out (the run \"{}\", seed 0): the base model fine-tuned offline as the trainer's training phase does ({} epochs, its guidance settings, one seed) with the {} committed marks, then without each expert's; test accuracy. With every mark: **{:.2} %**.\n\n\
+                 | expert | profile | committed marks | test acc % without them | change from leaving them out |\n|---|---|---|---|---|\n",
+                configs[1].name,
+                p.epochs_per_round,
+                run.committed.len(),
+                100.0 * all
+            ));
+            for (name, profile, n, acc) in rows {
+                s.push_str(&format!(
+                    "| {name} | {profile} | {n} | {:.2} | {:+.2} points |\n",
+                    100.0 * acc,
+                    100.0 * (acc - all)
+                ));
+            }
+        }
+    }
     println!("{s}");
     write_section(&p.out, &format!("experts-{name}"), &s)?;
     Ok(())

@@ -86,13 +86,15 @@ impl Crowd {
 /// One run of the loop: one ordering, one seed.
 pub struct Run {
     ordering: String,
-    seed: u64,
+    pub seed: u64,
     versions: Vec<ModelVersionRecord>,
     pub events: Vec<LeaseEvent>,
     /// Wall-clock seconds of each round (marks, proposals, commits, training phase).
     round_seconds: Vec<f64>,
     proposal_latency: Vec<f64>,
     logs: PathBuf,
+    /// The guidance at the end: (the committing expert's name, image id, mark values).
+    pub committed: Vec<(String, String, Vec<i8>)>,
 }
 
 impl Run {
@@ -276,11 +278,22 @@ pub fn run_once(env: &Env, ordering: &str, seed: u64, crowd: &Crowd) -> Result<R
             .filter_map(|e| e.proposal_latency)
             .map(|d| d.as_secs_f64())
             .collect();
-        anyhow::Ok((store.versions().await?, events, round_seconds, latencies))
+        let mut committed = Vec::new();
+        for m in store.guidance_marks().await? {
+            let name = store.expert(&m.expert_id).await.map(|e| e.name)?;
+            committed.push((name, m.image_id, m.values));
+        }
+        anyhow::Ok((
+            store.versions().await?,
+            events,
+            round_seconds,
+            latencies,
+            committed,
+        ))
     });
     drop(kids);
     redis.stop();
-    let (versions, events, round_seconds, proposal_latency) =
+    let (versions, events, round_seconds, proposal_latency, committed) =
         result.with_context(|| format!("logs in {}", logs.display()))?;
     Ok(Run {
         ordering: ordering.to_string(),
@@ -290,6 +303,7 @@ pub fn run_once(env: &Env, ordering: &str, seed: u64, crowd: &Crowd) -> Result<R
         round_seconds,
         proposal_latency,
         logs,
+        committed,
     })
 }
 

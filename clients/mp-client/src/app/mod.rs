@@ -493,6 +493,7 @@ impl ClientApp {
     }
 
     fn on_proposal(&mut self, p: pb::Proposal) {
+        self.on_review_proposal(&p);
         use pb::ProposalStatus as S;
         let status = S::try_from(p.status).unwrap_or(S::Unspecified);
         let work = std::mem::replace(&mut self.work, Work::Idle);

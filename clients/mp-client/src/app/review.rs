@@ -66,6 +66,8 @@ pub enum Review {
         image: String,
         how: String,
         reply: pb::SettleReply,
+        /// The settled mark's proposal as last seen (watched until ready, then decided here).
+        proposal: Option<Box<pb::Proposal>>,
     },
 }
 
@@ -138,11 +140,29 @@ impl ClientApp {
 
     pub(super) fn on_settled(&mut self, reply: pb::SettleReply) {
         if let Review::Settling(o) = std::mem::take(&mut self.review) {
+            if !reply.proposal_id.is_empty() && !reply.duplicate {
+                self.net.send(Cmd::Watch {
+                    proposal_id: reply.proposal_id.clone(),
+                });
+            }
             self.review = Review::Done {
                 image: o.view.name.clone(),
                 how: method_name(self.review_method).to_string(),
                 reply,
+                proposal: None,
             };
+        }
+    }
+
+    /// A proposal update for the settled mark under review, if it is that one.
+    pub(super) fn on_review_proposal(&mut self, p: &pb::Proposal) {
+        if let Review::Done {
+            reply, proposal, ..
+        } = &mut self.review
+        {
+            if reply.proposal_id == p.proposal_id {
+                *proposal = Some(Box::new(p.clone()));
+            }
         }
     }
 
@@ -172,7 +192,12 @@ impl ClientApp {
                     ui.label("Settling...");
                 });
             }
-            Review::Done { image, how, reply } => {
+            Review::Done {
+                image,
+                how,
+                reply,
+                proposal,
+            } => {
                 ui.heading(format!("Image {image} settled: {how}"));
                 if reply.proposal_id.is_empty() {
                     ui.label("The settled mark marks nothing: there is nothing to learn from it.");
@@ -182,6 +207,44 @@ impl ClientApp {
                          to commit once refined.",
                         reply.proposal_id
                     ));
+                    use pb::ProposalStatus as S;
+                    let status = proposal
+                        .as_ref()
+                        .map(|p| S::try_from(p.status).unwrap_or(S::Unspecified));
+                    let mut decide = None;
+                    match (status, proposal) {
+                        (Some(S::Ready), Some(p)) => {
+                            ui.label(format!(
+                                "Refined: validation accuracy {:.1} % before, {:.1} % after.",
+                                100.0 * p.val_accuracy_before,
+                                100.0 * p.val_accuracy_after
+                            ));
+                            ui.horizontal(|ui| {
+                                if ui.button("Commit the settled mark").clicked() {
+                                    decide = Some(true);
+                                }
+                                if ui.button("Reject it").clicked() {
+                                    decide = Some(false);
+                                }
+                            });
+                        }
+                        (Some(s), _) if s != S::Queued && s != S::Running => {
+                            let name = s.as_str_name().trim_start_matches("PROPOSAL_STATUS_");
+                            ui.label(format!("Proposal: {}", name.to_lowercase()));
+                        }
+                        _ => {
+                            ui.horizontal(|ui| {
+                                ui.add(egui::Spinner::new());
+                                ui.label("Refining the model with the settled mark...");
+                            });
+                        }
+                    }
+                    if let Some(commit) = decide {
+                        self.net.send(Cmd::Decide {
+                            proposal_id: reply.proposal_id.clone(),
+                            commit,
+                        });
+                    }
                 }
                 if reply.duplicate {
                     ui.label("(The image had been settled already; nothing changed.)");
