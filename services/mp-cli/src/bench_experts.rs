@@ -67,14 +67,23 @@ fn guided_accuracy(
     Ok(mp_core::train::evaluate(&model, &splits.test, 512)?.accuracy)
 }
 
-/// Leave-one-expert-out rows: (expert, profile, committed marks, test accuracy without them).
+/// One leave-one-expert-out row.
+struct LooRow {
+    expert: String,
+    profile: String,
+    marks: usize,
+    /// Test accuracy without the expert's marks.
+    accuracy: f64,
+}
+
+/// Test accuracy with every committed mark, and one row per expert who committed.
 fn leave_one_out(
     run: &Run,
     profiles: &[sim::Profile],
     base: &std::path::Path,
     data: &std::path::Path,
     epochs: usize,
-) -> Result<(f64, Vec<(String, String, usize, f64)>)> {
+) -> Result<(f64, Vec<LooRow>)> {
     let splits = crate::common::load_splits(&crate::common::DataArgs {
         data: Some(data.to_path_buf()),
         mnist: None,
@@ -109,7 +118,12 @@ fn leave_one_out(
             .unwrap_or_else(|| "careful".into());
         let n = run.committed.len() - rest.len();
         eprintln!("leave out {name} ({profile}, {n} marks): {acc:.4} (all: {with_all:.4})");
-        rows.push((name.to_string(), profile, n, acc));
+        rows.push(LooRow {
+            expert: name.to_string(),
+            profile,
+            marks: n,
+            accuracy: acc,
+        });
     }
     Ok((with_all, rows))
 }
@@ -263,11 +277,14 @@ pub fn run(a: ExpertsArgs) -> Result<()> {
                 run.committed.len(),
                 100.0 * all
             ));
-            for (name, profile, n, acc) in rows {
+            for r in rows {
                 s.push_str(&format!(
-                    "| {name} | {profile} | {n} | {:.2} | {:+.2} points |\n",
-                    100.0 * acc,
-                    100.0 * (acc - all)
+                    "| {} | {} | {} | {:.2} | {:+.2} points |\n",
+                    r.expert,
+                    r.profile,
+                    r.marks,
+                    100.0 * r.accuracy,
+                    100.0 * (r.accuracy - all)
                 ));
             }
         }
