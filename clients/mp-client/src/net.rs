@@ -314,25 +314,10 @@ async fn handle(c: Client, cmd: Cmd, out: Out) {
             match r.map(|r| r.into_inner()) {
                 Ok(pb::LeaseReply {
                     lease: Some(lease), ..
-                }) => {
-                    let req = pb::GetImageRequest {
-                        image_id: lease.image_id.clone(),
-                        model_version: lease.model_version,
-                    };
-                    let view = retrying(&out, || {
-                        let mut i = c.images.clone();
-                        let req = req.clone();
-                        async move { i.get_image(req).await }
-                    })
-                    .await;
-                    match view {
-                        Ok(v) => out.send(Reply::Leased {
-                            lease,
-                            view: v.into_inner(),
-                        }),
-                        Err(s) => refused(&out, "image", &s),
-                    }
-                }
+                }) => match image_view(&c, &out, &lease.image_id, lease.model_version).await {
+                    Ok(view) => out.send(Reply::Leased { lease, view }),
+                    Err(s) => refused(&out, "image", &s),
+                },
                 Ok(r) => out.send(Reply::QueueEmpty {
                     retry_after_ms: r.retry_after_ms.max(250),
                 }),
@@ -428,24 +413,10 @@ async fn handle(c: Client, cmd: Cmd, out: Out) {
             })
             .await;
             match r.map(|r| r.into_inner().item) {
-                Ok(Some(item)) => {
-                    let req = pb::GetImageRequest {
-                        image_id: item.image_id.clone(),
-                        model_version: 0,
-                    };
-                    let view = retrying(&out, || {
-                        let mut i = c.images.clone();
-                        let req = req.clone();
-                        async move { i.get_image(req).await }
-                    })
-                    .await;
-                    match view {
-                        Ok(v) => {
-                            out.send(Reply::ReviewLeased(Some(Box::new((item, v.into_inner())))))
-                        }
-                        Err(s) => refused(&out, "image", &s),
-                    }
-                }
+                Ok(Some(item)) => match image_view(&c, &out, &item.image_id, 0).await {
+                    Ok(view) => out.send(Reply::ReviewLeased(Some(Box::new((item, view))))),
+                    Err(s) => refused(&out, "image", &s),
+                },
                 Ok(None) => out.send(Reply::ReviewLeased(None)),
                 Err(s) => refused(&out, "review", &s),
             }
@@ -491,6 +462,27 @@ async fn handle(c: Client, cmd: Cmd, out: Out) {
             })));
         }
     }
+}
+
+/// The view of image `id` under model `version` (0: the serving one), retried while the
+/// gateway is away.
+async fn image_view(
+    c: &Client,
+    out: &Out,
+    id: &str,
+    version: u64,
+) -> Result<pb::ImageView, Status> {
+    let req = pb::GetImageRequest {
+        image_id: id.to_string(),
+        model_version: version,
+    };
+    retrying(out, || {
+        let mut i = c.images.clone();
+        let req = req.clone();
+        async move { i.get_image(req).await }
+    })
+    .await
+    .map(|v| v.into_inner())
 }
 
 /// Is the proposal past the point where it changes by itself (ready for a decision, or

@@ -302,27 +302,24 @@ pub fn init_command(mut a: InitArgs) -> Result<()> {
     Ok(())
 }
 
-/// Initialises the project; returns the admin token, or `None` when the prefix already
-/// holds a project and `force` is off (nothing is done: init is safe to run twice).
-///
-/// The folder is listed first, then streamed `INIT_CHUNK` images at a time: decoded (on all
-/// cores), fitted to the model's input (channels, resize policy), scored by the base model
-/// (queue priority, or val/test accuracy) and stored; memory holds one chunk, never the
-/// folder. The project, its first version, its queue and its admin are written only after
-/// every image is stored, so a refused init leaves no project behind.
+/// Connects to the project at `place`, refusing when no project was initialised there.
+async fn existing_project(place: &ProjectPlace) -> Result<Store> {
+    let store = Store::connect(&place.redis_url, &place.prefix)
+        .await
+        .with_context(|| format!("connecting to {}", place.redis_url))?;
+    if store.project().await?.is_none() {
+        bail!(
+            "no project under prefix {}: run `mp project init` first",
+            place.prefix
+        );
+    }
+    Ok(store)
+}
+
 /// `mp project overlap N`: how many different experts mark each image from now on.
 pub fn overlap_command(n: u32, place: &ProjectPlace) -> Result<()> {
-    let rt = runtime()?;
-    rt.block_on(async {
-        let store = Store::connect(&place.redis_url, &place.prefix)
-            .await
-            .with_context(|| format!("connecting to {}", place.redis_url))?;
-        if store.project().await?.is_none() {
-            bail!(
-                "no project under prefix {}: run `mp project init` first",
-                place.prefix
-            );
-        }
+    runtime()?.block_on(async {
+        let store = existing_project(place).await?;
         let before = store.overlap().await?;
         store.set_overlap(n).await?;
         println!(
@@ -335,15 +332,7 @@ pub fn overlap_command(n: u32, place: &ProjectPlace) -> Result<()> {
 /// `mp project review-below K`: the agreement below which marks go to a reviewer.
 pub fn review_below_command(kappa: f64, place: &ProjectPlace) -> Result<()> {
     runtime()?.block_on(async {
-        let store = Store::connect(&place.redis_url, &place.prefix)
-            .await
-            .with_context(|| format!("connecting to {}", place.redis_url))?;
-        if store.project().await?.is_none() {
-            bail!(
-                "no project under prefix {}: run `mp project init` first",
-                place.prefix
-            );
-        }
+        let store = existing_project(place).await?;
         let before = store.review_below().await?;
         store.set_review_below(kappa).await?;
         println!(
@@ -353,6 +342,14 @@ pub fn review_below_command(kappa: f64, place: &ProjectPlace) -> Result<()> {
     })
 }
 
+/// Initialises the project; returns the admin token, or `None` when the prefix already
+/// holds a project and `force` is off (nothing is done: init is safe to run twice).
+///
+/// The folder is listed first, then streamed `INIT_CHUNK` images at a time: decoded (on all
+/// cores), fitted to the model's input (channels, resize policy), scored by the base model
+/// (queue priority, or val/test accuracy) and stored; memory holds one chunk, never the
+/// folder. The project, its first version, its queue and its admin are written only after
+/// every image is stored, so a refused init leaves no project behind.
 pub fn project_init(a: InitArgs) -> Result<Option<String>> {
     let rt = runtime()?;
     let store = rt
