@@ -150,10 +150,35 @@ impl TestGateway {
             .expect("bind gateway");
         let listen = listener.local_addr().expect("local addr").to_string();
         cfg.listen = listen.clone();
-        TestGateway {
+        let gw = TestGateway {
             addr: format!("http://{listen}"),
             listen,
             gateway: mp_gateway::Spawned::start(listener, cfg).expect("start gateway"),
+        };
+        gw.wait_for_store().await;
+        gw
+    }
+
+    /// Waits (up to 10 s, then goes on) until the gateway has connected to Redis: until a
+    /// call with an unknown token is refused as such rather than as `Unavailable`. On a
+    /// busy machine the first calls would otherwise find no store yet.
+    async fn wait_for_store(&self) {
+        let Ok(probe) = mp_api::Client::new(&self.addr, "probe") else {
+            return;
+        };
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while std::time::Instant::now() < until {
+            match probe
+                .stats
+                .clone()
+                .get_stats(mp_proto::v1::StatsRequest {})
+                .await
+            {
+                Err(s) if s.code() == tonic::Code::Unavailable => {
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await
+                }
+                _ => return,
+            }
         }
     }
 
