@@ -224,6 +224,12 @@ pub async fn run(
                         metrics::gauge!("mp_marks_total").set(c.marks_total as f64);
                         metrics::gauge!("mp_refine_backlog").set(c.refine_pending as f64);
                     }
+                    if let Ok(r) = store.review_counts().await {
+                        metrics::gauge!("mp_review_queued").set(r.queued as f64);
+                        metrics::gauge!("mp_review_leased").set(r.leased as f64);
+                        metrics::gauge!("mp_review_unsettled").set(r.unsettled as f64);
+                        metrics::gauge!("mp_review_settled").set(r.settled as f64);
+                    }
                     // Agreement (overlap > 1) once a minute: it reads the marks of every
                     // image several experts marked.
                     if metrics_on && agreement_at.is_none_or(|t| t.elapsed() >= AGREEMENT_EVERY) {
