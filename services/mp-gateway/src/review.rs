@@ -30,13 +30,8 @@ pub enum Outcome {
 /// expert of the last mark, when they agree (κ ≥ `review_below`), else queued for review.
 /// Safe to repeat and to race (the store's scripts settle or queue an image once).
 pub async fn settle_or_review(store: &Store, image: &str) -> Result<Outcome, StoreError> {
-    if let Some(mark) = store.settled_mark_of(image).await? {
-        let m = store.mark(&mark).await?;
-        return Ok(Outcome::Settled(Settled {
-            mark_id: mark,
-            proposal_id: m.proposal_id,
-            duplicate: true,
-        }));
+    if let Some(s) = settled_before(store, image).await? {
+        return Ok(Outcome::Settled(s));
     }
     let overlap = store.overlap().await?;
     let marks = store.marks_of_image(image).await?;
@@ -50,10 +45,11 @@ pub async fn settle_or_review(store: &Store, image: &str) -> Result<Outcome, Sto
         if store.queue_review(image, kappa).await? {
             info!(image, kappa, below, "marks disagree: queued for review");
         }
-        return match store.settled_mark_of(image).await? {
-            Some(_) => Box::pin(settle_or_review(store, image)).await,
-            None => Ok(Outcome::InReview),
-        };
+        // Refused only when settled or queued already: say which.
+        return Ok(match settled_before(store, image).await? {
+            Some(s) => Outcome::Settled(s),
+            None => Outcome::InReview,
+        });
     }
     let merged = merge_majority(&masks);
     let last = marks.last().expect("at least two marks");
@@ -82,6 +78,19 @@ pub async fn settle_or_review(store: &Store, image: &str) -> Result<Outcome, Sto
         Err(StoreError::FailedPrecondition(_)) => Ok(Outcome::InReview),
         Err(e) => Err(e),
     }
+}
+
+/// The image's settlement, if it was settled already.
+async fn settled_before(store: &Store, image: &str) -> Result<Option<Settled>, StoreError> {
+    let Some(mark) = store.settled_mark_of(image).await? else {
+        return Ok(None);
+    };
+    let m = store.mark(&mark).await?;
+    Ok(Some(Settled {
+        mark_id: mark,
+        proposal_id: m.proposal_id,
+        duplicate: true,
+    }))
 }
 
 /// The reaper's sweep: settles (or queues for review) every image a crash left with all its

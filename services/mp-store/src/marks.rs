@@ -46,12 +46,7 @@ impl Store {
             let lens: Vec<usize> = p.query_async(&mut c).await?;
             for (id, n) in chunk.iter().zip(lens) {
                 if n >= min.max(1) {
-                    let marks: Vec<String> = c
-                        .lrange(self.k(&format!("marks:image:{id}")), 0, -1)
-                        .await?;
-                    for m in marks {
-                        out.push(self.mark(&m).await?);
-                    }
+                    out.extend(self.marks_of_image(id).await?);
                 }
             }
         }
@@ -112,13 +107,20 @@ impl Store {
         }
     }
 
-    /// Every mark, in the order they were stored.
-    pub async fn all_marks(&self) -> Result<Vec<MarkRecord>> {
-        let mut out = Vec::new();
-        for id in self.mark_ids().await? {
+    /// The marks whose ids the list `P:{list}` holds, in its order.
+    pub(crate) async fn marks_in(&self, list: &str) -> Result<Vec<MarkRecord>> {
+        let mut c = self.conn.clone();
+        let ids: Vec<String> = c.lrange(self.k(list), 0, -1).await?;
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
             out.push(self.mark(&id).await?);
         }
         Ok(out)
+    }
+
+    /// Every mark, in the order they were stored.
+    pub async fn all_marks(&self) -> Result<Vec<MarkRecord>> {
+        self.marks_in("marks").await
     }
 
     /// Adds a committed mark to the guidance set (once).
@@ -133,13 +135,7 @@ impl Store {
 
     /// Committed marks, in commit order.
     pub async fn guidance_marks(&self) -> Result<Vec<MarkRecord>> {
-        let mut c = self.conn.clone();
-        let ids: Vec<String> = c.lrange(self.k("guidance"), 0, -1).await?;
-        let mut out = Vec::with_capacity(ids.len());
-        for id in ids {
-            out.push(self.mark(&id).await?);
-        }
-        Ok(out)
+        self.marks_in("guidance").await
     }
 
     /// Stores the suggested marks of images under a model version (overwriting older ones),

@@ -66,15 +66,7 @@ impl Store {
     /// The marks experts made of image `id`, in the order they were stored (settled marks are
     /// not among them).
     pub async fn marks_of_image(&self, id: &str) -> Result<Vec<MarkRecord>> {
-        let mut c = self.conn.clone();
-        let ids: Vec<String> = c
-            .lrange(self.k(&format!("marks:image:{id}")), 0, -1)
-            .await?;
-        let mut out = Vec::with_capacity(ids.len());
-        for m in ids {
-            out.push(self.mark(&m).await?);
-        }
-        Ok(out)
+        self.marks_in(&format!("marks:image:{id}")).await
     }
 
     /// Images that have all their marks and are neither settled nor queued for review.
@@ -93,13 +85,7 @@ impl Store {
 
     /// Every settled mark, in settlement order.
     pub async fn settled_marks(&self) -> Result<Vec<MarkRecord>> {
-        let mut c = self.conn.clone();
-        let ids: Vec<String> = c.lrange(self.k("settled_marks"), 0, -1).await?;
-        let mut out = Vec::with_capacity(ids.len());
-        for id in ids {
-            out.push(self.mark(&id).await?);
-        }
-        Ok(out)
+        self.marks_in("settled_marks").await
     }
 
     pub async fn review_counts(&self) -> Result<ReviewCounts> {
