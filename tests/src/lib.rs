@@ -3,6 +3,8 @@
 //! fixtures: a small shortcut dataset that a classifier learns the wrong way, and a small
 //! project stored in a real Redis for the platform tests.
 
+pub mod webdriver;
+
 use mp_core::data::{Dataset, Mask, RED};
 use mp_core::rng::Rng;
 

@@ -2,16 +2,25 @@
 //! - [`Client`]: authenticated stubs of every `mp.v1` service over one channel.
 //! - [`sim`]: simulated experts that use the API exactly as a person's client does.
 //!
-//! No tensors and no Redis here: this crate only speaks the public API.
+//! No tensors and no Redis here: this crate only speaks the public API. It also compiles to
+//! `wasm32` for the web client: there the stubs speak gRPC-web through the browser's `fetch`
+//! (`tonic-web-wasm-client`) to the gateway that served the page; `sim` is native only.
 
+#[cfg(not(target_arch = "wasm32"))]
 pub mod sim;
 
 use mp_proto::v1 as pb;
+#[cfg(not(target_arch = "wasm32"))]
 use std::path::Path;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::interceptor::InterceptedService;
+#[cfg(not(target_arch = "wasm32"))]
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Status};
+
+/// The web client's channel: gRPC-web over the browser's `fetch`.
+#[cfg(target_arch = "wasm32")]
+pub type Channel = tonic_web_wasm_client::Client;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -19,6 +28,7 @@ pub enum ClientError {
     Address(String),
     #[error("token is not valid header text")]
     Token,
+    #[cfg(not(target_arch = "wasm32"))]
     #[error("connecting to {addr}: {source}")]
     Connect {
         addr: String,
@@ -53,6 +63,7 @@ pub struct Client {
     pub admin: pb::admin_service_client::AdminServiceClient<Svc>,
 }
 
+#[cfg(not(target_arch = "wasm32"))]
 impl Client {
     /// A client for `addr` (`http://host:port`, or `https://host:port` for a gateway that
     /// serves TLS: its certificate is checked against the system's roots and, when
@@ -77,7 +88,26 @@ impl Client {
         })?;
         Self::with_channel(channel, token)
     }
+}
 
+/// In the browser: the same stubs over gRPC-web. There is nothing to connect ahead of the
+/// first call (each call is one `fetch`), so [`Client::connect`] only checks the address.
+#[cfg(target_arch = "wasm32")]
+impl Client {
+    pub fn new(addr: &str, token: &str) -> Result<Client, ClientError> {
+        let addr = addr.trim_end_matches('/');
+        if !(addr.starts_with("http://") || addr.starts_with("https://")) {
+            return Err(ClientError::Address(addr.into()));
+        }
+        Self::with_channel(tonic_web_wasm_client::Client::new(addr.to_string()), token)
+    }
+
+    pub async fn connect(addr: &str, token: &str) -> Result<Client, ClientError> {
+        Self::new(addr, token)
+    }
+}
+
+impl Client {
     pub fn with_channel(channel: Channel, token: &str) -> Result<Client, ClientError> {
         let value: MetadataValue<Ascii> = format!("Bearer {token}")
             .parse()
@@ -95,6 +125,7 @@ impl Client {
     }
 }
 
+#[cfg(not(target_arch = "wasm32"))]
 /// `MP_CA_FILE`: a CA certificate (PEM) the clients trust for `https://` gateways.
 fn ca_from_env() -> Option<std::path::PathBuf> {
     std::env::var_os("MP_CA_FILE")
@@ -102,6 +133,7 @@ fn ca_from_env() -> Option<std::path::PathBuf> {
         .map(Into::into)
 }
 
+#[cfg(not(target_arch = "wasm32"))]
 /// The endpoint of `addr`; TLS for `https://`, trusting the system's roots and `ca`.
 fn endpoint(addr: &str, ca: Option<&Path>) -> Result<Endpoint, ClientError> {
     let mut ep = Endpoint::from_shared(addr.to_string())
@@ -136,10 +168,17 @@ pub fn transient(s: &Status) -> bool {
 /// A fresh random key (for idempotency keys).
 pub fn random_key() -> String {
     let mut b = [0u8; 16];
+    #[cfg(not(target_arch = "wasm32"))]
     getrandom::fill(&mut b).expect("operating system random source");
+    #[cfg(target_arch = "wasm32")]
+    web_sys::window()
+        .and_then(|w| w.crypto().ok())
+        .and_then(|c| c.get_random_values_with_u8_array(&mut b).ok())
+        .expect("the browser's crypto.getRandomValues");
     hex::encode(b)
 }
 
+#[cfg(not(target_arch = "wasm32"))]
 /// Creates an expert through the admin API, retrying while the gateway is briefly away
 /// (for example before its first Redis connection).
 pub async fn create_expert(

@@ -1,10 +1,20 @@
-//! `mp-client`: the annotation client.
+//! `mp-client`: the annotation client (native). The same client in a browser is the
+//! library's `web` module, built for `wasm32` by `deploy/build-web.sh`.
+#![cfg_attr(target_arch = "wasm32", allow(unused))]
 
+#[cfg(target_arch = "wasm32")]
+fn main() {}
+
+#[cfg(not(target_arch = "wasm32"))]
 use clap::Parser;
-use mp_client::settings::{self, Settings};
+#[cfg(not(target_arch = "wasm32"))]
+use mp_client::settings::{self, Store};
+#[cfg(not(target_arch = "wasm32"))]
 use mp_client::{ClientApp, Net};
+#[cfg(not(target_arch = "wasm32"))]
 use std::path::PathBuf;
 
+#[cfg(not(target_arch = "wasm32"))]
 /// Mark where an image classifier should (green) and should not (red) look, then choose
 /// whether the corrected model is committed.
 #[derive(Parser)]
@@ -27,6 +37,7 @@ struct Args {
     size: String,
 }
 
+#[cfg(not(target_arch = "wasm32"))]
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -34,8 +45,11 @@ fn main() -> anyhow::Result<()> {
         )
         .init();
     let args = Args::parse();
-    let path = args.config.or_else(settings::default_path);
-    let mut s = path.as_deref().map(Settings::load).unwrap_or_default();
+    let store = args
+        .config
+        .or_else(settings::default_path)
+        .map_or(Store::Nowhere, Store::File);
+    let mut s = store.load().unwrap_or_default();
     let connect_now = args.connect || args.token.is_some();
     if let Some(a) = args.addr {
         s.addr = a;
@@ -59,7 +73,7 @@ fn main() -> anyhow::Result<()> {
         options,
         Box::new(move |cc| {
             let net = Net::spawn(Some(cc.egui_ctx.clone()));
-            let mut app = ClientApp::new(net, s, path);
+            let mut app = ClientApp::new(net, s, store);
             if connect_now && !app.settings.token.is_empty() {
                 app.connect();
             }
@@ -69,8 +83,10 @@ fn main() -> anyhow::Result<()> {
     .map_err(|e| anyhow::anyhow!("the window could not open: {e}"))
 }
 
+#[cfg(not(target_arch = "wasm32"))]
 struct Shell(ClientApp);
 
+#[cfg(not(target_arch = "wasm32"))]
 impl eframe::App for Shell {
     fn ui(&mut self, ui: &mut egui::Ui, _frame: &mut eframe::Frame) {
         self.0.ui(ui);

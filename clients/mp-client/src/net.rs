@@ -1,16 +1,19 @@
-//! The network side of the client: a tokio runtime on its own thread that turns [`Cmd`]s
-//! into gRPC calls and sends back [`Reply`]s, asking egui to repaint when one lands. The UI
-//! thread never waits on the network.
+//! The network side of the client: a task that turns [`Cmd`]s into gRPC calls and sends
+//! back [`Reply`]s, asking egui to repaint when one lands. The UI never waits on the
+//! network. Natively the task runs on a tokio runtime on its own thread; in the browser on
+//! the page's event loop (see [`crate::platform`]). The channels are the same.
 //!
 //! Calls that fail for a transient reason (gateway or network away) are retried with
 //! backoff until they succeed; the UI hears [`Reply::Connection`] so it can say so. A retried
 //! submit keeps its idempotency key, so the gateway stores it once.
 
+use crate::platform::{self, sleep};
+use futures::channel::mpsc as amsc;
+use futures::StreamExt;
 use mp_api::{transient, Client};
 use mp_proto::v1 as pb;
 use std::sync::mpsc;
 use std::time::Duration;
-use tokio::sync::mpsc as tmpsc;
 use tonic::{Code, Status};
 
 /// What the UI asks for.
@@ -113,13 +116,13 @@ pub enum Reply {
 
 /// The UI's end: send commands, drain replies.
 pub struct Net {
-    tx: tmpsc::UnboundedSender<Cmd>,
+    tx: amsc::UnboundedSender<Cmd>,
     rx: mpsc::Receiver<Reply>,
 }
 
 /// The other end of [`Net`]: where commands arrive and replies go.
 pub struct NetEnd {
-    pub cmds: tmpsc::UnboundedReceiver<Cmd>,
+    pub cmds: amsc::UnboundedReceiver<Cmd>,
     pub replies: mpsc::Sender<Reply>,
 }
 
@@ -127,32 +130,22 @@ impl Net {
     /// A pair of connected ends without a network behind them (the real network is
     /// [`Net::spawn`]).
     pub fn pair() -> (Net, NetEnd) {
-        let (tx, cmds) = tmpsc::unbounded_channel();
+        let (tx, cmds) = amsc::unbounded();
         let (replies, rx) = mpsc::channel();
         (Net { tx, rx }, NetEnd { cmds, replies })
     }
 
-    /// Starts the network thread. `repaint` is asked to repaint whenever a reply lands.
+    /// Starts the network task. `repaint` is asked to repaint whenever a reply lands.
     pub fn spawn(repaint: Option<egui::Context>) -> Net {
         let (net, end) = Net::pair();
-        std::thread::Builder::new()
-            .name("mp-client-net".into())
-            .spawn(move || {
-                let rt = tokio::runtime::Builder::new_multi_thread()
-                    .worker_threads(1)
-                    .enable_all()
-                    .build()
-                    .expect("tokio runtime");
-                rt.block_on(serve(end, repaint));
-            })
-            .expect("network thread");
+        platform::run_network(serve(end, repaint));
         net
     }
 
     pub fn send(&self, cmd: Cmd) {
-        // The network thread lives as long as the Net; a failed send means it panicked,
+        // The network task lives as long as the Net; a failed send means it panicked,
         // and the UI shows the connection as lost when no reply comes.
-        let _ = self.tx.send(cmd);
+        let _ = self.tx.unbounded_send(cmd);
     }
 
     pub fn try_recv(&self) -> Option<Reply> {
@@ -196,7 +189,7 @@ where
                     why: s.message().to_string(),
                 });
                 down = true;
-                tokio::time::sleep(wait).await;
+                sleep(wait).await;
                 wait = (wait * 2).min(BACKOFF_MAX);
             }
             r => {
@@ -218,7 +211,7 @@ async fn serve(mut end: NetEnd, repaint: Option<egui::Context>) {
         repaint,
     };
     let mut client: Option<Client> = None;
-    while let Some(cmd) = end.cmds.recv().await {
+    while let Some(cmd) = end.cmds.next().await {
         match cmd {
             Cmd::Connect { addr, token } => {
                 client = connect(&out, &addr, &token).await;
@@ -238,7 +231,7 @@ async fn serve(mut end: NetEnd, repaint: Option<egui::Context>) {
             continue;
         };
         let out = out.clone();
-        tokio::spawn(async move { handle(c, cmd, out).await });
+        platform::spawn(async move { handle(c, cmd, out).await });
     }
 }
 
@@ -527,7 +520,7 @@ async fn watch(c: &Client, proposal_id: String, out: &Out) {
             }),
             Err(s) => return refused(out, "proposal", &s),
         }
-        tokio::time::sleep(wait).await;
+        sleep(wait).await;
         wait = (wait * 2).min(BACKOFF_MAX);
     }
 }

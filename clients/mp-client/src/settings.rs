@@ -1,7 +1,9 @@
-//! What the client remembers between runs: the server, the token and the tool settings,
-//! in a small JSON file readable only by its owner.
+//! What the client remembers between runs: the server, the token and the tool settings —
+//! natively in a small JSON file readable only by its owner, in the browser in the
+//! `localStorage` of the gateway's origin (the token never goes into the URL).
 
 use serde::{Deserialize, Serialize};
+#[cfg(not(target_arch = "wasm32"))]
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -31,7 +33,64 @@ impl Default for Settings {
     }
 }
 
+/// Where the settings are remembered.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Store {
+    /// Nowhere (tests, or no home directory).
+    Nowhere,
+    /// A JSON file, mode 0600.
+    #[cfg(not(target_arch = "wasm32"))]
+    File(PathBuf),
+    /// The browser's `localStorage` for the page's origin, under [`Store::BROWSER_KEY`].
+    #[cfg(target_arch = "wasm32")]
+    Browser,
+}
+
+impl Store {
+    #[cfg(target_arch = "wasm32")]
+    pub const BROWSER_KEY: &'static str = "machine-punishment.client";
+
+    /// The remembered settings, or the defaults when there are none or they cannot be
+    /// read (a broken file must not keep a person out of the client).
+    pub fn load(&self) -> Option<Settings> {
+        match self {
+            Store::Nowhere => None,
+            #[cfg(not(target_arch = "wasm32"))]
+            Store::File(p) => std::fs::read(p)
+                .ok()
+                .and_then(|b| serde_json::from_slice(&b).ok()),
+            #[cfg(target_arch = "wasm32")]
+            Store::Browser => local_storage()
+                .and_then(|s| s.get_item(Self::BROWSER_KEY).ok().flatten())
+                .and_then(|v| serde_json::from_str(&v).ok()),
+        }
+    }
+
+    /// Remembers `s`; the error says where it could not.
+    pub fn save(&self, s: &Settings) -> Result<(), String> {
+        match self {
+            Store::Nowhere => Ok(()),
+            #[cfg(not(target_arch = "wasm32"))]
+            Store::File(p) => s.save(p).map_err(|e| format!("{}: {e}", p.display())),
+            #[cfg(target_arch = "wasm32")]
+            Store::Browser => {
+                let body = serde_json::to_string(s).map_err(|e| e.to_string())?;
+                local_storage()
+                    .ok_or_else(|| "the browser's localStorage is not available".to_string())?
+                    .set_item(Self::BROWSER_KEY, &body)
+                    .map_err(|_| "the browser's localStorage refused the settings".to_string())
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "wasm32")]
+fn local_storage() -> Option<web_sys::Storage> {
+    web_sys::window()?.local_storage().ok().flatten()
+}
+
 /// `$XDG_CONFIG_HOME/machine-punishment/client.json`, else under `$HOME/.config`.
+#[cfg(not(target_arch = "wasm32"))]
 pub fn default_path() -> Option<PathBuf> {
     let base = std::env::var_os("XDG_CONFIG_HOME")
         .map(PathBuf::from)
@@ -40,6 +99,7 @@ pub fn default_path() -> Option<PathBuf> {
     Some(base.join("machine-punishment").join("client.json"))
 }
 
+#[cfg(not(target_arch = "wasm32"))]
 impl Settings {
     /// The settings in `path`, or the defaults when there is no such file or it cannot be
     /// read (a broken file must not keep a person out of the client).

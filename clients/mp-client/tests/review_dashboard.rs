@@ -4,6 +4,7 @@
 use egui_kittest::kittest::Queryable;
 use egui_kittest::Harness;
 use mp_client::app::{Review, Tab};
+use mp_client::settings::Store;
 use mp_client::{ClientApp, Cmd, Net, NetEnd, Reply};
 use mp_proto::v1 as pb;
 
@@ -55,7 +56,7 @@ fn mark(
 
 fn client() -> (Harness<'static, ClientApp>, NetEnd) {
     let (net, end) = Net::pair();
-    let mut app = ClientApp::new(net, Default::default(), None);
+    let mut app = ClientApp::new(net, Default::default(), Store::Nowhere);
     app.on_reply(Reply::Connected {
         addr: "http://gateway".into(),
         whoami: "rev".into(),

@@ -7,7 +7,7 @@ use egui_kittest::kittest::Queryable;
 use egui_kittest::Harness;
 use mp_client::app::Work;
 use mp_client::mask::{distance_to_segment, Brush};
-use mp_client::settings::Settings;
+use mp_client::settings::{Settings, Store};
 use mp_client::{ClientApp, Cmd, Net, NetEnd, Reply};
 use mp_proto::v1 as pb;
 use std::collections::BTreeSet;
@@ -55,7 +55,7 @@ fn lease(lease_id: &str, image_id: &str) -> pb::Lease {
 /// A connected client showing image `img1` under lease `l1`.
 fn marking_client() -> (Harness<'static, ClientApp>, NetEnd) {
     let (net, end) = Net::pair();
-    let mut app = ClientApp::new(net, Settings::default(), None);
+    let mut app = ClientApp::new(net, Settings::default(), Store::Nowhere);
     app.on_reply(Reply::Connected {
         addr: "http://gateway".into(),
         whoami: "e1".into(),
@@ -257,7 +257,7 @@ fn to_chooser(h: &mut Harness<'_, ClientApp>, end: &mut NetEnd, proposal_id: &st
 fn the_choosers_buttons_send_commit_and_reject() {
     let (mut h, mut end) = marking_client();
     to_chooser(&mut h, &mut end, "p1");
-    h.get_by_label("Commit").click();
+    h.get_by_label("Commit (C)").click();
     h.step();
     assert!(sent(&mut end).contains(&Cmd::Decide {
         proposal_id: "p1".into(),
@@ -284,7 +284,7 @@ fn the_choosers_buttons_send_commit_and_reject() {
     h.step();
     h.step();
     to_chooser(&mut h, &mut end, "p2");
-    h.get_by_label("Reject").click();
+    h.get_by_label("Reject (X)").click();
     h.step();
     assert!(sent(&mut end).contains(&Cmd::Decide {
         proposal_id: "p2".into(),
@@ -459,7 +459,7 @@ fn suggested_values() -> Vec<i8> {
 #[test]
 fn a_suggested_mark_is_outlined_accepted_with_a_and_edited_before_submit() {
     let (net, mut end) = Net::pair();
-    let mut app = ClientApp::new(net, Settings::default(), None);
+    let mut app = ClientApp::new(net, Settings::default(), Store::Nowhere);
     app.on_reply(Reply::Connected {
         addr: "http://gateway".into(),
         whoami: "e1".into(),

@@ -233,6 +233,10 @@ pub struct UpArgs {
     /// Also print the admin token (it is always in DIR/admin.token, mode 0600)
     #[arg(long)]
     pub print_token: bool,
+    /// The web client's bundle (deploy/build-web.sh; `deploy/mp up` builds it): the gateway
+    /// serves it from / so that experts open the client in a browser
+    #[arg(long, env = "MP_WEB_DIR")]
+    pub web_dir: Option<PathBuf>,
 }
 
 /// One supervised child: how to start it again, and its restarts.
@@ -501,7 +505,17 @@ pub fn up(a: UpArgs) -> Result<()> {
     let mut kids = Children(Vec::new());
     let logs = dir.join("logs");
     std::fs::create_dir_all(&logs)?;
-    kids.spawn_gateway(&a.listen, &url, &ck, &[], &logs.join("gateway.log"))?;
+    let web_dir = a
+        .web_dir
+        .as_ref()
+        .filter(|d| d.join("index.html").exists())
+        .and_then(|d| d.canonicalize().ok())
+        .map(|d| d.display().to_string());
+    let web_flags: Vec<&str> = match &web_dir {
+        Some(d) => vec!["--web-dir", d],
+        None => vec![],
+    };
+    kids.spawn_gateway(&a.listen, &url, &ck, &web_flags, &logs.join("gateway.log"))?;
     kids.spawn_trainer(
         &url,
         &ck,
@@ -525,6 +539,18 @@ pub fn up(a: UpArgs) -> Result<()> {
     if a.print_token {
         println!("               {token}");
     }
+    println!("  experts      (token: mp admin create-expert --token <admin token> --name NAME)");
+    match &web_dir {
+        Some(_) => println!(
+            "    in a browser  open http://{}/ and paste the token",
+            a.listen
+        ),
+        None => println!("    in a browser  not built (deploy/build-web.sh, then --web-dir)"),
+    }
+    println!(
+        "    native        mp-client --addr http://{} --token <expert token>",
+        a.listen
+    );
     println!(
         "  redis        127.0.0.1:{} (user {}, password in {}; data in {})",
         a.redis_port,

@@ -30,6 +30,9 @@ pub struct GatewayArgs {
     pub metrics_listen: Option<String>,
     #[arg(long)]
     pub lease_ttl_ms: Option<u64>,
+    /// The web client's bundle (deploy/build-web.sh), served from / (also MP_WEB_DIR)
+    #[arg(long)]
+    pub web_dir: Option<PathBuf>,
 }
 
 impl GatewayArgs {
@@ -49,6 +52,9 @@ impl GatewayArgs {
         }
         if let Some(v) = self.lease_ttl_ms {
             c.lease_ttl_ms = v;
+        }
+        if let Some(v) = &self.web_dir {
+            c.web_dir = Some(v.clone());
         }
         Ok(c)
     }

@@ -44,6 +44,10 @@ pub struct GatewayConfig {
     pub tls_cert: Option<PathBuf>,
     /// TLS: the certificate's private key (PEM).
     pub tls_key: Option<PathBuf>,
+    /// The web client's bundle (`index.html`, its `.js` and `.wasm`, from
+    /// `deploy/build-web.sh`), served from `/` of the gRPC port. Unset: `/` says how to
+    /// build it.
+    pub web_dir: Option<PathBuf>,
 }
 
 impl Default for GatewayConfig {
@@ -66,6 +70,7 @@ impl Default for GatewayConfig {
             requests_per_expert_s: 0.0,
             tls_cert: None,
             tls_key: None,
+            web_dir: None,
         }
     }
 }
@@ -152,6 +157,9 @@ impl GatewayConfig {
         }
         if let Some(v) = get("MP_TLS_KEY") {
             self.tls_key = (!v.is_empty()).then(|| PathBuf::from(v));
+        }
+        if let Some(v) = get("MP_WEB_DIR") {
+            self.web_dir = (!v.is_empty()).then(|| PathBuf::from(v));
         }
         if let Some(v) = get("MP_VIEW_VERSIONS") {
             self.view_versions = num("MP_VIEW_VERSIONS", v)?;

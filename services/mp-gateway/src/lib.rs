@@ -15,6 +15,7 @@ pub mod config;
 pub mod review;
 pub mod service;
 pub mod views;
+pub mod web;
 
 pub use config::GatewayConfig;
 pub use service::Gateway;
@@ -259,10 +260,7 @@ pub async fn run(
         server = server.tls_config(tls)?;
         info!("serving TLS");
     }
-    let result = server
-        .max_concurrent_streams(Some(gw.config.max_concurrent_streams.max(1)))
-        .trace_fn(|req| tracing::info_span!("grpc", path = %req.uri().path()))
-        .add_service(health)
+    let grpc = tonic::service::Routes::new(health)
         .add_service(
             pb::queue_service_server::QueueServiceServer::new(gw.clone())
                 .max_decoding_message_size(n),
@@ -286,7 +284,18 @@ pub async fn run(
         .add_service(
             pb::admin_service_server::AdminServiceServer::new(gw.clone())
                 .max_decoding_message_size(n),
-        )
+        );
+    if let Some(dir) = &config.web_dir {
+        info!(dir = %dir.display(), "serving the web client at /");
+    }
+    let routes = web::with_bundle(grpc, config.web_dir.clone()).prepare();
+    let result = server
+        .max_concurrent_streams(Some(gw.config.max_concurrent_streams.max(1)))
+        .trace_fn(|req| tracing::info_span!("grpc", path = %req.uri().path()))
+        // Browsers: gRPC-web over HTTP/1.1 (or 2) on the same port, and the bundle at `/`.
+        .accept_http1(true)
+        .layer(web::GrpcWebOrPlain)
+        .add_routes(routes)
         .serve_with_incoming_shutdown(
             // Small replies must not wait for Nagle's algorithm.
             tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),

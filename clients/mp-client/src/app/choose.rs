@@ -93,14 +93,14 @@ impl ClientApp {
             if ui
                 .add_enabled(
                     !deciding,
-                    egui::Button::new("Commit").fill(Color32::from_rgb(40, 110, 60)),
+                    egui::Button::new("Commit (C)").fill(Color32::from_rgb(40, 110, 60)),
                 )
                 .clicked()
             {
                 decision = Some(true);
             }
             if ui
-                .add_enabled(!deciding, egui::Button::new("Reject"))
+                .add_enabled(!deciding, egui::Button::new("Reject (X)"))
                 .clicked()
             {
                 decision = Some(false);

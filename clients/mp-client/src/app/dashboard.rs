@@ -4,10 +4,11 @@
 
 use super::ClientApp;
 use crate::net::{Cmd, Dashboard};
+use crate::platform::Instant;
 use egui::{Color32, Pos2, Rect, Stroke, Vec2};
 use mp_proto::v1 as pb;
 use std::collections::BTreeMap;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// How often the open dashboard refreshes.
 pub const DASHBOARD_EVERY: Duration = Duration::from_secs(5);

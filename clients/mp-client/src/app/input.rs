@@ -21,6 +21,8 @@ impl ClientApp {
             Submit,
             Skip,
             Accept,
+            Commit,
+            Reject,
         }
         let mut actions = Vec::new();
         ui.input_mut(|i| {
@@ -39,6 +41,8 @@ impl ClientApp {
                 (Key::Enter, A::Submit),
                 (Key::S, A::Skip),
                 (Key::A, A::Accept),
+                (Key::C, A::Commit),
+                (Key::X, A::Reject),
             ] {
                 if i.consume_key(Modifiers::NONE, key) {
                     actions.push(a);
@@ -57,6 +61,9 @@ impl ClientApp {
                 A::Submit => self.submit(),
                 A::Skip => self.skip(),
                 A::Accept => self.accept_suggestion(),
+                // In the chooser only (decide ignores them elsewhere).
+                A::Commit => self.decide(true),
+                A::Reject => self.decide(false),
             }
         }
     }

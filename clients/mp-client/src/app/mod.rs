@@ -13,14 +13,16 @@ pub mod dashboard;
 mod input;
 mod marking;
 pub mod review;
-mod status;
+pub mod status;
 mod work;
+use crate::platform::{Instant, SystemTime, UNIX_EPOCH};
+use crate::settings::Store;
 use egui::{Color32, Pos2, Rect, Vec2};
 use mp_proto::v1 as pb;
 pub use review::{Review, ReviewOpen};
+pub use status::LiveStatus;
 use std::collections::HashMap;
-use std::path::PathBuf;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 /// How often the counters in the top bar refresh.
 const STATS_EVERY: Duration = Duration::from_secs(3);
@@ -171,7 +173,9 @@ impl CanvasXf {
 pub struct ClientApp {
     net: Net,
     pub settings: Settings,
-    settings_path: Option<PathBuf>,
+    settings_store: Store,
+    /// The connect screen has put the cursor in the token field once.
+    token_focused: bool,
     pub conn: Conn,
     pub stats: Option<pb::Stats>,
     next_stats: Instant,
@@ -225,11 +229,12 @@ fn unix_ms() -> u64 {
 }
 
 impl ClientApp {
-    pub fn new(net: Net, settings: Settings, settings_path: Option<PathBuf>) -> ClientApp {
+    pub fn new(net: Net, settings: Settings, settings_store: Store) -> ClientApp {
         ClientApp {
             net,
             settings,
-            settings_path,
+            settings_store,
+            token_focused: false,
             conn: Conn::Offline,
             stats: None,
             next_stats: Instant::now(),
@@ -254,11 +259,11 @@ impl ClientApp {
 
     /// Remembers the address, token and tool settings.
     pub fn save_settings(&mut self) {
-        if let Some(p) = &self.settings_path {
-            if let Err(e) = self.settings.save(p) {
-                let msg = format!("could not remember the settings in {}: {e}", p.display());
-                self.say(Level::Warning, msg);
-            }
+        if let Err(e) = self.settings_store.save(&self.settings) {
+            self.say(
+                Level::Warning,
+                format!("could not remember the settings: {e}"),
+            );
         }
     }
 
@@ -294,6 +299,9 @@ impl ClientApp {
             return;
         }
         self.skip();
+        if !crate::platform::CAN_BLOCK {
+            return;
+        }
         let until = Instant::now() + wait;
         while Instant::now() < until && matches!(self.work, Work::Skipping { .. }) {
             match self.net.try_recv() {

@@ -1,8 +1,8 @@
 //! The screens between images: asking the queue, an empty queue, sending, waiting for the refinement.
 
 use super::{ClientApp, Work};
+use crate::platform::Instant;
 use mp_proto::v1 as pb;
-use std::time::Instant;
 
 impl ClientApp {
     pub(super) fn work_screen(&mut self, ui: &mut egui::Ui) {
