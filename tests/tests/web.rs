@@ -306,3 +306,94 @@ fn a_browser_and_three_other_experts_never_share_an_image() {
         }
     }
 }
+
+/// Without a browser: the page, its files and gRPC-web on the gateway's one port, nothing
+/// outside the bundle, and a gateway without a bundle that says how to build one.
+#[test]
+fn the_gateway_serves_the_bundle_beside_grpc() {
+    let dir = web_dir();
+    let s = Stack::start_serving(60_000, false, Some(dir.clone()));
+    let http = reqwest::blocking::Client::new();
+    let page = http.get(format!("{}/", s.addr)).send().unwrap();
+    assert_eq!(page.status(), 200);
+    let h = page.headers();
+    assert_eq!(h["content-type"], "text/html; charset=utf-8");
+    assert!(h["content-security-policy"]
+        .to_str()
+        .unwrap()
+        .contains("connect-src 'self'"));
+    assert!(page.text().unwrap().contains("mp-canvas"));
+    // The module, compressed for a browser that accepts gzip, plain for one that does not.
+    let gz = http
+        .get(format!("{}/mp_client_bg.wasm", s.addr))
+        .header("accept-encoding", "gzip")
+        .send()
+        .unwrap();
+    assert_eq!(gz.headers()["content-type"], "application/wasm");
+    assert_eq!(gz.headers()["content-encoding"], "gzip");
+    let raw = http
+        .get(format!("{}/mp_client_bg.wasm", s.addr))
+        .send()
+        .unwrap()
+        .bytes()
+        .unwrap();
+    assert_eq!(&raw[..4], b"\0asm");
+    assert_eq!(
+        raw.len() as u64,
+        std::fs::metadata(dir.join("mp_client_bg.wasm"))
+            .unwrap()
+            .len()
+    );
+    // Nothing but plain names in the bundle directory (a two-segment path is a gRPC one:
+    // tonic answers it as an unknown method).
+    // Sent as raw HTTP/1.1, so that no client normalises the path first.
+    let raw_get = |path: &str| -> String {
+        use std::io::{Read, Write};
+        let mut c = std::net::TcpStream::connect(s.addr.trim_start_matches("http://")).unwrap();
+        write!(
+            c,
+            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut answer = String::new();
+        let _ = c.read_to_string(&mut answer);
+        answer
+    };
+    for bad in [
+        "/..%2fCargo.toml",
+        "/%2e%2e",
+        "/%2e%2e/%2e%2e/Cargo.toml",
+        "/../../Cargo.toml",
+        "/.stamp",
+        "/a/b",
+        "/web/index.html",
+    ] {
+        let answer = raw_get(bad);
+        let status = answer.lines().next().unwrap_or_default().to_string();
+        let unimplemented = answer.to_ascii_lowercase().contains("grpc-status: 12");
+        assert!(
+            status.contains(" 404 ") || status.contains(" 400 ") || unimplemented,
+            "{bad}: {status}"
+        );
+        assert!(
+            !answer.contains("[workspace]") && !answer.contains("mp-canvas"),
+            "{bad}"
+        );
+    }
+    // gRPC-web over HTTP/1.1 on the same port: a call without a token gets its gRPC status.
+    let r = http
+        .post(format!("{}/mp.v1.StatsService/GetStats", s.addr))
+        .header("content-type", "application/grpc-web+proto")
+        .header("x-grpc-web", "1")
+        .body(vec![0u8, 0, 0, 0, 0])
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["grpc-status"], "16", "Unauthenticated");
+    drop(s);
+
+    let bare = Stack::start_serving(60_000, false, None);
+    let r = http.get(format!("{}/", bare.addr)).send().unwrap();
+    assert_eq!(r.status(), 404);
+    assert!(r.text().unwrap().contains("deploy/build-web.sh"));
+}
