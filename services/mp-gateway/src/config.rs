@@ -33,7 +33,8 @@ pub struct GatewayConfig {
     pub watches_per_expert: usize,
     /// `WatchProposal` streams open at once on this gateway, all experts together.
     pub watches_total: usize,
-    /// Concurrent HTTP/2 streams per client connection.
+    /// Concurrent HTTP/2 streams per client connection. One expert's client needs a few (a
+    /// watch, a lease, a heartbeat); a flood past it waits in the flooder's own client.
     pub max_concurrent_streams: u32,
     /// Requests a second one expert may make (bursts of twice that); 0: no limit. Admins are
     /// exempt. Off by default for the simulated experts of the benchmarks; the deployment
@@ -66,7 +67,7 @@ impl Default for GatewayConfig {
             leases_per_expert: 2,
             watches_per_expert: 8,
             watches_total: 1024,
-            max_concurrent_streams: 256,
+            max_concurrent_streams: 32,
             requests_per_expert_s: 0.0,
             tls_cert: None,
             tls_key: None,
