@@ -8,8 +8,9 @@ use serde_json::{json, Value};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// A WebDriver key: Enter.
+/// WebDriver keys: Enter, Control.
 pub const ENTER: &str = "\u{E007}";
+pub const CONTROL: &str = "\u{E009}";
 
 /// `name` on the PATH, if it is there.
 pub fn on_path(name: &str) -> Option<std::path::PathBuf> {
@@ -139,6 +140,25 @@ impl Browser {
             actions.push(json!({"type": "keyDown", "value": c.to_string()}));
             actions.push(json!({"type": "keyUp", "value": c.to_string()}));
         }
+        self.call(
+            "POST",
+            &self.session_path("/actions"),
+            json!({"actions": [{"type": "key", "id": "keyboard", "actions": actions}]}),
+        );
+        self.call("DELETE", &self.session_path("/actions"), Value::Null);
+    }
+
+    /// Presses `keys` together (in order, released in reverse): `chord(&[CONTROL, "z"])`.
+    pub fn chord(&self, keys: &[&str]) {
+        let mut actions: Vec<Value> = keys
+            .iter()
+            .map(|k| json!({"type": "keyDown", "value": k}))
+            .collect();
+        actions.extend(
+            keys.iter()
+                .rev()
+                .map(|k| json!({"type": "keyUp", "value": k})),
+        );
         self.call(
             "POST",
             &self.session_path("/actions"),

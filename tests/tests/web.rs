@@ -13,7 +13,7 @@ use common::Stack;
 use mp_client::app::CanvasXf;
 use mp_client::mask::{Brush, MarkLayer};
 use mp_client::settings::Settings;
-use mp_e2e::webdriver::{Browser, ENTER};
+use mp_e2e::webdriver::{Browser, CONTROL, ENTER};
 use serde_json::{json, Value};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -130,9 +130,10 @@ fn stroke_and_native_mark(xf: &CanvasXf) -> (Vec<(i64, i64)>, Vec<i8>) {
     (path, layer.values().to_vec())
 }
 
+/// With a 3-second lease, so that the page's heartbeats must keep it while the expert draws.
 #[test]
 fn a_browser_marks_submits_and_commits_and_the_mark_is_the_stroke() {
-    let s = Stack::start_serving(60_000, true, Some(web_dir()));
+    let s = Stack::start_serving(3_000, true, Some(web_dir()));
     let store = s.store();
     let token = s.expert("web-ada");
     let b = Browser::start(WINDOW.0, WINDOW.1);
