@@ -140,12 +140,7 @@ impl Browser {
             actions.push(json!({"type": "keyDown", "value": c.to_string()}));
             actions.push(json!({"type": "keyUp", "value": c.to_string()}));
         }
-        self.call(
-            "POST",
-            &self.session_path("/actions"),
-            json!({"actions": [{"type": "key", "id": "keyboard", "actions": actions}]}),
-        );
-        self.call("DELETE", &self.session_path("/actions"), Value::Null);
+        self.perform(json!({"type": "key", "id": "keyboard", "actions": actions}));
     }
 
     /// Presses `keys` together (in order, released in reverse): `chord(&[CONTROL, "z"])`.
@@ -159,12 +154,7 @@ impl Browser {
                 .rev()
                 .map(|k| json!({"type": "keyUp", "value": k})),
         );
-        self.call(
-            "POST",
-            &self.session_path("/actions"),
-            json!({"actions": [{"type": "key", "id": "keyboard", "actions": actions}]}),
-        );
-        self.call("DELETE", &self.session_path("/actions"), Value::Null);
+        self.perform(json!({"type": "key", "id": "keyboard", "actions": actions}));
     }
 
     /// A primary-button drag through `path` (viewport CSS pixels): press at the first
@@ -178,14 +168,19 @@ impl Browser {
             actions.push(mv(p));
         }
         actions.push(json!({"type": "pointerUp", "button": 0}));
+        self.perform(json!({
+            "type": "pointer", "id": "mouse",
+            "parameters": {"pointerType": "mouse"},
+            "actions": actions,
+        }));
+    }
+
+    /// Runs one input source's actions, then releases whatever they left pressed.
+    fn perform(&self, source: Value) {
         self.call(
             "POST",
             &self.session_path("/actions"),
-            json!({"actions": [{
-                "type": "pointer", "id": "mouse",
-                "parameters": {"pointerType": "mouse"},
-                "actions": actions,
-            }]}),
+            json!({ "actions": [source] }),
         );
         self.call("DELETE", &self.session_path("/actions"), Value::Null);
     }

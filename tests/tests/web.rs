@@ -160,6 +160,18 @@ fn a_browser_marks_submits_and_commits_and_the_mark_is_the_stroke() {
         "{native:?}"
     );
     b.drag(&path);
+    // A second stroke in green, taken back with Ctrl+Z.
+    b.keys("g");
+    let xf = canvas_of(&st);
+    let (a, z) = (xf.to_screen([0.5, 7.5]), xf.to_screen([7.5, 7.5]));
+    b.drag(&[(a.x as i64, a.y as i64), (z.x as i64, z.y as i64)]);
+    b.chord(&[CONTROL, "z"]);
+    // Past the lease's time to live: only the page's heartbeats keep the image.
+    std::thread::sleep(Duration::from_millis(4_000));
+    let (_, now) = wait_for(&b, "the image still leased", t, |_, s| {
+        s["work"] == "marking"
+    });
+    assert_eq!(now["lease_id"], st["lease_id"], "the lease changed");
     b.keys(ENTER);
     let (_, st) = wait_for(&b, "the chooser", t, |_, s| s["work"] == "choosing");
     let proposal_id = st["proposal_id"].as_str().unwrap().to_string();
