@@ -1730,6 +1730,15 @@ async fn one_abusive_expert_does_not_hold_up_eight_others() {
             .unwrap();
         let addr = addr.clone();
         std::thread::spawn(move || {
+            // MP_ABUSER_NICE: run the abuser's thread at that nice value, its CPU yielding
+            // to the platform's as on a machine of its own (measurement only).
+            if let Some(n) = std::env::var("MP_ABUSER_NICE")
+                .ok()
+                .and_then(|v| v.parse().ok())
+            {
+                // SAFETY: sets this thread's own scheduling priority; no memory is touched.
+                unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as u32, n) };
+            }
             rt.block_on(async move {
                 let mut codes: HashMap<&'static str, HashMap<Code, usize>> = HashMap::new();
                 // 10,000 watch streams on its own proposal, all asked for at once over 8
