@@ -10,34 +10,12 @@
 //! It also prints the time from opening the page to the first image.
 
 use mp_e2e::webdriver::{Browser, ENTER};
-use serde_json::{json, Value};
+use serde_json::Value;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-fn state(b: &Browser) -> Value {
-    let v = b.execute(
-        "const e = document.getElementById('mp-status'); return e && e.getAttribute('data-state');",
-        json!([]),
-    );
-    v.as_str()
-        .and_then(|s| serde_json::from_str(s).ok())
-        .unwrap_or(Value::Null)
-}
-
 fn wait(b: &Browser, what: &str, cond: impl Fn(&Value) -> bool) -> Value {
-    let start = Instant::now();
-    loop {
-        let s = state(b);
-        if cond(&s) {
-            return s;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "no {what}: {s}\n{}",
-            b.post_mortem()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    b.wait_live(what, Duration::from_secs(60), |_, s| cond(s)).1
 }
 
 fn main() {

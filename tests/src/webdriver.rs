@@ -185,6 +185,46 @@ impl Browser {
         self.call("DELETE", &self.session_path("/actions"), Value::Null);
     }
 
+    /// The web client's live region (`#mp-status`): its words and its `data-state` JSON;
+    /// `None` until the client has written one.
+    pub fn live_status(&self) -> Option<(String, Value)> {
+        let v = self.execute(
+            "const e = document.getElementById('mp-status');\
+             return e ? [e.textContent, e.getAttribute('data-state')] : null;",
+            json!([]),
+        );
+        let words = v.get(0)?.as_str()?.to_string();
+        let state = serde_json::from_str(v.get(1)?.as_str()?).ok()?;
+        Some((words, state))
+    }
+
+    /// Polls the live region until `cond` (words, state) holds; panics after `timeout` with
+    /// what the page last said and [`Browser::post_mortem`].
+    pub fn wait_live(
+        &self,
+        what: &str,
+        timeout: Duration,
+        cond: impl Fn(&str, &Value) -> bool,
+    ) -> (String, Value) {
+        let start = Instant::now();
+        let mut last = None;
+        loop {
+            if let Some((words, state)) = self.live_status() {
+                if cond(&words, &state) {
+                    return (words, state);
+                }
+                last = Some((words, state));
+            }
+            if start.elapsed() > timeout {
+                panic!(
+                    "timed out waiting for {what}; the page said {last:?}\n{}",
+                    self.post_mortem()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// The browser console's messages since the last call (chromedriver's log endpoint).
     pub fn console(&self) -> Vec<String> {
         let v = self.call(

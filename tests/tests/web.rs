@@ -38,54 +38,16 @@ fn web_dir() -> PathBuf {
     out
 }
 
-/// The page's live region: its words and its `data-state`.
-fn status(b: &Browser) -> Option<(String, Value)> {
-    let v = b.execute(
-        "const e = document.getElementById('mp-status');\
-         return e ? [e.textContent, e.getAttribute('data-state')] : null;",
-        json!([]),
-    );
-    let words = v.get(0)?.as_str()?.to_string();
-    let state = serde_json::from_str(v.get(1)?.as_str()?).ok()?;
-    Some((words, state))
-}
-
-/// Polls the live region until `cond` holds; panics with what the page said.
-fn wait_for(
-    b: &Browser,
-    what: &str,
-    timeout: Duration,
-    cond: impl Fn(&str, &Value) -> bool,
-) -> (String, Value) {
-    let start = Instant::now();
-    let mut last = None;
-    loop {
-        if let Some((words, state)) = status(b) {
-            if cond(&words, &state) {
-                return (words, state);
-            }
-            last = Some((words, state));
-        }
-        if start.elapsed() > timeout {
-            panic!(
-                "timed out waiting for {what}; the page said {last:?}\n{}",
-                b.post_mortem()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 /// Opens the client, types `token` and Enter; returns the time to the first image.
 fn sign_in(b: &Browser, addr: &str, token: &str) -> Duration {
     let start = Instant::now();
     b.goto(&format!("{addr}/"));
-    wait_for(b, "the connect screen", Duration::from_secs(60), |_, s| {
+    b.wait_live("the connect screen", Duration::from_secs(60), |_, s| {
         s["conn"] == "offline"
     });
     b.keys(token);
     b.keys(ENTER);
-    wait_for(b, "an image", Duration::from_secs(60), |_, s| {
+    b.wait_live("an image", Duration::from_secs(60), |_, s| {
         s["work"] == "marking" && s["image_rect"].is_array()
     });
     start.elapsed()
@@ -152,7 +114,7 @@ fn a_browser_marks_submits_and_commits_and_the_mark_is_the_stroke() {
     assert!(kept.as_str().unwrap_or_default().contains(&token));
 
     let t = Duration::from_secs(60);
-    let (_, st) = wait_for(&b, "an image", t, |_, s| s["work"] == "marking");
+    let (_, st) = b.wait_live("an image", t, |_, s| s["work"] == "marking");
     let image = st["image_id"].as_str().unwrap().to_string();
     let (path, native) = stroke_and_native_mark(&canvas_of(&st));
     assert!(
@@ -168,12 +130,10 @@ fn a_browser_marks_submits_and_commits_and_the_mark_is_the_stroke() {
     b.chord(&[CONTROL, "z"]);
     // Past the lease's time to live: only the page's heartbeats keep the image.
     std::thread::sleep(Duration::from_millis(4_000));
-    let (_, now) = wait_for(&b, "the image still leased", t, |_, s| {
-        s["work"] == "marking"
-    });
+    let (_, now) = b.wait_live("the image still leased", t, |_, s| s["work"] == "marking");
     assert_eq!(now["lease_id"], st["lease_id"], "the lease changed");
     b.keys(ENTER);
-    let (_, st) = wait_for(&b, "the chooser", t, |_, s| s["work"] == "choosing");
+    let (_, st) = b.wait_live("the chooser", t, |_, s| s["work"] == "choosing");
     let proposal_id = st["proposal_id"].as_str().unwrap().to_string();
     // The mark stored is the stroke, pixel for pixel as the native client draws it.
     let p = s.rt.block_on(store.proposal(&proposal_id)).unwrap();
@@ -182,7 +142,7 @@ fn a_browser_marks_submits_and_commits_and_the_mark_is_the_stroke() {
     assert_eq!(mark.values, native, "web and native strokes differ");
 
     b.keys("c");
-    wait_for(&b, "the commit", t, |words, _| words.contains("Committed"));
+    b.wait_live("the commit", t, |words, _| words.contains("Committed"));
     let p = s.rt.block_on(store.proposal(&proposal_id)).unwrap();
     assert!(
         ["committing", "committed"].contains(&p.status.as_str()),
@@ -190,7 +150,7 @@ fn a_browser_marks_submits_and_commits_and_the_mark_is_the_stroke() {
         p.status
     );
     // And the next image comes.
-    wait_for(&b, "the next image", t, |_, s| {
+    b.wait_live("the next image", t, |_, s| {
         s["work"] == "marking" && s["image_id"] != json!(image)
     });
     if let Some(out) = std::env::var_os("MP_WEB_SCREENSHOT") {
@@ -203,12 +163,12 @@ fn a_wrong_token_is_shown_on_the_page() {
     let s = Stack::start_serving(60_000, false, Some(web_dir()));
     let b = Browser::start(WINDOW.0, WINDOW.1);
     b.goto(&format!("{}/", s.addr));
-    wait_for(&b, "the connect screen", Duration::from_secs(60), |_, s| {
+    b.wait_live("the connect screen", Duration::from_secs(60), |_, s| {
         s["conn"] == "offline"
     });
     b.keys("not-a-token");
     b.keys(ENTER);
-    let (words, st) = wait_for(&b, "the refusal", Duration::from_secs(30), |w, _| {
+    let (words, st) = b.wait_live("the refusal", Duration::from_secs(30), |w, _| {
         w.contains("refused the token")
     });
     assert_eq!(st["conn"], "offline", "{words}");
@@ -222,17 +182,17 @@ fn a_gateway_restart_mid_session_loses_nothing_and_the_submit_lands_once() {
     let b = Browser::start(WINDOW.0, WINDOW.1);
     sign_in(&b, &s.addr, &token);
     let t = Duration::from_secs(60);
-    let (_, st) = wait_for(&b, "an image", t, |_, s| s["work"] == "marking");
+    let (_, st) = b.wait_live("an image", t, |_, s| s["work"] == "marking");
     let image = st["image_id"].as_str().unwrap().to_string();
     let (path, native) = stroke_and_native_mark(&canvas_of(&st));
     b.drag(&path);
     s.stop_gateway();
     b.keys(ENTER);
-    let (words, _) = wait_for(&b, "the lost connection", t, |_, s| s["conn"] == "down");
+    let (words, _) = b.wait_live("the lost connection", t, |_, s| s["conn"] == "down");
     assert!(words.contains("Connection lost"), "{words}");
     std::thread::sleep(Duration::from_millis(500));
     s.start_gateway();
-    wait_for(&b, "the retried submit", t, |_, s| {
+    b.wait_live("the retried submit", t, |_, s| {
         s["conn"] == "up" && ["refining", "choosing"].contains(&s["work"].as_str().unwrap_or(""))
     });
     let marks = s.rt.block_on(store.mark_ids()).unwrap();
@@ -287,14 +247,14 @@ fn a_browser_and_three_other_experts_never_share_an_image() {
     let mut shown: Vec<(String, u64, u64)> = Vec::new();
     let t = Duration::from_secs(60);
     for _ in 0..5 {
-        let (_, st) = wait_for(&b, "an image", t, |_, s| s["work"] == "marking");
+        let (_, st) = b.wait_live("an image", t, |_, s| s["work"] == "marking");
         let image = st["image_id"].as_str().unwrap().to_string();
         let from = mp_store::now_ms();
         std::thread::sleep(Duration::from_millis(200));
         // Still held until the skip goes out.
         shown.push((image.clone(), from, mp_store::now_ms()));
         b.keys("s");
-        wait_for(&b, "the skip", t, |_, s| s["image_id"] != json!(image));
+        b.wait_live("the skip", t, |_, s| s["image_id"] != json!(image));
     }
     let mut all: Vec<(usize, String, u64, u64)> =
         shown.into_iter().map(|(i, a, z)| (0, i, a, z)).collect();

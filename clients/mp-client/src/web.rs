@@ -9,7 +9,7 @@
 //!   its `data-state` attribute ([`LiveStatus`]), which the browser tests read.
 
 use crate::app::LiveStatus;
-use crate::settings::{Settings, Store};
+use crate::settings::Store;
 use crate::{ClientApp, Net};
 use wasm_bindgen::prelude::*;
 use wasm_bindgen::JsCast;
@@ -36,11 +36,11 @@ async fn run() -> Result<(), JsValue> {
         .ok_or("the page has no canvas #mp-canvas")?
         .dyn_into::<web_sys::HtmlCanvasElement>()?;
     let store = Store::Browser;
-    let mut settings = store.load().unwrap_or_else(|| Settings {
-        addr: window.location().origin().unwrap_or_default(),
-        ..Settings::default()
-    });
-    if settings.addr.is_empty() {
+    let remembered = store.load();
+    let first_visit = remembered.is_none();
+    let mut settings = remembered.unwrap_or_default();
+    // First visit (nothing remembered) or no address: the gateway that served the page.
+    if first_visit || settings.addr.is_empty() {
         settings.addr = window.location().origin().unwrap_or_default();
     }
     eframe::WebRunner::new()
@@ -77,12 +77,14 @@ impl eframe::App for WebShell {
     }
 }
 
+/// The page's live region.
+fn status_element() -> Option<web_sys::Element> {
+    web_sys::window()?.document()?.get_element_by_id(STATUS_ID)
+}
+
 /// Writes the status into the live region: words as its text, details as `data-state`.
 fn publish(s: &LiveStatus) {
-    let Some(el) = web_sys::window()
-        .and_then(|w| w.document())
-        .and_then(|d| d.get_element_by_id(STATUS_ID))
-    else {
+    let Some(el) = status_element() else {
         return;
     };
     let mut words = s.connection.clone();
@@ -98,10 +100,7 @@ fn publish(s: &LiveStatus) {
 
 /// Puts a message on the page itself, for failures before egui can show anything.
 fn say_on_page(text: &str) {
-    if let Some(el) = web_sys::window()
-        .and_then(|w| w.document())
-        .and_then(|d| d.get_element_by_id(STATUS_ID))
-    {
+    if let Some(el) = status_element() {
         el.set_text_content(Some(text));
         let _ = el.set_attribute("class", "failed");
     }
