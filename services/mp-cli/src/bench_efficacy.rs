@@ -7,7 +7,7 @@
 //!
 //! Every choice is made on the validation split, which carries the shortcut like training
 //! (or on a small clean set the expert curates, with `--trusted-val N`, reported as such):
-//! λ per loss, K and propagation mode (seed 0; the chosen λ's seed-0 run is reused), and the
+//! λ per loss, K and propagation mode (on the first seed, whose run with the chosen λ is reused), and the
 //! propagation mode under auto (cross-validation over the marked images only). The test
 //! split is scored, never used for a choice.
 
@@ -30,6 +30,27 @@ use std::path::PathBuf;
 use std::time::Instant;
 use tch::Device;
 
+impl EfficacyArgs {
+    /// The seeds this run covers.
+    fn seed_range(&self) -> std::ops::Range<u64> {
+        self.seed_from..self.seed_from + self.seeds
+    }
+
+    /// "3 seeds" or, for a slice of a study, "1 seed (seed 2)".
+    fn seeds_text(&self) -> String {
+        let n = format!(
+            "{} seed{}",
+            self.seeds,
+            if self.seeds == 1 { "" } else { "s" }
+        );
+        match (self.seed_from, self.seeds) {
+            (0, _) => n,
+            (a, 1) => format!("{n} (seed {a})"),
+            (a, k) => format!("{n} (seeds {a}–{})", a + k - 1),
+        }
+    }
+}
+
 #[derive(Args, Clone)]
 pub struct EfficacyArgs {
     #[command(flatten)]
@@ -37,14 +58,19 @@ pub struct EfficacyArgs {
     /// Seeds per configuration
     #[arg(long, default_value_t = 3)]
     pub seeds: u64,
+    /// The first seed (seeds run from here): split one study over several processes or
+    /// machines and merge their tables
+    #[arg(long, default_value_t = 0)]
+    pub seed_from: u64,
     /// Numbers of marked training images
     #[arg(long, default_value = "10,20", value_delimiter = ',')]
     pub ks: Vec<usize>,
     /// Saliency losses to compare (clip, squared, rrr, rrr-jacobian)
     #[arg(long, default_value = "rrr-jacobian", value_delimiter = ',')]
     pub losses: Vec<String>,
-    /// Confound-swap probability of the propagation rows (0 = none)
-    #[arg(long, default_value_t = 0.5)]
+    /// Confound-swap probability of the propagation rows (0 = none; 1, every image trades
+    /// its confound, leaves the confound and the label agreeing only by chance)
+    #[arg(long, default_value_t = 1.0)]
     pub swap: f64,
     /// Ablation rows at the first K: rrr vs rrr-jacobian, with and without the swap
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
@@ -332,7 +358,7 @@ pub fn run(args: EfficacyArgs) -> Result<()> {
             clean_val.subset(&(0..n).collect::<Vec<_>>())
         }
     };
-    let order: Vec<Vec<usize>> = (0..args.seeds)
+    let order: Vec<Vec<usize>> = (0..args.seed_range().end)
         .map(|s| {
             let mut v = marked.clone();
             mp_core::rng::Rng::new(s ^ 0x6d61726b).shuffle(&mut v);
@@ -366,7 +392,7 @@ pub fn run(args: EfficacyArgs) -> Result<()> {
             "suggesters",
         );
         for &k in &args.ks {
-            for seed in 0..args.seeds {
+            for seed in args.seed_range() {
                 let set = &runner.order[seed as usize][..k];
                 let folds = suggest_cfg.folds.min(k);
                 let check: Vec<usize> = runner.order[seed as usize][k..]
@@ -425,7 +451,7 @@ pub fn run(args: EfficacyArgs) -> Result<()> {
     if let Some((clean_train, _, clean_test)) = &splits.clean {
         let mut r = Row::new("clean-trained (scored on the clean test)", "-", None, None);
         let mut on_shortcut = Vec::new();
-        for seed in 0..args.seeds {
+        for seed in args.seed_range() {
             let (m, res) = runner.run(clean_train, clean_test, seed, 0, None, None)?;
             on_shortcut.push(evaluate(&m, &splits.test, 512)?.accuracy);
             r.push(&res);
@@ -440,7 +466,7 @@ pub fn run(args: EfficacyArgs) -> Result<()> {
         rows.push(r);
     }
     let mut r = Row::new("unguided (K = 0)", "-", Some(0), None);
-    for seed in 0..args.seeds {
+    for seed in args.seed_range() {
         let (m, res) = runner.run(&splits.train, &splits.test, seed, 0, None, None)?;
         baselines.push(m);
         r.push(&res);
@@ -462,7 +488,7 @@ pub fn run(args: EfficacyArgs) -> Result<()> {
             ..GuidanceConfig::new(loss, lambda, mode)
         };
         let sugg = |seed: u64| learned(mode).and_then(|m| suggesters.get(&(k, seed, m)));
-        // λ on the choice split, seed 0; the chosen λ's run is seed 0's result.
+        // λ on the choice split, the first seed; the chosen λ's run is that seed's result.
         let (lambda, seed0) = match fixed_lambda(&args, name)? {
             Some(l) => (l, None),
             None => {
@@ -472,10 +498,10 @@ pub fn run(args: EfficacyArgs) -> Result<()> {
                     let (_, res) = runner.run(
                         &splits.train,
                         &splits.test,
-                        0,
+                        args.seed_from,
                         k,
                         Some(guidance(l)),
-                        sugg(0),
+                        sugg(args.seed_from),
                     )?;
                     tuning.push(format!(
                         "| {name} | {k} | {mode} | {swap} | {l} | {:.2} |",
@@ -492,9 +518,9 @@ pub fn run(args: EfficacyArgs) -> Result<()> {
         };
         let mut r = Row::new(&method, name, Some(k), Some(mode));
         r.swap = swap;
-        for seed in 0..args.seeds {
+        for seed in args.seed_range() {
             let res = match (seed, seed0) {
-                (0, Some(res)) => res,
+                (s, Some(res)) if s == args.seed_from => res,
                 _ => {
                     runner
                         .run(
@@ -595,9 +621,9 @@ pub fn run(args: EfficacyArgs) -> Result<()> {
         for loss in &losses {
             let mut r = Row::new("thesis refinement loop", loss.name(), Some(thesis_k), None);
             let mut iterations = Vec::new();
-            for seed in 0..args.seeds {
+            for seed in args.seed_range() {
                 let t = Instant::now();
-                let mut current = baselines[seed as usize].try_clone()?;
+                let mut current = baselines[(seed - args.seed_from) as usize].try_clone()?;
                 for &i in &runner.order[seed as usize][..thesis_k] {
                     let batch = splits.train.subset(&[i]);
                     let cfg = RefineConfig {
@@ -693,7 +719,7 @@ fn render(
         ),
     };
     s.push_str(&format!(
-        "{} train / {} val / {} test images ({}x{}x{}); {} on {}, Adam lr {}, batch {}, {} epochs, guidance batch {}, {} seeds (mean ± sd). \
+        "{} train / {} val / {} test images ({}x{}x{}); {} on {}, Adam lr {}, batch {}, {} epochs, guidance batch {}, {} (mean ± sd). \
          Every choice — λ per loss, K and propagation mode (candidates {}), the propagation mode under auto — is made on {choice}; \
          the test split has the shortcut of a random class and is only scored.{}\n\n",
         splits.train.len(),
@@ -711,7 +737,7 @@ fn render(
         args.batch,
         args.epochs,
         args.guidance_batch,
-        args.seeds,
+        args.seeds_text(),
         args.tune_lambdas.iter().map(|l| l.to_string()).collect::<Vec<_>>().join(", "),
         splits.notes.iter().map(|n| format!(" {n}.")).collect::<String>(),
     ));
@@ -768,7 +794,8 @@ fn render(
     s.push_str(&verdict(rows));
     if !tuning.is_empty() {
         s.push_str(&format!(
-            "\n<details><summary>λ on the choice split (seed 0)</summary>\n\n| loss | K | propagation | swap | λ | val acc % |\n|---|---|---|---|---|---|\n{}\n\n</details>\n",
+            "\n<details><summary>λ on the choice split (seed {})</summary>\n\n| loss | K | propagation | swap | λ | val acc % |\n|---|---|---|---|---|---|\n{}\n\n</details>\n",
+            args.seed_from,
             tuning.join("\n")
         ));
     }

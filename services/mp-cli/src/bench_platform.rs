@@ -41,6 +41,12 @@ pub struct PlatformArgs {
     pub workers: usize,
     #[arg(long, default_value_t = 6)]
     pub epochs_per_round: usize,
+    /// λ of the trainer's persistent guidance
+    #[arg(long, default_value_t = mp_node::trainer::DEFAULT_LAMBDA)]
+    pub lambda: f64,
+    /// Confound-swap probability of the trainer's guided batches
+    #[arg(long, default_value_t = mp_node::trainer::DEFAULT_SWAP)]
+    pub swap: f64,
     /// Queue orderings to compare: alignment, margin, random
     #[arg(long, default_value = "alignment", value_delimiter = ',')]
     pub orderings: Vec<String>,
@@ -157,12 +163,13 @@ pub fn run_once(env: &Env, ordering: &str, seed: u64, crowd: &Crowd) -> Result<R
         &["--metrics-listen", ""],
         &logs.join("gateway.log"),
     )?;
+    let (lambda, swap) = (a.lambda.to_string(), a.swap.to_string());
     kids.spawn_trainer(
         &url,
         &ckp,
         a.marks,
         a.epochs_per_round,
-        &[],
+        &["--lambda", &lambda, "--swap", &swap],
         &logs.join("trainer.log"),
     )?;
     for k in 0..a.workers {
@@ -519,7 +526,7 @@ fn render(
          redis-server, gateway, trainer and {} workers as separate processes on this machine; {} simulated experts lease through the gRPC API, \
          answer with the dataset's ground-truth marks (red on the shortcut, green on the digit){}, wait for each proposal and commit it. \
          A round ends after {} committed marks; the trainer then fine-tunes the current model for {} epochs with CE + persistent guidance \
-         (rrr-jacobian, λ = 0.1, confound swap 0.5, propagation auto: the suggester with the best cross-validated fit on the committed marks) and publishes the next version. \
+         (rrr-jacobian, λ = {}, confound swap {}, propagation auto: the suggester with the best cross-validated fit on the committed marks) and publishes the next version. \
          Every run starts from the same base model (trained on the training split, shortcut included) in a fresh Redis; base model and data {:.0} s.\n\n",
         crate::report::command_args(),
         today(),
@@ -536,6 +543,8 @@ fn render(
         },
         a.marks,
         a.epochs_per_round,
+        a.lambda,
+        a.swap,
         setup_s
     );
     if let Some(c) = clean {

@@ -151,10 +151,10 @@ pub struct TrainerArgs {
     /// Saliency loss of persistent guidance (clip, squared, rrr, rrr-jacobian)
     #[arg(long, default_value = "rrr-jacobian")]
     pub loss: String,
-    #[arg(long, default_value_t = 0.1)]
+    #[arg(long, default_value_t = mp_node::trainer::DEFAULT_LAMBDA)]
     pub lambda: f64,
     /// Probability that an image of a propagated batch trades its confound with another's
-    #[arg(long, default_value_t = 0.5)]
+    #[arg(long, default_value_t = mp_node::trainer::DEFAULT_SWAP)]
     pub swap: f64,
     /// How committed marks reach unmarked images: off, union, prototype, segmenter, or auto
     /// (the mode with the best cross-validated fit on the marks)

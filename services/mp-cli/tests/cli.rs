@@ -291,6 +291,9 @@ fn moving_shortcut_data_suggestions_and_the_efficacy_benchmark_end_to_end() {
         d,
         "--seeds",
         "1",
+        // A slice of a study: seed 1 alone (its λ choice, baseline and thesis loop).
+        "--seed-from",
+        "1",
         "--ks",
         "6",
         "--epochs",
@@ -326,6 +329,8 @@ fn moving_shortcut_data_suggestions_and_the_efficacy_benchmark_end_to_end() {
         "thesis refinement loop",
         "| 6 | segmenter |",
         "within 2 points",
+        "1 seed (seed 1)",
+        "λ on the choice split (seed 1)",
     ] {
         assert!(text.contains(row), "missing {row:?} in {out}");
     }

@@ -182,6 +182,15 @@ pub struct TrainerConfig {
     pub claim_idle_ms: u64,
 }
 
+/// λ of the round's persistent guidance (rrr on the whole Jacobian): the value the
+/// validation split picks on every benchmark set once the swap trades every confound; 0.1
+/// costs 4–5 points on the moving sets (BENCHMARKS.md, "Efficacy", "Platform end to end").
+pub const DEFAULT_LAMBDA: f64 = 0.01;
+/// Probability that an image of a guided batch trades its confound with another's: every
+/// image, so that confound and label agree only by chance (with 0.5 the kept half still
+/// teaches the shortcut; measured in BENCHMARKS.md, "Efficacy on moving-sticker").
+pub const DEFAULT_SWAP: f64 = 1.0;
+
 impl Default for TrainerConfig {
     fn default() -> Self {
         TrainerConfig {
@@ -195,13 +204,11 @@ impl Default for TrainerConfig {
                 epochs: 2,
                 ..Default::default()
             },
-            // Measured in BENCHMARKS.md ("Efficacy"): rrr on the whole Jacobian, λ = 0.1, and
-            // the confound swap on half the images carried the moving shortcuts furthest.
             guidance: GuidanceConfig {
-                swap: 0.5,
+                swap: DEFAULT_SWAP,
                 ..GuidanceConfig::new(
                     mp_core::loss::SaliencyLoss::RrrJacobian,
-                    0.1,
+                    DEFAULT_LAMBDA,
                     mp_core::suggest::Propagation::Auto,
                 )
             },
