@@ -194,11 +194,5 @@ fn a_gateway_restart_mid_submit_loses_nothing_drawn() {
     wait_until(&mut h, "the retried submit", t, |app| {
         matches!(app.work, Work::Refining { .. }) && matches!(app.conn, Conn::Up { .. })
     });
-    let marks = s.rt.block_on(store.mark_ids()).unwrap();
-    assert_eq!(marks.len(), 1, "stored once");
-    let mark = s.rt.block_on(store.mark(&marks[0])).unwrap();
-    assert_eq!(
-        (mark.image_id.as_str(), mark.values),
-        (image.as_str(), drawn)
-    );
+    s.assert_one_mark(&store, &image, drawn);
 }

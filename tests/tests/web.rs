@@ -195,13 +195,7 @@ fn a_gateway_restart_mid_session_loses_nothing_and_the_submit_lands_once() {
     b.wait_live("the retried submit", t, |_, s| {
         s["conn"] == "up" && ["refining", "choosing"].contains(&s["work"].as_str().unwrap_or(""))
     });
-    let marks = s.rt.block_on(store.mark_ids()).unwrap();
-    assert_eq!(marks.len(), 1, "stored once");
-    let mark = s.rt.block_on(store.mark(&marks[0])).unwrap();
-    assert_eq!(
-        (mark.image_id.as_str(), mark.values),
-        (image.as_str(), native)
-    );
+    s.assert_one_mark(&store, &image, native);
 }
 
 /// One browser and three simulated experts lease from one queue at once: no image is ever

@@ -7,9 +7,9 @@
 //!
 //! Every choice is made on the validation split, which carries the shortcut like training
 //! (or on a small clean set the expert curates, with `--trusted-val N`, reported as such):
-//! λ per loss, K and propagation mode (on the first seed, whose run with the chosen λ is reused), and the
-//! propagation mode under auto (cross-validation over the marked images only). The test
-//! split is scored, never used for a choice.
+//! λ per loss, K and propagation mode (on the first seed, whose run with the chosen λ is
+//! reused), and the propagation mode under auto (cross-validation over the marked images
+//! only). The test split is scored, never used for a choice.
 
 use crate::common::{bar, load_splits, DataArgs, ModelChoice, Splits};
 use crate::plot::{line_plot, Series};

@@ -121,6 +121,14 @@ impl Stack {
             .unwrap()
     }
 
+    /// Exactly one mark is stored, on `image`, with `values`: a retried submit landed once.
+    pub fn assert_one_mark(&self, store: &Store, image: &str, values: Vec<i8>) {
+        let marks = self.rt.block_on(store.mark_ids()).unwrap();
+        assert_eq!(marks.len(), 1, "stored once");
+        let mark = self.rt.block_on(store.mark(&marks[0])).unwrap();
+        assert_eq!((mark.image_id.as_str(), mark.values), (image, values));
+    }
+
     /// A client app connected as a new expert, driven by a headless harness.
     pub fn client(&self, name: &str) -> Harness<'static, ClientApp> {
         let settings = Settings {
