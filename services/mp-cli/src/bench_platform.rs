@@ -104,6 +104,15 @@ pub struct Run {
 }
 
 impl Run {
+    /// Committed marks with a red part: marks that outline a shortcut (a queue that finds
+    /// the images carrying one spends the experts' time where a mark teaches most).
+    pub fn on_shortcut(&self) -> usize {
+        self.committed
+            .iter()
+            .filter(|(_, _, v)| v.contains(&mp_core::data::RED))
+            .count()
+    }
+
     /// (committed marks, test accuracy) at the base model and after each training phase.
     pub fn curve(&self) -> Vec<(usize, f64)> {
         let mut out = Vec::new();
@@ -628,7 +637,7 @@ fn render(
     // Suggestions and expert time.
     s.push_str(&format!(
         "\nExpert effort (simulated time: {} s to look at an image, {} s to accept a suggestion, {} s per painted pixel):\n\n\
-         | ordering | seed | marks | with a suggestion | accepted | pixels painted | pixels accepted | expert minutes | final test acc % | points gained per expert minute |\n|---|---|---|---|---|---|---|---|---|---|\n",
+         | ordering | seed | marks | on the shortcut (red) | with a suggestion | accepted | pixels painted | pixels accepted | expert minutes | final test acc % | points gained per expert minute |\n|---|---|---|---|---|---|---|---|---|---|---|\n",
         time.look_s, time.accept_s, time.per_painted_pixel_s
     ));
     for r in runs {
@@ -641,10 +650,11 @@ fn render(
             _ => "-".into(),
         };
         s.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {} | {} | {:.1} | {} | {} |\n",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {:.1} | {} | {} |\n",
             r.ordering,
             r.seed,
             sub.len(),
+            r.on_shortcut(),
             sub.iter().filter(|e| e.suggested).count(),
             sub.iter().filter(|e| e.accepted > 0).count(),
             sub.iter().map(|e| e.painted).sum::<usize>(),

