@@ -47,7 +47,7 @@ pub struct PlatformArgs {
     /// Confound-swap probability of the trainer's guided batches
     #[arg(long, default_value_t = mp_node::trainer::DEFAULT_SWAP)]
     pub swap: f64,
-    /// Queue orderings to compare: alignment, margin, random
+    /// Queue orderings to compare: alignment, attention, margin, random
     #[arg(long, default_value = "alignment", value_delimiter = ',')]
     pub orderings: Vec<String>,
     /// Runs per ordering

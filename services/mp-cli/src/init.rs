@@ -41,8 +41,8 @@ pub struct InitArgs {
     pub resize: Option<(u32, u32)>,
     #[arg(long, default_value = "admin")]
     pub admin_name: String,
-    /// The queue's first order, before any mark: margin (alignment and margin orderings) or
-    /// random
+    /// The queue's first order, before any mark: margin (alignment, attention and margin
+    /// orderings) or random
     #[arg(long, default_value = "alignment")]
     pub ordering: String,
     /// Where the pixels go: a directory, or an s3://, gs:// or az:// URL (credentials from

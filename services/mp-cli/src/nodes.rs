@@ -86,7 +86,8 @@ pub struct WorkerArgs {
     /// Run every refinement to its budget (no validation guard, halving or plateau stop)
     #[arg(long)]
     pub refine_no_early_stop: bool,
-    /// Review-queue order: alignment (eq. 6.1 against own / suggested marks / prior), margin,
+    /// Review-queue order: alignment (eq. 6.1 against own / suggested marks / prior),
+    /// attention (least saliency on suggested green, most on suggested red first), margin,
     /// or random
     #[arg(long, env = "MP_ORDERING", default_value = "alignment")]
     pub ordering: String,

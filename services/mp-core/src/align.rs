@@ -220,6 +220,10 @@ pub enum Ordering {
     Margin,
     /// Uniformly random.
     Random,
+    /// Least attention on what the suggested mark calls relevant first
+    /// ([`attention_share`]: the saliency mass on suggested green minus that on suggested
+    /// red), the margin before any suggestion exists.
+    Attention,
 }
 
 impl std::str::FromStr for Ordering {
@@ -229,8 +233,9 @@ impl std::str::FromStr for Ordering {
             "alignment" => Ok(Ordering::Alignment),
             "margin" => Ok(Ordering::Margin),
             "random" => Ok(Ordering::Random),
+            "attention" => Ok(Ordering::Attention),
             _ => Err(CoreError::invalid(format!(
-                "unknown ordering {s:?} (alignment, margin, random)"
+                "unknown ordering {s:?} (alignment, attention, margin, random)"
             ))),
         }
     }
@@ -242,6 +247,7 @@ impl Ordering {
             Ordering::Alignment => "alignment",
             Ordering::Margin => "margin",
             Ordering::Random => "random",
+            Ordering::Attention => "attention",
         }
     }
 }
@@ -256,6 +262,45 @@ pub fn margin_score(probs: &[f32]) -> f64 {
         [] => 0.0,
     };
     2.0 * margin.clamp(0.0, 1.0) - 1.0
+}
+
+/// Where the model's attention goes, against a suggested mark: the share of the saliency
+/// mass Σ|g| that falls on suggested green (grown by one pixel: gradient saliency spreads
+/// beside what it reads), minus the share on suggested red weighted by the red confidence;
+/// in [-1, 1], low when the model looks at what an expert would paint red, or at anything
+/// but what they would paint green. Unlike eq. 6.1, which counts the *marked* pixels the
+/// model covers, this counts where the *model's* attention lies, so a suggestion with green
+/// only (before any shortcut was marked) already singles out an image whose attention is
+/// pulled off the object. `suggested` holds the quantised guidance weights of one image
+/// (red > 0, green < 0, magnitude = confidence · 127), row-major with `width` columns.
+/// `None` when nothing is suggested, the sizes differ or the map is not finite or all zero.
+pub fn attention_share(map: &[f32], width: usize, suggested: &[i8]) -> Option<f64> {
+    if width == 0
+        || map.len() != suggested.len()
+        || !map.len().is_multiple_of(width)
+        || suggested.iter().all(|&q| q == 0)
+        || map.iter().any(|v| !v.is_finite())
+    {
+        return None;
+    }
+    let total: f64 = map.iter().map(|v| v.abs() as f64).sum();
+    if total <= 0.0 {
+        return None;
+    }
+    let height = map.len() / width;
+    let green = |r: usize, c: usize| suggested[r * width + c] < 0;
+    let (mut on_green, mut on_red) = (0f64, 0f64);
+    for (i, (&m, &q)) in map.iter().zip(suggested).enumerate() {
+        let (r, c) = (i / width, i % width);
+        let near_green = (r.saturating_sub(1)..=(r + 1).min(height - 1))
+            .any(|rr| (c.saturating_sub(1)..=(c + 1).min(width - 1)).any(|cc| green(rr, cc)));
+        if q > 0 {
+            on_red += m.abs() as f64 * q as f64 / 127.0;
+        } else if near_green {
+            on_green += m.abs() as f64;
+        }
+    }
+    Some(((on_green - on_red) / total).clamp(-1.0, 1.0))
 }
 
 /// Priority of one image from its saliency map, class probabilities, its own mark if any,
@@ -347,6 +392,46 @@ mod tests {
     }
 
     #[test]
+    fn attention_share_follows_the_saliency_mass() {
+        // 3x4 image; green on column 0 (grown: columns 0-1), red (confidence 1) on column 3.
+        let sug: Vec<i8> = (0..12)
+            .map(|i| match i % 4 {
+                0 => -127,
+                3 => 127,
+                _ => 0,
+            })
+            .collect();
+        let on = |cols: &[usize]| -> Vec<f32> {
+            (0..12)
+                .map(|i| if cols.contains(&(i % 4)) { 1.0 } else { 0.0 })
+                .collect()
+        };
+        // All attention on the object (or right beside it): 1; all on the red: -1.
+        assert_eq!(attention_share(&on(&[0]), 4, &sug), Some(1.0));
+        assert_eq!(attention_share(&on(&[1]), 4, &sug), Some(1.0));
+        assert_eq!(attention_share(&on(&[3]), 4, &sug), Some(-1.0));
+        // Off the object, on nothing marked: 0; half object half red: 0.
+        assert_eq!(attention_share(&on(&[2]), 4, &sug), Some(0.0));
+        assert_eq!(attention_share(&on(&[0, 3]), 4, &sug), Some(0.0));
+        // Green only (no shortcut marked yet): attention pulled off the object scores lower.
+        let green_only: Vec<i8> = sug.iter().map(|&q| q.min(0)).collect();
+        let reads = attention_share(&on(&[0]), 4, &green_only).unwrap();
+        let pulled = attention_share(&on(&[0, 3]), 4, &green_only).unwrap();
+        assert!(pulled < reads, "{pulled} < {reads}");
+        // Red weighted by its confidence.
+        let half: Vec<i8> = sug.iter().map(|&q| if q > 0 { 64 } else { q }).collect();
+        let s = attention_share(&on(&[3]), 4, &half).unwrap();
+        assert!((s + 64.0 / 127.0).abs() < 1e-9, "{s}");
+        // Nothing suggested, wrong size, NaN, no attention at all: no score.
+        assert_eq!(attention_share(&on(&[0]), 4, &[0; 12]), None);
+        assert_eq!(attention_share(&on(&[0])[..8], 4, &sug), None);
+        let mut nan = on(&[0]);
+        nan[5] = f32::NAN;
+        assert_eq!(attention_share(&nan, 4, &sug), None);
+        assert_eq!(attention_share(&[0.0; 12], 4, &sug), None);
+    }
+
+    #[test]
     fn prior_predicts_per_class_then_global_and_priority_falls_back_to_margin() {
         let mut p = HumanPrior::new(2, 4, 1);
         assert!(p.is_empty() && p.predict(0, 1, 0.0).is_none());
@@ -380,6 +465,10 @@ mod tests {
         assert_eq!((p_sug.basis, p_sug.score), (PriorityBasis::Suggestion, 1.0));
         assert!((margin_score(&[0.2, 0.5, 0.3]) - (2.0 * 0.2 - 1.0)).abs() < 1e-6);
         assert_eq!("random".parse::<Ordering>().unwrap(), Ordering::Random);
+        assert_eq!(
+            "attention".parse::<Ordering>().unwrap(),
+            Ordering::Attention
+        );
         assert!("best".parse::<Ordering>().is_err());
     }
 }

@@ -6,7 +6,7 @@ use crate::data::{
 };
 use crate::{NodeError, Result};
 use actix::prelude::*;
-use mp_core::align::{margin_score, priority, AlignConfig, HumanPrior, Ordering};
+use mp_core::align::{attention_share, margin_score, priority, AlignConfig, HumanPrior, Ordering};
 use mp_core::data::{Dataset, Mask, GREEN, RED};
 use mp_core::model::Model;
 use mp_core::refine::{refine, Proposal, ProposalReport, RefineConfig};
@@ -279,9 +279,15 @@ impl Handler<ScoreImages> for Worker {
                 let score = match msg.ordering {
                     Ordering::Random => 2.0 * rng.next_f64() - 1.0,
                     Ordering::Margin => margin_score(&p),
-                    Ordering::Alignment if rng.next_f64() < msg.exploration => {
+                    Ordering::Alignment | Ordering::Attention
+                        if rng.next_f64() < msg.exploration =>
+                    {
                         2.0 * rng.next_f64() - 1.0
                     }
+                    Ordering::Attention => q
+                        .as_ref()
+                        .and_then(|q| attention_share(&maps[k], ds.width, q))
+                        .unwrap_or_else(|| margin_score(&p)),
                     Ordering::Alignment => {
                         priority(
                             &maps[k],
