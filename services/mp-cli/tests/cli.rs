@@ -44,6 +44,31 @@ fn fake_mnist(dir: &Path) {
     }
 }
 
+/// `mp data KIND` into `out` at 300 / 100 / 100 images, with `extra` arguments.
+fn small_data<'a>(
+    kind: &'a str,
+    out: &'a Path,
+    mnist: &'a Path,
+    extra: &[&'a str],
+) -> Vec<&'a str> {
+    let mut args = vec![
+        "data",
+        kind,
+        "--out",
+        out.to_str().unwrap(),
+        "--mnist",
+        mnist.to_str().unwrap(),
+        "--n-train",
+        "300",
+        "--n-val",
+        "100",
+        "--n-test",
+        "100",
+    ];
+    args.extend_from_slice(extra);
+    args
+}
+
 #[test]
 fn data_train_eval_saliency_refine_round_trip() {
     let tmp = tempfile::tempdir().unwrap();
@@ -193,20 +218,7 @@ fn moving_shortcut_data_suggestions_and_the_efficacy_benchmark_end_to_end() {
     let mnist = t.join("package");
     let data = t.join("moving-sticker");
     let d = data.to_str().unwrap();
-    let out = ok(&[
-        "data",
-        "moving-sticker",
-        "--out",
-        d,
-        "--mnist",
-        mnist.to_str().unwrap(),
-        "--n-train",
-        "300",
-        "--n-val",
-        "100",
-        "--n-test",
-        "100",
-    ]);
+    let out = ok(&small_data("moving-sticker", &data, &mnist, &[]));
     assert!(
         out.contains("300 train") && out.contains("clean twins"),
         "{out}"
@@ -402,24 +414,8 @@ fn a_shortcut_in_part_of_the_images() {
     fake_mnist(t);
     let mnist = t.join("package");
     let data = t.join("share");
-    let gen = |kind: &str, out: &Path| {
-        mp(&[
-            "data",
-            kind,
-            "--out",
-            out.to_str().unwrap(),
-            "--mnist",
-            mnist.to_str().unwrap(),
-            "--n-train",
-            "300",
-            "--n-val",
-            "100",
-            "--n-test",
-            "100",
-            "--shortcut-share",
-            "0.4",
-        ])
-    };
+    let gen =
+        |kind: &str, out: &Path| mp(&small_data(kind, out, &mnist, &["--shortcut-share", "0.4"]));
     assert!(gen("moving-sticker", &data).status.success());
     let (mut same, mut all) = (0, 0);
     for class in std::fs::read_dir(data.join("train")).unwrap() {
