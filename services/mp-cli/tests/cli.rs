@@ -44,11 +44,12 @@ fn fake_mnist(dir: &Path) {
     }
 }
 
-/// `mp data KIND` into `out` at 300 / 100 / 100 images, with `extra` arguments.
+/// `mp data KIND` into `out` at `n_train` / 100 / 100 images, with `extra` arguments.
 fn small_data<'a>(
     kind: &'a str,
     out: &'a Path,
     mnist: &'a Path,
+    n_train: &'a str,
     extra: &[&'a str],
 ) -> Vec<&'a str> {
     let mut args = vec![
@@ -59,7 +60,7 @@ fn small_data<'a>(
         "--mnist",
         mnist.to_str().unwrap(),
         "--n-train",
-        "300",
+        n_train,
         "--n-val",
         "100",
         "--n-test",
@@ -76,20 +77,7 @@ fn data_train_eval_saliency_refine_round_trip() {
     fake_mnist(t);
     let mnist = t.join("package");
     let data = t.join("data");
-    let out = ok(&[
-        "data",
-        "decoy-mnist",
-        "--out",
-        data.to_str().unwrap(),
-        "--mnist",
-        mnist.to_str().unwrap(),
-        "--n-train",
-        "400",
-        "--n-val",
-        "100",
-        "--n-test",
-        "100",
-    ]);
+    let out = ok(&small_data("decoy-mnist", &data, &mnist, "400", &[]));
     assert!(out.contains("400 train"), "{out}");
     assert!(data.join("marks/3").read_dir().unwrap().count() > 0);
     let model = t.join("m.safetensors");
@@ -218,7 +206,7 @@ fn moving_shortcut_data_suggestions_and_the_efficacy_benchmark_end_to_end() {
     let mnist = t.join("package");
     let data = t.join("moving-sticker");
     let d = data.to_str().unwrap();
-    let out = ok(&small_data("moving-sticker", &data, &mnist, &[]));
+    let out = ok(&small_data("moving-sticker", &data, &mnist, "300", &[]));
     assert!(
         out.contains("300 train") && out.contains("clean twins"),
         "{out}"
@@ -414,8 +402,15 @@ fn a_shortcut_in_part_of_the_images() {
     fake_mnist(t);
     let mnist = t.join("package");
     let data = t.join("share");
-    let gen =
-        |kind: &str, out: &Path| mp(&small_data(kind, out, &mnist, &["--shortcut-share", "0.4"]));
+    let gen = |kind: &str, out: &Path| {
+        mp(&small_data(
+            kind,
+            out,
+            &mnist,
+            "300",
+            &["--shortcut-share", "0.4"],
+        ))
+    };
     assert!(gen("moving-sticker", &data).status.success());
     let (mut same, mut all) = (0, 0);
     for class in std::fs::read_dir(data.join("train")).unwrap() {

@@ -288,15 +288,18 @@ pub fn attention_share(map: &[f32], width: usize, suggested: &[i8]) -> Option<f6
         return None;
     }
     let height = map.len() / width;
-    let green = |r: usize, c: usize| suggested[r * width + c] < 0;
+    // Green, or beside green (the 3x3 neighbourhood).
+    let near_green = |i: usize| {
+        let (r, c) = (i / width, i % width);
+        (r.saturating_sub(1)..=(r + 1).min(height - 1)).any(|rr| {
+            (c.saturating_sub(1)..=(c + 1).min(width - 1)).any(|cc| suggested[rr * width + cc] < 0)
+        })
+    };
     let (mut on_green, mut on_red) = (0f64, 0f64);
     for (i, (&m, &q)) in map.iter().zip(suggested).enumerate() {
-        let (r, c) = (i / width, i % width);
-        let near_green = (r.saturating_sub(1)..=(r + 1).min(height - 1))
-            .any(|rr| (c.saturating_sub(1)..=(c + 1).min(width - 1)).any(|cc| green(rr, cc)));
         if q > 0 {
             on_red += m.abs() as f64 * q as f64 / 127.0;
-        } else if near_green {
+        } else if near_green(i) {
             on_green += m.abs() as f64;
         }
     }
