@@ -222,7 +222,8 @@ pub enum Ordering {
     Random,
     /// Least attention on what the suggested mark calls relevant first
     /// ([`attention_share`]: the saliency mass on suggested green minus that on suggested
-    /// red), the margin before any suggestion exists.
+    /// red); before any suggestion exists, the most confident images of each class first
+    /// ([`confidence_ranks`]).
     Attention,
 }
 
@@ -262,6 +263,37 @@ pub fn margin_score(probs: &[f32]) -> f64 {
         [] => 0.0,
     };
     2.0 * margin.clamp(0.0, 1.0) - 1.0
+}
+
+/// The cold start of the `attention` ordering, before any suggestion exists: the most
+/// confident images of each class first. Where a shortcut agrees with the object, the
+/// decision is over-determined and the model is surest; uncertainty sampling (the margin)
+/// ranks exactly those images last. `confidence[i]` is image i's probability of its label,
+/// `labels[i]` its class; the score is the image's rank within its class as a share of the
+/// class, mapped to [-1, 1] (lowest first), so the head of the queue takes every class in
+/// turn. A non-finite confidence ranks last in its class.
+pub fn confidence_ranks(confidence: &[f64], labels: &[i64]) -> Vec<f64> {
+    let key = |i: usize| {
+        let c = confidence.get(i).copied().unwrap_or(f64::NAN);
+        if c.is_finite() {
+            c
+        } else {
+            f64::NEG_INFINITY
+        }
+    };
+    let mut out = vec![1.0; labels.len()];
+    let mut classes: Vec<i64> = labels.to_vec();
+    classes.sort_unstable();
+    classes.dedup();
+    for c in classes {
+        let mut idx: Vec<usize> = (0..labels.len()).filter(|&i| labels[i] == c).collect();
+        idx.sort_by(|&a, &b| key(b).total_cmp(&key(a)).then(a.cmp(&b)));
+        let n = idx.len() as f64;
+        for (r, &i) in idx.iter().enumerate() {
+            out[i] = 2.0 * r as f64 / n - 1.0;
+        }
+    }
+    out
 }
 
 /// Where the model's attention goes, against a suggested mark: the share of the saliency
@@ -473,5 +505,20 @@ mod tests {
             Ordering::Attention
         );
         assert!("best".parse::<Ordering>().is_err());
+    }
+
+    #[test]
+    fn confidence_ranks_take_each_class_in_turn() {
+        // Class 0: confidences 0.9, 0.5; class 1: 0.2, 0.99, NaN.
+        let conf = [0.9, 0.2, 0.5, 0.99, f64::NAN];
+        let labels = [0, 1, 0, 1, 1];
+        let r = confidence_ranks(&conf, &labels);
+        // Each class's most confident image scores -1 (first), the next 2·rank/n - 1.
+        assert_eq!(r[0], -1.0);
+        assert_eq!(r[3], -1.0);
+        assert_eq!(r[2], 0.0);
+        assert!((r[1] - (2.0 / 3.0 - 1.0)).abs() < 1e-12);
+        assert!((r[4] - (4.0 / 3.0 - 1.0)).abs() < 1e-12);
+        assert!(confidence_ranks(&[], &[]).is_empty());
     }
 }

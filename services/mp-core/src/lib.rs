@@ -11,6 +11,8 @@
 //! - [`loss`]: the saliency losses (`clip`, `squared`, `rrr`) built by double backprop.
 //! - [`refine`]: the thesis refinement loop returning a [`refine::Proposal`].
 //! - [`align`]: alignment (eq. 6.1), the human prior and review-queue priority.
+//! - [`reliance`]: how much a decision rests on a small region (its most salient pixels
+//!   erased), a mark-free signal for the review queue's cold start.
 //! - [`suggest`]: learned mark propagation — suggested red / green masks with a confidence
 //!   per pixel (union, colour/texture prototypes, a few-shot segmenter), the mode chosen by
 //!   cross-validated fit.
@@ -35,6 +37,7 @@ pub mod error;
 pub mod loss;
 pub mod model;
 pub mod refine;
+pub mod reliance;
 pub mod render;
 pub mod rng;
 pub mod saliency;
