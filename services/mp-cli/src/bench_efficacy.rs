@@ -24,7 +24,7 @@ use mp_core::suggest::{
     best_fit, calibrated, cross_validate, ModeFit, Propagation, SuggestConfig, SuggestMode,
     Suggester,
 };
-use mp_core::train::{evaluate, train_with, GuidanceConfig, OptimizerKind, TrainConfig};
+use mp_core::train::{evaluate, train, train_with, GuidanceConfig, OptimizerKind, TrainConfig};
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -212,6 +212,29 @@ pub(crate) fn fresh_model(
         (ds.channels, ds.height, ds.width),
         device,
     )
+}
+
+/// The unguided base model of the mark-free benchmarks: small CNN, seed 0, `epochs` of CE on
+/// the training split (its marks ignored).
+pub(crate) fn unguided_base(ds: &Dataset, epochs: usize) -> Result<Model> {
+    let mut base = fresh_model(
+        ds,
+        0,
+        &ModelChoice::Builtin(mp_core::model::Arch::SmallCnn),
+        mp_core::device::auto(),
+    )?;
+    let cfg = TrainConfig {
+        epochs,
+        ..Default::default()
+    };
+    train(
+        &mut base,
+        &ds.without_marks(),
+        &[],
+        &cfg,
+        &mut |_, _, _, _| {},
+    )?;
+    Ok(base)
 }
 
 struct Runner<'a> {

@@ -10,7 +10,6 @@ use crate::report::{machine_line, today, write_section};
 use anyhow::{bail, Result};
 use clap::Args;
 use mp_core::refine::{refine, HalveOn, Proposal, RefineConfig};
-use mp_core::train::{train, TrainConfig};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
@@ -78,23 +77,7 @@ pub fn run(a: ProposalsArgs) -> Result<()> {
         );
     }
     let ds = &splits.train;
-    let mut base = crate::bench_efficacy::fresh_model(
-        ds,
-        0,
-        &crate::common::ModelChoice::Builtin(mp_core::model::Arch::SmallCnn),
-        mp_core::device::auto(),
-    )?;
-    let cfg = TrainConfig {
-        epochs: a.epochs,
-        ..Default::default()
-    };
-    train(
-        &mut base,
-        &ds.without_marks(),
-        &[],
-        &cfg,
-        &mut |_, _, _, _| {},
-    )?;
+    let base = crate::bench_efficacy::unguided_base(ds, a.epochs)?;
     let mut order = marked.clone();
     mp_core::rng::Rng::new(7).shuffle(&mut order);
     let before = RefineConfig {

@@ -2,6 +2,7 @@
 
 mod bench_efficacy;
 mod bench_experts;
+mod bench_ordering;
 mod bench_platform;
 mod bench_proposals;
 mod bench_queue;
@@ -115,6 +116,9 @@ enum BenchCmd {
     Views(bench_views::ViewsArgs),
     /// Refinement proposals per marked image: iterations, attention moved, earlier vs current defaults
     Proposals(bench_proposals::ProposalsArgs),
+    /// Mark-free queue signals on a set with the shortcut in some images: are the shortcut
+    /// images reviewed first?
+    Ordering(bench_ordering::OrderingArgs),
 }
 
 fn main() {
@@ -143,6 +147,7 @@ fn main() {
         Command::Bench(BenchCmd::Platform(a)) => bench_platform::run(a),
         Command::Bench(BenchCmd::Experts(a)) => bench_experts::run(a),
         Command::Bench(BenchCmd::Proposals(a)) => bench_proposals::run(a),
+        Command::Bench(BenchCmd::Ordering(a)) => bench_ordering::run(a),
         Command::Bench(BenchCmd::Scale(a)) => bench_scale::run(a),
         Command::Bench(BenchCmd::Views(a)) => bench_views::run(a),
         Command::Gateway(a) => platform::gateway(a),
