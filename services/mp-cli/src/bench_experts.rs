@@ -177,7 +177,7 @@ pub fn run(a: ExpertsArgs) -> Result<()> {
         base: &base,
         dir,
     };
-    let ordering = p.orderings.first().cloned().unwrap_or("alignment".into());
+    let ordering = p.orderings.first().cloned().unwrap_or("attention".into());
     let mut results: Vec<(usize, Run)> = Vec::new();
     for seed in 0..p.seeds {
         for (k, c) in configs.iter().enumerate() {

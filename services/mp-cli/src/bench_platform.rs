@@ -48,7 +48,7 @@ pub struct PlatformArgs {
     #[arg(long, default_value_t = mp_node::trainer::DEFAULT_SWAP)]
     pub swap: f64,
     /// Queue orderings to compare: alignment, attention, margin, random
-    #[arg(long, default_value = "alignment", value_delimiter = ',')]
+    #[arg(long, default_value = "attention", value_delimiter = ',')]
     pub orderings: Vec<String>,
     /// Runs per ordering
     #[arg(long, default_value_t = 1)]

@@ -41,9 +41,10 @@ pub struct InitArgs {
     pub resize: Option<(u32, u32)>,
     #[arg(long, default_value = "admin")]
     pub admin_name: String,
-    /// The queue's first order, before any mark: margin (alignment, attention and margin
-    /// orderings) or random
-    #[arg(long, default_value = "alignment")]
+    /// The queue's first order, before any mark, for the workers' ordering: attention (each
+    /// class's most confident images first), alignment and margin (least certain first),
+    /// or random
+    #[arg(long, default_value = "attention")]
     pub ordering: String,
     /// Where the pixels go: a directory, or an s3://, gs:// or az:// URL (credentials from
     /// the environment, as each provider's tools read them). Default: `images` in the
@@ -94,7 +95,7 @@ impl InitArgs {
             arch: "small-cnn".into(),
             resize: None,
             admin_name: "admin".into(),
-            ordering: "alignment".into(),
+            ordering: "attention".into(),
             image_store: None,
             skip_bad: false,
             force: false,
@@ -131,6 +132,20 @@ pub fn image_record(ds: &Dataset, i: usize) -> ImageRecord {
         channels: c as u32,
         pixels,
     }
+}
+
+/// Each image's probability of its label.
+fn label_confidences(model: &Model, ds: &Dataset) -> Result<Vec<f64>> {
+    let mut out = Vec::with_capacity(ds.len());
+    let idx: Vec<usize> = (0..ds.len()).collect();
+    for chunk in idx.chunks(512) {
+        let (x, _) = ds.batch(chunk, model.device());
+        let probs = predict(model, &x);
+        for (k, &i) in chunk.iter().enumerate() {
+            out.push(probs.f_double_value(&[k as i64, ds.labels[i]])?);
+        }
+    }
+    Ok(out)
 }
 
 /// Initial priorities: the uncertainty margin of every image (no mark exists yet).
@@ -459,6 +474,8 @@ pub fn project_init(a: InitArgs) -> Result<Option<String>> {
     let pb = bar(total as u64, "storing images");
     let mut rng = mp_core::rng::Rng::new(mp_store::now_ms());
     let mut items: Vec<(String, f64)> = Vec::new();
+    // (label, confidence) of every training image, in `items`' order (attention ordering).
+    let mut cold: Vec<(i64, f64)> = Vec::new();
     let mut stored: Vec<String> = Vec::new();
     let (mut val, mut test) = (Scores::default(), Scores::default());
     for (split, files) in [
@@ -495,6 +512,12 @@ pub fn project_init(a: InitArgs) -> Result<Option<String>> {
                     mp_core::align::Ordering::Random => {
                         (0..ds.len()).map(|_| 2.0 * rng.next_f64() - 1.0).collect()
                     }
+                    mp_core::align::Ordering::Attention => {
+                        // Ranked per class over the whole split once it is read.
+                        let c = label_confidences(model, &ds)?;
+                        cold.extend(ds.labels.iter().copied().zip(c));
+                        vec![0.0; ds.len()]
+                    }
                     _ => margin_priorities(model, &ds)?,
                 };
                 items.extend(records.iter().map(|r| r.id.clone()).zip(prios));
@@ -514,6 +537,15 @@ pub fn project_init(a: InitArgs) -> Result<Option<String>> {
         }
     }
     pb.finish_and_clear();
+    if !cold.is_empty() {
+        let (labels, conf): (Vec<i64>, Vec<f64>) = cold.into_iter().unzip();
+        for (item, r) in items
+            .iter_mut()
+            .zip(mp_core::align::confidence_ranks(&conf, &labels))
+        {
+            item.1 = r;
+        }
+    }
     if bad.refusing() {
         rt.block_on(store.forget_images(&stored))?;
         return Err(bad.refusal());

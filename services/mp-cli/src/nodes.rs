@@ -86,11 +86,16 @@ pub struct WorkerArgs {
     /// Run every refinement to its budget (no validation guard, halving or plateau stop)
     #[arg(long)]
     pub refine_no_early_stop: bool,
-    /// Review-queue order: alignment (eq. 6.1 against own / suggested marks / prior),
-    /// attention (least saliency on suggested green, most on suggested red first), margin,
-    /// or random
-    #[arg(long, env = "MP_ORDERING", default_value = "alignment")]
+    /// Review-queue order: attention (least saliency on suggested green, most on suggested
+    /// red first; before any suggestion, each class's most confident images first),
+    /// alignment (eq. 6.1 against own / suggested marks / prior; the margin before any
+    /// mark), margin, or random
+    #[arg(long, env = "MP_ORDERING", default_value = "attention")]
     pub ordering: String,
+    /// Share of images given a random priority instead (alignment and attention orderings),
+    /// so that no image is starved by a signal that is wrong about it
+    #[arg(long, default_value_t = 0.05, value_parser = share)]
+    pub exploration: f64,
     /// How suggested marks are made: union, prototype, segmenter, auto (best
     /// cross-validated fit), or off (no suggestions)
     #[arg(long, env = "MP_PROPAGATION", default_value = "auto")]
@@ -129,6 +134,7 @@ pub fn worker(a: WorkerArgs) -> Result<()> {
             ..Default::default()
         },
         ordering: a.ordering.parse()?,
+        exploration: a.exploration,
         propagation: a.propagation.parse()?,
         ..Default::default()
     };
@@ -597,4 +603,12 @@ pub fn up(a: UpArgs) -> Result<()> {
     drop(kids);
     redis.stop();
     Ok(())
+}
+
+/// A share in [0, 1].
+fn share(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if (0.0..=1.0).contains(&v) => Ok(v),
+        _ => Err(format!("{s:?} is not a share between 0 and 1")),
+    }
 }

@@ -126,7 +126,7 @@ async fn init_names_bad_files_skips_them_on_request_and_stores_pixels_outside_re
     let chosen = format!("op_{}", "7".repeat(40));
     let o = Command::new(env!("CARGO_BIN_EXE_mp"))
         .args(["project", "init", "--force", "--skip-bad", "--epochs", "1"])
-        .args(["--overlap", "2"])
+        .args(["--overlap", "2", "--ordering", "attention"])
         .args(["--redis-url", &redis.url()])
         .arg("--checkpoints")
         .arg(&ck)
@@ -158,6 +158,32 @@ async fn init_names_bad_files_skips_them_on_request_and_stores_pixels_outside_re
     );
     assert_eq!(store.experts().await.unwrap().len(), 1);
     assert_eq!(store.image_ids().await.unwrap().len(), 40);
+    // `--ordering attention`: the cold start ranks each class's images by the base model's
+    // confidence in their label, the most confident of every class first (2·rank/n − 1).
+    let queued: Vec<(String, f64)> = redis::cmd("ZRANGE")
+        .arg("mp:queue")
+        .arg(0)
+        .arg(-1)
+        .arg("WITHSCORES")
+        .query_async(&mut store.connection())
+        .await
+        .unwrap();
+    assert_eq!(queued.len(), 40);
+    let ids: Vec<String> = queued.iter().map(|(id, _)| id.clone()).collect();
+    let mut by_class: std::collections::BTreeMap<u32, Vec<f64>> = Default::default();
+    for ((_, p), r) in queued.iter().zip(store.images(&ids).await.unwrap()) {
+        by_class.entry(r.label).or_default().push(*p);
+    }
+    assert!(by_class.len() > 1, "{by_class:?}");
+    for (class, ps) in &by_class {
+        let n = ps.len() as f64;
+        for (r, p) in ps.iter().enumerate() {
+            assert!(
+                (p - (2.0 * r as f64 / n - 1.0)).abs() < 1e-9,
+                "class {class}: {ps:?}"
+            );
+        }
+    }
     // Overlap: set at init, changed later; out of range refused.
     assert_eq!(store.overlap().await.unwrap(), 2);
     let overlap = |n: &str| {

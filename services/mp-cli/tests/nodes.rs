@@ -19,6 +19,43 @@ async fn gateway(redis_url: &str, ck: &Path) -> mp_e2e::TestGateway {
     mp_e2e::TestGateway::start(mp_e2e::gateway_config(redis_url, ck)).await
 }
 
+/// A worker process named `name` on the project whose checkpoints are in `ck`.
+fn spawn_worker(
+    redis_url: &str,
+    ck: &Path,
+    name: &str,
+    extra: &[&str],
+    log: &Path,
+) -> common::Proc {
+    let ckp = ck.to_str().unwrap();
+    let mut args = vec![
+        "worker",
+        "--redis-url",
+        redis_url,
+        "--checkpoints",
+        ckp,
+        "--name",
+        name,
+    ];
+    args.extend_from_slice(extra);
+    spawn(&args, log)
+}
+
+/// Asks the workers for a scoring pass of version 1 over `ids`.
+async fn score_pass(store: &Store, ids: &[String]) {
+    store
+        .add_job(
+            mp_store::SCORE_STREAM,
+            &[
+                ("kind", "score".into()),
+                ("version", "1".into()),
+                ("images", ids.join(" ")),
+            ],
+        )
+        .await
+        .unwrap();
+}
+
 /// Leases one image and submits a red mark on its top rows; returns the proposal id.
 async fn mark_one(c: &Client, key: &str) -> String {
     let l = c
@@ -869,31 +906,9 @@ async fn a_missing_or_corrupt_image_is_reported_and_skipped_and_the_worker_goes_
     std::fs::remove_file(images.join(mp_store::images::object_key(&gone))).unwrap();
     std::fs::write(images.join(mp_store::images::object_key(&garbled)), b"junk").unwrap();
     let gw = gateway(&redis.url(), &ck).await;
-    let ckp = ck.to_str().unwrap().to_string();
-    let mut w = spawn(
-        &[
-            "worker",
-            "--redis-url",
-            &redis.url(),
-            "--checkpoints",
-            &ckp,
-            "--name",
-            "w",
-        ],
-        &dir.path().join("w.log"),
-    );
+    let mut w = spawn_worker(&redis.url(), &ck, "w", &[], &dir.path().join("w.log"));
     // A scoring pass over every training image, the bad ones included.
-    store
-        .add_job(
-            mp_store::SCORE_STREAM,
-            &[
-                ("kind", "score".into()),
-                ("version", "1".into()),
-                ("images", ids.join(" ")),
-            ],
-        )
-        .await
-        .unwrap();
+    score_pass(&store, &ids).await;
     let start = Instant::now();
     let bad = loop {
         let bad = store.bad_images().await.unwrap();
@@ -983,19 +998,7 @@ async fn views_not_stored_are_computed_by_a_worker_for_every_waiting_expert() {
     let ck = dir.path().join("ck");
     let admin = mp_e2e::platform_project(&store, 30, &ck).await;
     let gw = gateway(&redis.url(), &ck).await;
-    let ckp = ck.to_str().unwrap().to_string();
-    let mut w = spawn(
-        &[
-            "worker",
-            "--redis-url",
-            &redis.url(),
-            "--checkpoints",
-            &ckp,
-            "--name",
-            "views",
-        ],
-        &dir.path().join("w.log"),
-    );
+    let mut w = spawn_worker(&redis.url(), &ck, "views", &[], &dir.path().join("w.log"));
     let start = Instant::now();
     while store.view_workers(2000).await.unwrap() == 0 {
         assert!(
@@ -1344,4 +1347,72 @@ async fn retention_removes_old_settled_proposal_weights_only() {
     assert!(!weights(&settled).exists());
     assert!(weights(&open).exists() && weights(&recent).exists());
     assert!(ck.join("v1.safetensors").exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_attention_ordering_starts_with_each_classs_most_confident_images() {
+    // Before any mark exists, a worker with `--ordering attention` queues the images by their
+    // confidence rank within their class (the model is surest where a shortcut agrees with
+    // the object), not by the margin.
+    const N: usize = 40;
+    let dir = tempfile::tempdir().unwrap();
+    let redis = RedisServer::start_free(&dir.path().join("redis")).unwrap();
+    let store = Store::connect(&redis.url(), "mp").await.unwrap();
+    let ck = dir.path().join("ck");
+    mp_e2e::platform_project(&store, N, &ck).await;
+    let ids = store.image_ids().await.unwrap();
+    // A sentinel priority outside [-1, 1]: the pass has finished when none is left.
+    let sentinel: Vec<(String, f64)> = ids.iter().map(|id| (id.clone(), 5.0)).collect();
+    store.enqueue(&sentinel).await.unwrap();
+    let _w = spawn_worker(
+        &redis.url(),
+        &ck,
+        "w",
+        &["--ordering", "attention", "--exploration", "0"],
+        &dir.path().join("w.log"),
+    );
+    score_pass(&store, &ids).await;
+    let mut c = store.connection();
+    let start = Instant::now();
+    let queued: Vec<(String, f64)> = loop {
+        let q: Vec<(String, f64)> = redis::cmd("ZRANGE")
+            .arg("mp:queue")
+            .arg(0)
+            .arg(-1)
+            .arg("WITHSCORES")
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        if q.len() == N && q.iter().all(|(_, p)| *p < 2.0) {
+            break q;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(90),
+            "the scoring pass never re-queued every image"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    // Expected: ranks of each image's probability of its label (from the views the pass
+    // stored) within its class.
+    let views = store.image_store().await.unwrap();
+    let records = store.images(&ids).await.unwrap();
+    let mut conf = Vec::new();
+    let mut labels = Vec::new();
+    for r in &records {
+        let v = views.view(1, &r.id).await.unwrap().expect("view stored");
+        conf.push(v.probabilities[r.label as usize] as f64);
+        labels.push(r.label as i64);
+    }
+    let want = mp_core::align::confidence_ranks(&conf, &labels);
+    let got: std::collections::HashMap<&str, f64> =
+        queued.iter().map(|(id, p)| (id.as_str(), *p)).collect();
+    let same = records
+        .iter()
+        .zip(&want)
+        .filter(|(r, w)| (got[r.id.as_str()] - **w).abs() < 1e-9)
+        .count();
+    assert!(
+        same == N,
+        "{same} of {N} images queued at their confidence rank: {queued:?} want {want:?}"
+    );
 }

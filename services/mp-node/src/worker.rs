@@ -6,7 +6,9 @@ use crate::data::{
 };
 use crate::{NodeError, Result};
 use actix::prelude::*;
-use mp_core::align::{attention_share, margin_score, priority, AlignConfig, HumanPrior, Ordering};
+use mp_core::align::{
+    attention_share, confidence_ranks, margin_score, priority, AlignConfig, HumanPrior, Ordering,
+};
 use mp_core::data::{Dataset, Mask, GREEN, RED};
 use mp_core::model::Model;
 use mp_core::refine::{refine, Proposal, ProposalReport, RefineConfig};
@@ -49,7 +51,7 @@ pub struct ScoreImages {
     pub propagation: Propagation,
     pub suggest: SuggestConfig,
     pub ordering: Ordering,
-    /// Share of images given a random priority (exploration, alignment ordering only).
+    /// Share of images given a random priority (exploration; alignment and attention orderings).
     pub exploration: f64,
     pub seed: u64,
 }
@@ -263,6 +265,9 @@ impl Handler<ScoreImages> for Worker {
         let mut suggestions = Vec::with_capacity(ds.len());
         let mut views = Vec::with_capacity(ds.len());
         let idx: Vec<usize> = (0..ds.len()).collect();
+        // The `attention` ordering's cold start needs the whole pass: (position, label,
+        // confidence) of the images without a suggestion, ranked per class at the end.
+        let mut cold: Vec<(usize, i64, f64)> = Vec::new();
         for chunk in idx.chunks(64) {
             let (x, y) = ds.batch(chunk, model.device());
             let (probs, maps) = probabilities_and_maps(model, &x, &y)?;
@@ -284,10 +289,20 @@ impl Handler<ScoreImages> for Worker {
                     {
                         2.0 * rng.next_f64() - 1.0
                     }
-                    Ordering::Attention => q
-                        .as_ref()
-                        .and_then(|q| attention_share(&maps[k], ds.width, q))
-                        .unwrap_or_else(|| margin_score(&p)),
+                    Ordering::Attention => {
+                        match q
+                            .as_ref()
+                            .and_then(|q| attention_share(&maps[k], ds.width, q))
+                        {
+                            Some(a) => a,
+                            None => {
+                                let label = ds.labels[i];
+                                let conf = p.get(label as usize).map_or(f64::NAN, |&c| c as f64);
+                                cold.push((priorities.len(), label, conf));
+                                0.0 // replaced below
+                            }
+                        }
+                    }
                     Ordering::Alignment => {
                         priority(
                             &maps[k],
@@ -307,6 +322,13 @@ impl Handler<ScoreImages> for Worker {
                     saliency: mp_core::render::normalise(&maps[k]),
                     probabilities: p,
                 });
+            }
+        }
+        if !cold.is_empty() {
+            let conf: Vec<f64> = cold.iter().map(|c| c.2).collect();
+            let labels: Vec<i64> = cold.iter().map(|c| c.1).collect();
+            for (&(at, _, _), r) in cold.iter().zip(confidence_ranks(&conf, &labels)) {
+                priorities[at] = r;
             }
         }
         Ok(Scored {
@@ -332,7 +354,7 @@ pub struct WorkerConfig {
     /// A job delivered this many times without being acknowledged is given up on.
     pub max_deliveries: u64,
     pub refine: RefineConfig,
-    /// How the review queue is ordered (alignment by default).
+    /// How the review queue is ordered (attention by default).
     pub ordering: Ordering,
     pub exploration: f64,
     /// How suggested marks are made from the committed marks.
@@ -375,7 +397,7 @@ impl Default for WorkerConfig {
             claim_idle_ms: 30_000,
             max_deliveries: mp_store::DEFAULT_MAX_DELIVERIES,
             refine: RefineConfig::default(),
-            ordering: Ordering::Alignment,
+            ordering: Ordering::Attention,
             exploration: 0.05,
             propagation: Propagation::Auto,
             suggest: SuggestConfig::default(),
