@@ -153,10 +153,9 @@ pub fn run(a: OrderingArgs) -> Result<()> {
         "p(label), most confident first per class (the `attention` ordering's cold start)".into(),
         per_class(&conf, &ds.labels),
     ));
-    let left2 = left[0].clone();
     rows.push((
         "p(label) left after erasing the top 2 %, per class".into(),
-        per_class(&left2, &ds.labels),
+        per_class(&left[0], &ds.labels),
     ));
     rows.extend(erase.iter().map(|(n, _)| n.clone()).zip(drops));
     rows.extend(

@@ -134,15 +134,15 @@ pub fn image_record(ds: &Dataset, i: usize) -> ImageRecord {
     }
 }
 
-/// Each image's probability of its label.
-fn label_confidences(model: &Model, ds: &Dataset) -> Result<Vec<f64>> {
+/// Each image's class probabilities, in batches.
+fn probabilities(model: &Model, ds: &Dataset) -> Result<Vec<Vec<f32>>> {
     let mut out = Vec::with_capacity(ds.len());
     let idx: Vec<usize> = (0..ds.len()).collect();
     for chunk in idx.chunks(512) {
         let (x, _) = ds.batch(chunk, model.device());
         let probs = predict(model, &x);
-        for (k, &i) in chunk.iter().enumerate() {
-            out.push(probs.f_double_value(&[k as i64, ds.labels[i]])?);
+        for k in 0..chunk.len() {
+            out.push(Vec::<f32>::try_from(&probs.get(k as i64))?);
         }
     }
     Ok(out)
@@ -150,17 +150,10 @@ fn label_confidences(model: &Model, ds: &Dataset) -> Result<Vec<f64>> {
 
 /// Initial priorities: the uncertainty margin of every image (no mark exists yet).
 pub fn margin_priorities(model: &Model, ds: &Dataset) -> Result<Vec<f64>> {
-    let mut out = Vec::with_capacity(ds.len());
-    let idx: Vec<usize> = (0..ds.len()).collect();
-    for chunk in idx.chunks(512) {
-        let (x, _) = ds.batch(chunk, model.device());
-        let probs = predict(model, &x);
-        for k in 0..chunk.len() {
-            let p = Vec::<f32>::try_from(&probs.get(k as i64))?;
-            out.push(mp_core::align::margin_score(&p));
-        }
-    }
-    Ok(out)
+    Ok(probabilities(model, ds)?
+        .iter()
+        .map(|p| mp_core::align::margin_score(p))
+        .collect())
 }
 
 /// The project config a TorchScript `--model` needs; `None` for our own checkpoints and the
@@ -508,18 +501,21 @@ pub fn project_init(a: InitArgs) -> Result<Option<String>> {
             let mut records: Vec<ImageRecord> =
                 (0..ds.len()).map(|i| image_record(&ds, i)).collect();
             if split == "train" {
-                let prios = match ordering {
-                    mp_core::align::Ordering::Random => {
-                        (0..ds.len()).map(|_| 2.0 * rng.next_f64() - 1.0).collect()
-                    }
-                    mp_core::align::Ordering::Attention => {
-                        // Ranked per class over the whole split once it is read.
-                        let c = label_confidences(model, &ds)?;
-                        cold.extend(ds.labels.iter().copied().zip(c));
-                        vec![0.0; ds.len()]
-                    }
-                    _ => margin_priorities(model, &ds)?,
-                };
+                let prios =
+                    match ordering {
+                        mp_core::align::Ordering::Random => {
+                            (0..ds.len()).map(|_| 2.0 * rng.next_f64() - 1.0).collect()
+                        }
+                        mp_core::align::Ordering::Attention => {
+                            // Ranked per class over the whole split once it is read.
+                            let probs = probabilities(model, &ds)?;
+                            cold.extend(ds.labels.iter().zip(&probs).map(|(&l, p)| {
+                                (l, p.get(l as usize).map_or(f64::NAN, |&c| c as f64))
+                            }));
+                            vec![0.0; ds.len()]
+                        }
+                        _ => margin_priorities(model, &ds)?,
+                    };
                 items.extend(records.iter().map(|r| r.id.clone()).zip(prios));
                 rt.block_on(store.put_images(&records))?;
             } else {

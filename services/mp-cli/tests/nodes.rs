@@ -624,7 +624,9 @@ async fn suggested_marks_reach_the_image_view_and_can_be_accepted() {
             "--checkpoints",
             &ckp,
         ])
-        .args(["--epochs", "2", "--data"])
+        // The queue order this test was written against (the margin, then alignment): what
+        // it checks is propagation, not which images an ordering brings first.
+        .args(["--epochs", "2", "--ordering", "alignment", "--data"])
         .arg(&data)
         .arg("--token-file")
         .arg(dir.path().join("admin.token"))
@@ -644,7 +646,15 @@ async fn suggested_marks_reach_the_image_view_and_can_be_accepted() {
     let store = Store::connect(&url, "mp").await.unwrap();
     let gw = gateway(&url, &ck).await;
     let _w = spawn(
-        &["worker", "--redis-url", &url, "--checkpoints", &ckp],
+        &[
+            "worker",
+            "--redis-url",
+            &url,
+            "--checkpoints",
+            &ckp,
+            "--ordering",
+            "alignment",
+        ],
         &dir.path().join("w.log"),
     );
     let _t = spawn(
