@@ -616,7 +616,7 @@ pub fn suggest(a: SuggestArgs) -> Result<()> {
     for f in &report.fits {
         println!(
             "  {:<10} cross-validated red IoU {:.3} (threshold {}), green IoU {:.3} (threshold {}), {:.1} s",
-            f.mode.name(),
+            f.name(),
             f.red_iou,
             f.red_threshold,
             f.green_iou,

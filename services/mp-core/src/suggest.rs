@@ -117,6 +117,10 @@ pub struct SuggestConfig {
     /// Fewer marked images than this: union (nothing to cross-validate on).
     pub min_marks: usize,
     pub seed: u64,
+    /// Rotate the hue of RGB training images by a random angle in the segmenter's
+    /// augmentation, so that a shortcut seen in a few colours is found in others.
+    #[serde(default)]
+    pub hue_jitter: bool,
 }
 
 impl Default for SuggestConfig {
@@ -130,6 +134,7 @@ impl Default for SuggestConfig {
             folds: 5,
             min_marks: 3,
             seed: 0,
+            hue_jitter: false,
         }
     }
 }
@@ -231,6 +236,21 @@ pub struct ModeFit {
     pub red_threshold: f64,
     pub green_threshold: f64,
     pub seconds: f64,
+    /// The segmenter trained with random hues (RGB images), chosen over plain training by
+    /// the same cross-validation.
+    #[serde(default)]
+    pub hue_jitter: bool,
+}
+
+impl ModeFit {
+    /// "segmenter", or "segmenter (any hue)" for the hue-jittered variant.
+    pub fn name(&self) -> String {
+        if self.hue_jitter {
+            format!("{} (any hue)", self.mode.name())
+        } else {
+            self.mode.name().to_string()
+        }
+    }
 }
 
 /// What [`fit`] measured and chose.
@@ -254,7 +274,7 @@ impl FitReport {
         let ious: Vec<String> = self
             .fits
             .iter()
-            .map(|f| format!("{} {:.2}", f.mode.name(), f.red_iou))
+            .map(|f| format!("{} {:.2}", f.name(), f.red_iou))
             .collect();
         format!(
             "{} (cross-validated red IoU over {} marks, {} folds: {})",
@@ -343,11 +363,32 @@ fn kmeans(points: &Tensor, k: usize, rng: &mut Rng) -> Tensor {
     centres
 }
 
+/// RGB images (N, 3, H, W) in [0, 1] with their hue rotated by `angle` radians: a rotation
+/// about the gray axis, which keeps every pixel's brightness (channel mean).
+fn rotate_hue(x: &Tensor, angle: f64) -> Tensor {
+    let (c, s) = (angle.cos(), angle.sin());
+    let (a, b) = ((1.0 - c) / 3.0, s / 3f64.sqrt());
+    #[rustfmt::skip]
+    let m: [f32; 9] = [
+        (c + a) as f32, (a - b) as f32, (a + b) as f32,
+        (a + b) as f32, (c + a) as f32, (a - b) as f32,
+        (a - b) as f32, (a + b) as f32, (c + a) as f32,
+    ];
+    let m = Tensor::from_slice(&m)
+        .reshape([3, 3, 1, 1])
+        .to_device(x.device());
+    x.conv2d(&m, None::<Tensor>, [1, 1], [0, 0], [1, 1], 1)
+        .clamp(0.0, 1.0)
+}
+
 /// Random flips, transpose and a translation (zero fill) of images and their marks, the same
-/// for both.
-fn augment(x: &Tensor, m: &Tensor, rng: &mut Rng) -> (Tensor, Tensor) {
+/// for both; with `hue`, RGB images also get a random hue.
+fn augment(x: &Tensor, m: &Tensor, hue: bool, rng: &mut Rng) -> (Tensor, Tensor) {
     let (h, w) = (x.size()[2], x.size()[3]);
     let mut x = x.shallow_clone();
+    if hue && x.size()[1] == 3 {
+        x = rotate_hue(&x, rng.next_f64() * std::f64::consts::TAU);
+    }
     let mut m = m.shallow_clone();
     if rng.coin() {
         x = x.flip([3]);
@@ -538,6 +579,7 @@ impl Suggester {
                     let (bx, bm) = augment(
                         &x.index_select(0, &pick),
                         &marks.index_select(0, &pick),
+                        cfg.hue_jitter,
                         &mut rng,
                     );
                     let feats = standardise(&pixel_features(&bx), &mean, &sd);
@@ -841,8 +883,51 @@ fn calibrate(conf: &[Vec<f32>], truth: &[Vec<bool>]) -> (f64, f64) {
 
 /// Cross-validated fit of `mode` over `folds` folds of the marked images: each fold's images
 /// get the suggestion of a suggester fitted without them; thresholds are calibrated on those
-/// held-out suggestions.
+/// held-out suggestions. Of the mode's training variants ([`cross_validate_variants`]) the one
+/// with the best red IoU is returned (ties to plain training).
 pub fn cross_validate(
+    mode: SuggestMode,
+    ds: &Dataset,
+    marked: &[usize],
+    folds: usize,
+    cfg: &SuggestConfig,
+    device: Device,
+) -> Result<ModeFit> {
+    let fits = cross_validate_variants(mode, ds, marked, folds, cfg, device)?;
+    let seconds: f64 = fits.iter().map(|f| f.seconds).sum();
+    let mut best = best_fit(&fits).expect("one variant at least").clone();
+    best.seconds = seconds;
+    Ok(best)
+}
+
+/// One cross-validated fit per training variant of `mode`: the segmenter on RGB images is
+/// trained plain and with random hues (a shortcut marked in a few colours may come in others:
+/// a sticker whose hue names the class, a marker of another ink); every other mode has one.
+pub fn cross_validate_variants(
+    mode: SuggestMode,
+    ds: &Dataset,
+    marked: &[usize],
+    folds: usize,
+    cfg: &SuggestConfig,
+    device: Device,
+) -> Result<Vec<ModeFit>> {
+    let hues: &[bool] = if mode == SuggestMode::Segmenter && ds.channels == 3 {
+        &[false, true]
+    } else {
+        &[false]
+    };
+    hues.iter()
+        .map(|&hue_jitter| {
+            let cfg = SuggestConfig {
+                hue_jitter,
+                ..cfg.clone()
+            };
+            cross_validate_one(mode, ds, marked, folds, &cfg, device)
+        })
+        .collect()
+}
+
+fn cross_validate_one(
     mode: SuggestMode,
     ds: &Dataset,
     marked: &[usize],
@@ -884,6 +969,7 @@ pub fn cross_validate(
         red_threshold,
         green_threshold,
         seconds: t.elapsed().as_secs_f64(),
+        hue_jitter: cfg.hue_jitter,
     })
 }
 
@@ -963,6 +1049,7 @@ pub fn calibrated(
         tried += 1;
         let cfg_a = SuggestConfig {
             seed: attempt_seed(cfg.seed, a),
+            hue_jitter: fit.hue_jitter,
             ..cfg.clone()
         };
         let mut s = Suggester::fit_mode(fit.mode, ds, marked, &cfg_a, device)?;
@@ -1126,6 +1213,98 @@ mod tests {
         assert_eq!(iou(&[true, false], &[false, true]), 0.0);
     }
 
+    /// 16x16 RGB images: a gray noisy background and a 3x3 square whose hue names the class
+    /// (`hues` classes), at a random place; the square is marked red.
+    fn hued_squares(n: usize, hues: usize, seed: u64) -> Dataset {
+        let side = 16;
+        let classes = (0..hues).map(|c| format!("c{c}")).collect();
+        let mut ds = Dataset::new(classes, 3, side, side);
+        let mut rng = Rng::new(seed);
+        for i in 0..n {
+            let label = i % hues;
+            let mut img: Vec<f32> = vec![0.0; 3 * side * side];
+            for p in 0..side * side {
+                let g = 0.3 + 0.2 * rng.next_f64() as f32;
+                for c in 0..3 {
+                    img[c * side * side + p] = g;
+                }
+            }
+            let x = Tensor::from_slice(&[1f32, 0.1, 0.1]).reshape([1, 3, 1, 1]);
+            let rgb = rotate_hue(&x, std::f64::consts::TAU * label as f64 / hues as f64);
+            let rgb = Vec::<f32>::try_from(&rgb.flatten(0, -1)).unwrap();
+            let mut m = Mask::empty(side, side);
+            let (r0, c0) = (rng.below(side - 3), rng.below(side - 3));
+            for r in r0..r0 + 3 {
+                for c in c0..c0 + 3 {
+                    for (ch, v) in rgb.iter().enumerate() {
+                        img[ch * side * side + r * side + c] = *v;
+                    }
+                    m.values[r * side + c] = RED;
+                }
+            }
+            ds.push(&img, label as i64, Some(m), format!("h{i}"));
+        }
+        ds
+    }
+
+    #[test]
+    fn a_hue_rotation_keeps_brightness_and_a_third_of_a_turn_permutes_the_channels() {
+        let x = Tensor::from_slice(&[0.9f32, 0.2, 0.1]).reshape([1, 3, 1, 1]);
+        let same = rotate_hue(&x, 0.0);
+        assert!(f64::try_from((&same - &x).abs().max()).unwrap() < 1e-6);
+        let turned =
+            Vec::<f32>::try_from(&rotate_hue(&x, std::f64::consts::TAU / 3.0).flatten(0, -1))
+                .unwrap();
+        // A third of a turn about the gray axis sends red to green, green to blue, blue to red.
+        for (got, want) in turned.iter().zip([0.1f32, 0.9, 0.2]) {
+            assert!((got - want).abs() < 1e-5, "{turned:?}");
+        }
+        let x = Tensor::from_slice(&[0.6f32, 0.4, 0.2]).reshape([1, 3, 1, 1]);
+        let m = rotate_hue(&x, 1.0).mean(Kind::Float).double_value(&[]);
+        assert!((m - 0.4).abs() < 1e-5);
+    }
+
+    #[test]
+    fn a_segmenter_trained_on_any_hue_finds_a_square_in_colours_it_was_never_shown() {
+        // Six classes, six hues; the marks show only the squares of classes 0 and 1.
+        let ds = hued_squares(72, 6, 2);
+        let marked: Vec<usize> = (0..72).filter(|i| i % 6 < 2).take(10).collect();
+        let unseen: Vec<usize> = (0..72).filter(|i| i % 6 >= 3).collect();
+        let cfg = SuggestConfig::default();
+        let fits =
+            cross_validate_variants(SuggestMode::Segmenter, &ds, &marked, 5, &cfg, Device::Cpu)
+                .unwrap();
+        assert_eq!(
+            fits.iter().map(|f| f.hue_jitter).collect::<Vec<_>>(),
+            [false, true]
+        );
+        let unseen_iou = |f: &ModeFit| {
+            let s = calibrated(f, &ds, &marked, &cfg, Device::Cpu)
+                .unwrap()
+                .suggester;
+            true_iou(&s, &ds, &unseen)
+        };
+        let (plain, any) = (unseen_iou(&fits[0]), unseen_iou(&fits[1]));
+        eprintln!("unseen hues: plain {plain:.3}, any hue {any:.3}");
+        assert!(any > plain + 0.2, "plain {plain:.3}, any hue {any:.3}");
+        // Grayscale images have no hue: one variant.
+        let gray = squares(20, true, 1);
+        let one = cross_validate_variants(
+            SuggestMode::Segmenter,
+            &gray,
+            &(0..6).collect::<Vec<_>>(),
+            3,
+            &SuggestConfig {
+                steps: 20,
+                ..cfg.clone()
+            },
+            Device::Cpu,
+        )
+        .unwrap();
+        assert_eq!(one.len(), 1);
+        assert!(!one[0].hue_jitter);
+    }
+
     #[test]
     fn a_fit_that_cannot_reproduce_its_own_marks_is_redone_and_the_best_kept() {
         let ds = squares(30, true, 3);
@@ -1141,6 +1320,7 @@ mod tests {
             red_threshold: 0.5,
             green_threshold: 0.5,
             seconds: 0.0,
+            hue_jitter: false,
         };
         // A bar no fit reaches: every attempt is made and the best of them kept.
         let c = calibrated(
