@@ -16,13 +16,13 @@ use crate::plot::{line_plot, Series};
 use crate::report::{machine_line, mean_sd, today, write_section};
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use mp_core::data::{Dataset, RED};
+use mp_core::data::Dataset;
 use mp_core::loss::SaliencyLoss;
 use mp_core::model::Model;
 use mp_core::refine::{refine, RefineConfig};
 use mp_core::suggest::{
-    best_fit, calibrated, cross_validate, ModeFit, Propagation, SuggestConfig, SuggestMode,
-    Suggester,
+    best_fit, calibrated, cross_validate, red_agreement, ModeFit, Propagation, SuggestConfig,
+    SuggestMode, Suggester,
 };
 use mp_core::train::{evaluate, train, train_with, GuidanceConfig, OptimizerKind, TrainConfig};
 use std::collections::HashMap;
@@ -307,41 +307,6 @@ impl Runner<'_> {
     }
 }
 
-/// Suggestions of `s` on `idx` (unmarked in the run) against their ground-truth red marks:
-/// (mean IoU, pixel precision, pixel recall).
-fn check_suggestions(
-    s: &Suggester,
-    ds: &Dataset,
-    idx: &[usize],
-    device: Device,
-) -> Result<(f64, f64, f64)> {
-    let (mut ious, mut tp, mut fp, mut fn_) = (0f64, 0f64, 0f64, 0f64);
-    let mut n = 0usize;
-    for chunk in idx.chunks(256) {
-        let (x, _) = ds.batch(chunk, device);
-        let w = s.weights(&x)?.flatten(0, -1).to_device(Device::Cpu);
-        let w = Vec::<f32>::try_from(&w)?;
-        let hw = ds.width * ds.height;
-        for (k, &i) in chunk.iter().enumerate() {
-            let Some(m) = &ds.marks[i] else { continue };
-            let pred: Vec<bool> = w[k * hw..(k + 1) * hw].iter().map(|&v| v > 0.0).collect();
-            let truth: Vec<bool> = m.values.iter().map(|&v| v == RED).collect();
-            ious += mp_core::suggest::iou(&pred, &truth);
-            for (&p, &t) in pred.iter().zip(&truth) {
-                tp += (p && t) as u8 as f64;
-                fp += (p && !t) as u8 as f64;
-                fn_ += (!p && t) as u8 as f64;
-            }
-            n += 1;
-        }
-    }
-    Ok((
-        ious / n.max(1) as f64,
-        tp / (tp + fp).max(1.0),
-        tp / (tp + fn_).max(1.0),
-    ))
-}
-
 fn learned(mode: Propagation) -> Option<SuggestMode> {
     match mode {
         Propagation::Union => Some(SuggestMode::Union),
@@ -463,7 +428,7 @@ pub fn run(args: EfficacyArgs) -> Result<()> {
                     };
                     let s = calibrated(&f, &splits.train, set, &cfg, device)?.suggester;
                     let (iou, precision, recall) =
-                        check_suggestions(&s, &splits.train, &check, device)?;
+                        red_agreement(&s, &splits.train, &check, device)?;
                     let q = quality.entry((k, m)).or_default();
                     q.cv_iou.push(f.red_iou);
                     q.true_iou.push(iou);
