@@ -4,6 +4,7 @@ Prints one JSON object of median seconds per operation. Run by `mp bench speed`,
 passes the same sizes and thread count it uses itself.
 """
 import argparse
+import io
 import json
 import statistics
 import time
@@ -97,6 +98,19 @@ def rrr(g, marks):
 SYNC = lambda: None
 
 
+def serialise(state):
+    """The state as bytes, as the engine ships a proposal's weights (safetensors)."""
+    state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    try:
+        from safetensors.torch import save
+
+        return save(state)
+    except ImportError:
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        return buf.getvalue()
+
+
 def timed(fn, warmup, reps):
     """Median seconds of fn; on a GPU each repetition waits for its kernels."""
     for _ in range(warmup):
@@ -177,16 +191,27 @@ def main():
     val_y = torch.randint(0, 10, (a.val_images,), device=dev)
     m1 = marks[:1]
 
+    def saliency(net):
+        return input_grad(net, x1, y1, "ce", False, False)[1].abs().amax(1)
+
+    def evaluate(net):
+        net.eval()
+        with torch.no_grad():
+            logits = net(val_x)
+            return ce_sum(logits, val_y) / a.val_images, (logits.argmax(-1) == val_y).sum()
+
     def proposal():
-        # The engine's refinement loop with every early stop off: a fixed number of iterations
-        # of forward + input gradient + impact shares + validation loss + update.
+        # The engine's whole proposal with every early stop off: the saliency map and the
+        # validation figures before, a fixed number of iterations of forward + input gradient
+        # + impact shares + validation loss + update, then the best weights' saliency map,
+        # validation figures and serialised state (what the proposal ships).
         m = make()
         m.load_state_dict(model.state_dict())
         best = make()
+        best.load_state_dict(model.state_dict())
         o = torch.optim.Adam(m.parameters(), lr=1e-3)
-        model.eval()
-        with torch.no_grad():
-            val0 = ce_sum(model(val_x), val_y) / a.val_images
+        before = saliency(model).cpu()
+        val0, _ = evaluate(model)
         best_loss = float("inf")
         for it in range(a.refine_iterations):
             # The engine refines with batch norm in evaluation mode (one image per batch).
@@ -196,9 +221,8 @@ def main():
             _, gm = input_grad(m, x1, y1, "ce", False, False)
             gm = gm.abs().amax(1)
             share_red = (gm * (m1[:, 0] > 0)).sum() / gm.sum()
-            m.eval()
-            with torch.no_grad():
-                val = ce_sum(m(val_x), val_y) / a.val_images
+            # The guard: the engine reuses the figures before for iteration 0.
+            val = val0 if it == 0 else evaluate(m)[0]
             total = 0.2 * ce.item() + sal.item()
             if total < best_loss and val.item() < 1.2 * val0.item() + 1e9:
                 best_loss = total
@@ -210,7 +234,10 @@ def main():
             loss.backward()
             torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
             o.step()
-        return share_red
+        after = saliency(best).cpu()
+        val_after, correct = evaluate(best)
+        weights = serialise(best.state_dict())
+        return share_red, before, after, val_after.item(), correct.item(), len(weights)
 
     res["proposal_fixed"] = timed(proposal, 1, max(3, a.reps // 6))
     print(json.dumps(res))

@@ -400,7 +400,7 @@ pub fn run(a: SpeedArgs) -> Result<()> {
         "guided step, rrr double backprop (batch {b})",
         "saliency map, batch 1",
         "saliency maps, batch {b}",
-        "refinement proposal, {it} fixed iterations, 1 image, val {nv}",
+        "refinement proposal, {it} fixed iterations, 1 image, val {nv} (maps, val before and after, weights serialised)",
     ];
     let where_ = match d {
         Device::Cpu => format!("both engines on CPU with {} threads", a.bench_threads),

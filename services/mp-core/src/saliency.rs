@@ -72,7 +72,19 @@ pub fn check_batch(model: &Model, x: &Tensor, y: &Tensor) -> Result<()> {
             size[0]
         )));
     }
-    let (lo, hi) = (y.min().int64_value(&[]), y.max().int64_value(&[]));
+    // One read back to the host for the three figures (on a GPU each read waits for the
+    // device): the smallest and largest label, and whether every pixel is finite.
+    let figures = Tensor::f_stack(
+        &[
+            y.f_min()?.f_to_kind(Kind::Int64)?,
+            y.f_max()?.f_to_kind(Kind::Int64)?,
+            x.f_isfinite()?.f_all()?.f_to_kind(Kind::Int64)?,
+        ],
+        0,
+    )?
+    .f_to_device(tch::Device::Cpu)?;
+    let figures = Vec::<i64>::try_from(&figures)?;
+    let (lo, hi, finite) = (figures[0], figures[1], figures[2] != 0);
     if lo < 0 || hi >= s.num_classes() {
         return Err(CoreError::invalid(format!(
             "label {} outside 0..{}",
@@ -80,7 +92,7 @@ pub fn check_batch(model: &Model, x: &Tensor, y: &Tensor) -> Result<()> {
             s.num_classes()
         )));
     }
-    if x.isfinite().logical_not().any().int64_value(&[]) != 0 {
+    if !finite {
         return Err(CoreError::invalid("images hold NaN or infinite values"));
     }
     Ok(())
