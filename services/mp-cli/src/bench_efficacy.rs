@@ -83,7 +83,6 @@ pub struct EfficacyArgs {
         value_delimiter = ','
     )]
     pub propagation: Vec<String>,
-    /// Training epochs of every model
     /// Architecture trained in every row: small-cnn or resnet18
     #[arg(long, default_value = "small-cnn")]
     pub arch: String,
@@ -98,6 +97,7 @@ pub struct EfficacyArgs {
     /// auto (CUDA when present), cpu, cuda or cuda:N
     #[arg(long, default_value = "auto")]
     pub device: String,
+    /// Training epochs of every model (the clean-trained reference included)
     #[arg(long, default_value_t = 4)]
     pub epochs: usize,
     #[arg(long, default_value_t = 64)]
